@@ -1,0 +1,62 @@
+"""Defaults shared by every config: training loop, optimizer, data and mesh.
+
+Architecture files (configs/mamba.py, configs/gpt.py, ...) start from `get_base_config()` and set
+`config.model` and the sizes of their variants.
+"""
+
+import os
+
+import ml_collections
+
+EMBEDDED_CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "seqmodels", "assets", "tinyshakespeare.txt")
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.total_steps = 1000
+  config.batch_size = 16  # Global, in sequences.
+  config.seq_len = 256
+
+  # AdamW with linear warmup, then cosine decay to min_lr_ratio * learning_rate.
+  config.learning_rate = 1e-3
+  config.min_lr_ratio = 0.1
+  config.warmup_steps = 100
+  config.weight_decay = 0.1  # On matrices only; never on norms, biases, A_log or D.
+  config.beta1 = 0.9
+  config.beta2 = 0.95
+  config.grad_clip = 1.0
+
+  config.log_every = 10
+  config.val_every = 100
+  config.val_batches = 8
+  config.checkpoint_every = 200
+  config.keep_checkpoints = 3
+
+  config.data = ml_collections.ConfigDict()
+  config.data.train_files = (EMBEDDED_CORPUS,)
+  config.data.val_files = ()  # Empty: hold out the last val_fraction of the training tokens.
+  config.data.val_fraction = 0.1
+  config.data.text_field = "text"  # The JSONL field that holds a document.
+  config.data.tokenizer = "byte"  # "byte", "gpt-neox" (shipped), or a path to a tokenizer.json.
+
+  # Device mesh axis sizes; -1 takes the devices the other axes leave.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.tensor = 1
+  return config
+
+
+def model_defaults() -> ml_collections.ConfigDict:
+  model = ml_collections.ConfigDict()
+  model.architecture = ""
+  model.d_model = 0
+  model.n_layer = 0
+  model.vocab_size = 257  # The byte tokenizer's 256 bytes + EOS.
+  model.pad_vocab_multiple = 8
+  model.tie_embeddings = True
+  model.norm_eps = 1e-5
+  model.dtype = "float32"  # Compute dtype; parameters are always float32. "bfloat16" on GPU/TPU.
+  return model

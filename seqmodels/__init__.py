@@ -1,0 +1,1 @@
+"""seqmodels: efficient sequence models in JAX/Flax NNX."""

@@ -1,0 +1,264 @@
+"""Input pipeline for causal language modelling: files -> token stream -> packed windows -> batches.
+
+Documents are tokenized once on the host into one int32 stream with EOS after each document. The
+stream is cut into windows of seq_len + 1 tokens at stride seq_len, so consecutive windows share
+one token and every token after the first is a target exactly once. A window's first seq_len
+tokens are the inputs and its last seq_len tokens the targets.
+
+Training batches come from a grain pipeline whose whole state is one integer per process, so it
+checkpoints exactly; validation batches are a fixed list in stream order.
+"""
+
+import glob
+import json
+import os
+from typing import Iterable, Iterator, Sequence
+
+import grain
+import jax
+import numpy as np
+
+from seqmodels.errors import UserError
+from seqmodels.tokenizers import Tokenizer
+
+# Documents handed to the tokenizer at once: large enough for its thread pool, small enough that
+# a big JSONL corpus is never held as text all at once.
+_ENCODE_BATCH = 1024
+
+
+def _expand_paths(paths: Sequence[str] | str, config_key: str) -> list[str]:
+  """Globs and checks `paths`, keeping the order given; globs expand in sorted order."""
+  if isinstance(paths, str):  # A single path passed on the command line instead of a tuple.
+    paths = [paths]
+  files = []
+  for pattern in paths:
+    pattern = os.path.expanduser(pattern)
+    if any(c in pattern for c in "*?["):
+      matches = sorted(glob.glob(pattern))
+      if not matches:
+        raise UserError(
+            f"data glob '{pattern}' matches no files ({config_key}); fix the pattern or pass "
+            f"--config.{config_key}=...")
+      files.extend(matches)
+    elif os.path.isdir(pattern):
+      raise UserError(
+          f"data path '{pattern}' is a directory ({config_key}); pass files or a glob such as "
+          f"'{os.path.join(pattern, '*.txt')}' via --config.{config_key}=...")
+    elif not os.path.exists(pattern):
+      raise UserError(
+          f"data file '{pattern}' not found ({config_key}); fix the path or pass "
+          f"--config.{config_key}=...")
+    else:
+      files.append(pattern)
+  if not files:
+    raise UserError(f"no data files given ({config_key}); pass --config.{config_key}=...")
+  return files
+
+
+def _read_jsonl(path: str, text_field: str) -> Iterator[str]:
+  with open(path, encoding="utf-8", errors="replace") as f:
+    for line_number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise UserError(
+            f"{path}:{line_number}: invalid JSON ({e.msg}); each line of a .jsonl file must be one "
+            "JSON object, so fix or remove the line") from e
+      if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+        raise UserError(
+            f"{path}:{line_number}: expected a JSON object with a string '{text_field}' field; fix "
+            "the line or name the right field with --config.data.text_field=...")
+      yield record[text_field]
+
+
+def read_documents(
+    paths: Sequence[str] | str, *, text_field: str = "text", config_key: str = "data.train_files"
+) -> Iterator[str]:
+  """Yields the documents in `paths` (files or globs, relative to the working directory).
+
+  A `.jsonl` file holds one JSON object per line whose `text_field` is a document; any other file
+  is one document. Bytes that are not UTF-8 become U+FFFD rather than failing the run. All paths
+  are checked before this returns; `config_key` names the setting in error messages.
+  """
+  files = _expand_paths(paths, config_key)
+
+  def documents():
+    for path in files:
+      if path.endswith(".jsonl"):
+        yield from _read_jsonl(path, text_field)
+      else:
+        with open(path, encoding="utf-8", errors="replace") as f:
+          yield f.read()
+
+  return documents()
+
+
+def _with_eos(encoded: Iterable[list[int]], eos_id: int) -> Iterator[int]:
+  for ids in encoded:
+    yield from ids
+    yield eos_id
+
+
+def tokenize_documents(
+    docs: Iterable[str], tokenizer: Tokenizer, *, config_key: str = "data.train_files"
+) -> np.ndarray:
+  """Returns the int32 token stream of `docs`, each document followed by EOS.
+
+  Empty documents are skipped: a lone EOS teaches nothing. A corpus with no text at all is an
+  error; `config_key` names the setting in its message.
+  """
+  def encode(batch):
+    return np.fromiter(_with_eos(tokenizer.encode_batch(batch), tokenizer.eos_id), np.int32)
+
+  chunks = []
+  batch = []
+  for doc in docs:
+    if doc:
+      batch.append(doc)
+    if len(batch) == _ENCODE_BATCH:
+      chunks.append(encode(batch))
+      batch = []
+  if batch:
+    chunks.append(encode(batch))
+  if not chunks:
+    raise UserError(
+        f"the data files are empty ({config_key}); point --config.{config_key}=... at files "
+        "with text")
+  return np.concatenate(chunks)
+
+
+def _check_length(tokens: np.ndarray, seq_len: int, what: str, fix: str) -> None:
+  if len(tokens) < seq_len + 1:
+    raise UserError(
+        f"the {what} has {len(tokens)} tokens, too few for one example of seq_len + 1 = "
+        f"{seq_len + 1} tokens; {fix}")
+
+
+def load_splits(
+    data_config, tokenizer: Tokenizer, *, seq_len: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """Returns the (train, validation) token streams described by `data_config`.
+
+  With `val_files` set, they are the validation corpus. Otherwise the last `val_fraction` of the
+  training stream is held out, as nanoGPT does, so the two splits share no token.
+  """
+  train = tokenize_documents(
+      read_documents(data_config.train_files, text_field=data_config.text_field),
+      tokenizer, config_key="data.train_files")
+  if data_config.val_files:
+    val = tokenize_documents(
+        read_documents(
+            data_config.val_files, text_field=data_config.text_field, config_key="data.val_files"),
+        tokenizer, config_key="data.val_files")
+    _check_length(
+        val, seq_len, "validation corpus", "add text to data.val_files or use a smaller seq_len")
+  else:
+    if not 0 < data_config.val_fraction < 1:
+      raise UserError(
+          f"data.val_fraction is {data_config.val_fraction} but must be between 0 and 1 when "
+          "data.val_files is empty; pass e.g. --config.data.val_fraction=0.1")
+    num_val = int(len(train) * data_config.val_fraction)
+    train, val = train[:len(train) - num_val], train[len(train) - num_val:]
+    _check_length(
+        val, seq_len, "validation split",
+        "raise --config.data.val_fraction, add training text, or use a smaller seq_len")
+  _check_length(train, seq_len, "training corpus", "add training text or use a smaller seq_len")
+  return train, val
+
+
+class PackedWindows:
+  """The packed examples of a token stream, by index; a grain data source."""
+
+  def __init__(self, tokens: np.ndarray, seq_len: int):
+    self._tokens = tokens
+    self._seq_len = seq_len
+
+  def __len__(self) -> int:
+    # The ragged tail that cannot fill a whole window is dropped.
+    return max(0, (len(self._tokens) - 1) // self._seq_len)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    if not 0 <= index < len(self):
+      raise IndexError(f"window {index} out of range for {len(self)} windows")
+    start = index * self._seq_len
+    window = self._tokens[start:start + self._seq_len + 1]
+    return {"inputs": window[:-1], "targets": window[1:]}
+
+
+def make_train_iterator(
+    tokens: np.ndarray,
+    *,
+    seq_len: int,
+    global_batch_size: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.DatasetIterator:
+  """Returns an endless iterator of this process's training batches.
+
+  Each batch is {"inputs", "targets"}: int32[global_batch_size // process_count, seq_len]. Every
+  epoch visits all windows in a fresh order fixed by `seed`. The processes split one global order
+  between them, so the union of their batches at a step is what a single process would see with
+  the same global batch. `get_state()`/`set_state()` (and grain's Orbax handler) resume exactly.
+  """
+  if process_index is None:
+    process_index = jax.process_index()
+  if process_count is None:
+    process_count = jax.process_count()
+  if global_batch_size % process_count:
+    raise UserError(
+        f"global batch size {global_batch_size} is not divisible by the {process_count} processes; "
+        "pass a batch size that is a multiple of the process count")
+  _check_length(tokens, seq_len, "training corpus", "add training text or use a smaller seq_len")
+  windows = PackedWindows(np.asarray(tokens, dtype=np.int32), seq_len)
+  # grain shuffles epoch e with seed + e, so seeds 0 and 1 would give the same orders one epoch
+  # apart; hashing the seed makes different seeds give unrelated orders.
+  shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
+  dataset = (
+      grain.MapDataset.source(windows)
+      .shuffle(seed=shuffle_seed)
+      .repeat()  # Forever; the shuffle above is reseeded per epoch.
+      # Process p takes positions p, p + process_count, ... of the one global order.
+      .slice(slice(process_index, None, process_count))
+      .batch(global_batch_size // process_count, drop_remainder=True))
+  # The data are in memory and a batch is a few slices, so reader threads would only contend for
+  # the GIL with the training loop.
+  return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=0)))
+
+
+def make_eval_batches(
+    tokens: np.ndarray, *, seq_len: int, batch_size: int, max_batches: int | None = None
+) -> list[dict[str, np.ndarray]]:
+  """Returns validation batches over the windows of `tokens` in stream order.
+
+  Batches are full (batch_size rows) so every evaluation has the same shapes and compiles once; a
+  trailing partial batch is dropped unless it is the only batch, which keeps a small validation
+  set usable. At most `max_batches` batches are returned when it is set.
+  """
+  _check_length(tokens, seq_len, "validation split", "add validation text or use a smaller seq_len")
+  tokens = np.asarray(tokens, dtype=np.int32)
+  num_windows = len(PackedWindows(tokens, seq_len))
+  num_batches = max(1, num_windows // batch_size)
+  if max_batches is not None:
+    num_batches = min(num_batches, max_batches)
+  batches = []
+  offsets = np.arange(seq_len + 1)
+  for b in range(num_batches):
+    starts = np.arange(b * batch_size, min((b + 1) * batch_size, num_windows)) * seq_len
+    windows = tokens[starts[:, None] + offsets]
+    batches.append({"inputs": windows[:, :-1], "targets": windows[:, 1:]})
+  return batches
+
+
+def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
+  """Entropy in nats/token of the tokens' empirical unigram distribution.
+
+  This is the loss of the best model that ignores context, so a trained model must beat it.
+  """
+  counts = np.bincount(tokens, minlength=vocab_size)
+  if len(counts) > vocab_size:
+    raise ValueError(f"token id {len(counts) - 1} is outside the vocabulary of {vocab_size}")
+  p = counts[counts > 0] / len(tokens)
+  return float((p * np.log(1 / p)).sum())

@@ -1,0 +1,113 @@
+"""The Transformer++ baseline: pre-norm blocks of RoPE attention and a SwiGLU MLP, RMSNorm, no biases.
+
+Per block:
+
+    u = u + W_o attention(rope(W_q x), rope(W_k x), W_v x),   x = norm(u)   (causal)
+    u = u + W_down (silu(W_gate x) * W_up x),                   x = norm(u)
+
+Weights start N(0, 0.02); the two projections that write into the residual stream are scaled by
+1/sqrt(2 n_layer) so its variance does not grow with depth. Attention goes through
+`jax.nn.dot_product_attention`, so cuDNN's flash attention serves on GPU.
+
+Decoding keeps a preallocated KV cache of `max_length` positions per layer; a forward over L new
+tokens writes them at the cache position and attends to everything written so far.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from seqmodels import layers
+from seqmodels.errors import UserError
+
+
+def ffn_dim(cfg) -> int:
+  """SwiGLU width: 8d/3 (same parameters as a 4d GELU MLP), rounded up to a multiple of 256."""
+  if cfg.ffn_dim > 0:
+    return cfg.ffn_dim
+  return 256 * math.ceil(8 * cfg.d_model / 3 / 256)
+
+
+class CausalSelfAttention(nnx.Module):
+
+  def __init__(self, cfg, *, dtype, rngs):
+    d = cfg.d_model
+    self.n_head, self.head_dim = cfg.n_head, d // cfg.n_head
+    self.rope_theta = cfg.rope_theta
+    self.dtype = dtype
+    init = layers.normal_init(0.02)
+    self.qkv = layers.linear(d, 3 * d, dtype=dtype, rngs=rngs, kernel_init=init)
+    self.out = layers.linear(d, d, dtype=dtype, rngs=rngs,
+                             kernel_init=layers.scaled(init, 1 / math.sqrt(2 * cfg.n_layer)))
+
+  def init_cache(self, batch, max_length):
+    shape = (batch, max_length, self.n_head, self.head_dim)
+    return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype),
+            "pos": jnp.zeros((), jnp.int32)}
+
+  def __call__(self, x, cache=None):
+    batch, length, _ = x.shape
+    q, k, v = jnp.split(self.qkv(x).reshape(batch, length, 3 * self.n_head, self.head_dim), 3, axis=2)
+    start = 0 if cache is None else cache["pos"]
+    positions = start + jnp.arange(length)
+    q = layers.rotary(q, positions, self.rope_theta)
+    k = layers.rotary(k, positions, self.rope_theta)
+    if cache is None:
+      o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    else:
+      k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(self.dtype), start, axis=1)
+      v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(self.dtype), start, axis=1)
+      visible = jnp.arange(k_all.shape[1])[None, :] <= positions[:, None]  # (length, max_length)
+      o = jax.nn.dot_product_attention(q, k_all, v_all, mask=visible[None, None])
+      cache = {"k": k_all, "v": v_all, "pos": start + length}
+    return self.out(o.reshape(batch, length, -1)), cache
+
+
+class SwiGLU(nnx.Module):
+
+  def __init__(self, cfg, *, dtype, rngs):
+    d, hidden = cfg.d_model, ffn_dim(cfg)
+    init = layers.normal_init(0.02)
+    self.gate = layers.linear(d, hidden, dtype=dtype, rngs=rngs, kernel_init=init)
+    self.up = layers.linear(d, hidden, dtype=dtype, rngs=rngs, kernel_init=init)
+    self.down = layers.linear(hidden, d, dtype=dtype, rngs=rngs,
+                              kernel_init=layers.scaled(init, 1 / math.sqrt(2 * cfg.n_layer)))
+
+  def __call__(self, x):
+    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class TransformerBlock(nnx.Module):
+
+  def __init__(self, cfg, layer_index, *, dtype, rngs):
+    del layer_index
+    self.attn_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
+    self.attn = CausalSelfAttention(cfg, dtype=dtype, rngs=rngs)
+    self.mlp_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
+    self.mlp = SwiGLU(cfg, dtype=dtype, rngs=rngs)
+    self.d_model = cfg.d_model
+
+  @staticmethod
+  def check_config(cfg):
+    if cfg.n_head <= 0 or cfg.d_model % cfg.n_head:
+      raise UserError(f"model.n_head={cfg.n_head} must divide model.d_model={cfg.d_model}; "
+                      "pick a head count that divides the width")
+    if (cfg.d_model // cfg.n_head) % 2:
+      raise UserError(f"head dim {cfg.d_model // cfg.n_head} must be even for RoPE; "
+                      "change model.n_head or model.d_model")
+
+  def init_cache(self, batch, max_length):
+    return self.attn.init_cache(batch, max_length)
+
+  def __call__(self, u, cache=None):
+    y, cache = self.attn(self.attn_norm(u), cache)
+    u = u + y.astype(jnp.float32)
+    u = u + self.mlp(self.mlp_norm(u)).astype(jnp.float32)
+    return u, cache
+
+  def extra_flops_per_token(self, seq_len):
+    # Attention scores and the weighted sum: 2 matmuls of 2 * seq_len * d flops each per token,
+    # halved by the causal mask, times 3 for forward plus backward.
+    return 3 * 2 * seq_len * self.d_model

@@ -1,0 +1,134 @@
+"""Mamba (Gu & Dao, 2023): a stack of pre-norm residual blocks around the selective SSM mixer.
+
+Per block, with E = expand, N = d_state, R = dt_rank = ceil(d / 16):
+
+    x, z     = in_proj(norm(u))                   d -> 2Ed, no bias
+    x        = silu(causal_depthwise_conv1d(x))   width d_conv, with bias
+    dt, B, C = x_proj(x)                          Ed -> R + 2N
+    dt       = dt_proj(dt)                        R -> Ed; its bias enters the scan as dt_bias
+    A        = -exp(A_log)
+    y        = S6(x, softplus(dt + dt_bias), A, B, C) + D x,   y *= silu(z)
+    u        = u + out_proj(y)                    Ed -> d, no bias
+
+The same code runs the parallel forward (training), prefill and one-token decoding: a cache holds
+the last d_conv - 1 conv inputs and the (batch, Ed, N) SSM state, and a decode step is a length-1
+forward that starts from them.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kernels import selective_scan
+from seqmodels import layers
+from seqmodels.errors import UserError
+
+
+def dt_rank(cfg) -> int:
+  return cfg.dt_rank if cfg.dt_rank > 0 else math.ceil(cfg.d_model / 16)
+
+
+def _dt_bias_init(key, d_inner, dt_min, dt_max, floor):
+  """Inverse softplus of dt ~ log-uniform[dt_min, dt_max], so softplus(dt_bias) starts in that range."""
+  u = jax.random.uniform(key, (d_inner,), jnp.float32)
+  dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+  dt = jnp.maximum(dt, floor)
+  return dt + jnp.log(-jnp.expm1(-dt))
+
+
+class CausalDepthwiseConv(nnx.Module):
+  """Depthwise causal conv over time, channels-last, continuing from `state` (the previous inputs)."""
+
+  def __init__(self, channels, width, *, rngs):
+    bound = 1.0 / math.sqrt(width)  # PyTorch's Conv1d default for a depthwise kernel (fan_in = width).
+    self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (width, channels), jnp.float32, -bound, bound))
+    self.bias = nnx.Param(jax.random.uniform(rngs.params(), (channels,), jnp.float32, -bound, bound))
+    self.width = width
+
+  def __call__(self, x, state):
+    """x: (batch, length, channels); state: (batch, width - 1, channels). Returns (y, new_state)."""
+    padded = jnp.concatenate([state.astype(x.dtype), x], axis=1)
+    length = x.shape[1]
+    kernel = self.kernel[...].astype(x.dtype)
+    y = sum(padded[:, k:k + length] * kernel[k] for k in range(self.width))
+    return y + self.bias[...].astype(x.dtype), padded[:, length:]
+
+
+class MambaMixer(nnx.Module):
+
+  def __init__(self, cfg, *, dtype, rngs):
+    d, n = cfg.d_model, cfg.d_state
+    d_inner = cfg.expand * d
+    rank = dt_rank(cfg)
+    self.d_inner, self.d_state, self.d_conv, self.rank = d_inner, n, cfg.d_conv, rank
+    self.scan_impl = cfg.scan_impl
+    self.dtype = dtype
+
+    self.in_proj = layers.linear(d, 2 * d_inner, dtype=dtype, rngs=rngs)
+    self.conv1d = CausalDepthwiseConv(d_inner, cfg.d_conv, rngs=rngs)
+    self.x_proj = layers.linear(d_inner, rank + 2 * n, dtype=dtype, rngs=rngs)
+    self.dt_proj = layers.linear(rank, d_inner, dtype=dtype, rngs=rngs,
+                                 kernel_init=layers.symmetric_uniform(rank**-0.5))
+    self.dt_bias = nnx.Param(_dt_bias_init(rngs.params(), d_inner, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor))
+    self.A_log = layers.NoWeightDecay(jnp.log(jnp.tile(jnp.arange(1, n + 1, dtype=jnp.float32), (d_inner, 1))))
+    self.D = layers.NoWeightDecay(jnp.ones((d_inner,), jnp.float32))
+    # The 1/sqrt(n_layer) rescale keeps the residual stream's variance flat with depth.
+    out_init = layers.scaled(layers.torch_default_init, 1.0 / math.sqrt(cfg.n_layer))
+    self.out_proj = layers.linear(d_inner, d, dtype=dtype, rngs=rngs, kernel_init=out_init)
+
+  def init_cache(self, batch):
+    return {
+        "conv": jnp.zeros((batch, self.d_conv - 1, self.d_inner), self.dtype),
+        "ssm": jnp.zeros((batch, self.d_inner, self.d_state), jnp.float32),
+    }
+
+  def __call__(self, u, cache=None):
+    batch = u.shape[0]
+    x, z = jnp.split(self.in_proj(u), 2, axis=-1)
+    conv_state = cache["conv"] if cache is not None else jnp.zeros((batch, self.d_conv - 1, self.d_inner), x.dtype)
+    x, conv_state = self.conv1d(x, conv_state)
+    x = jax.nn.silu(x)
+    dt, B, C = jnp.split(self.x_proj(x), [self.rank, self.rank + self.d_state], axis=-1)
+    dt = self.dt_proj(dt)
+    A = -jnp.exp(self.A_log[...])
+    scan = selective_scan(x, dt, A, B, C, self.D[...], z=z, dt_bias=self.dt_bias[...], dt_softplus=True,
+                          h0=None if cache is None else cache["ssm"], return_state=cache is not None,
+                          impl=self.scan_impl)
+    if cache is None:
+      return self.out_proj(scan), None
+    y, ssm_state = scan
+    return self.out_proj(y), {"conv": conv_state, "ssm": ssm_state}
+
+  def extra_flops_per_token(self):
+    # The scan itself, beyond the matmuls: about 9 flops per (channel, state) element per token
+    # forward (the Mamba paper's count), times 3 for forward plus backward.
+    return 3 * 9 * self.d_inner * self.d_state
+
+
+class MambaBlock(nnx.Module):
+  """u + mixer(RMSNorm(u)), with the residual stream u kept in float32."""
+
+  def __init__(self, cfg, layer_index, *, dtype, rngs):
+    del layer_index
+    self.norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
+    self.mixer = MambaMixer(cfg, dtype=dtype, rngs=rngs)
+
+  @staticmethod
+  def check_config(cfg):
+    for key in ("d_model", "n_layer", "d_state", "expand", "d_conv"):
+      if cfg[key] <= 0:
+        raise UserError(f"model.{key} must be positive, got {cfg[key]}; fix the config")
+
+  def init_cache(self, batch, max_length):
+    del max_length  # A recurrent state does not grow with the sequence.
+    return self.mixer.init_cache(batch)
+
+  def __call__(self, u, cache=None):
+    y, cache = self.mixer(self.norm(u), cache)
+    return u + y.astype(jnp.float32), cache
+
+  def extra_flops_per_token(self, seq_len):
+    del seq_len
+    return self.mixer.extra_flops_per_token()

@@ -1,0 +1,129 @@
+"""The training loop: learning, exact resume, metrics, signals, dry runs and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import REPO, tiny_config
+from seqmodels import checkpoint, trainer
+
+
+def _final_params(workdir, config):
+  t = trainer.Trainer(config, workdir)
+  ckpt = checkpoint.Checkpointer(workdir, keep=10)
+  state = ckpt.restore(ckpt.latest_step(), t.abstract_state)
+  ckpt.close()
+  return jax.device_get(state)
+
+
+def test_resumed_run_is_bitwise_identical(tmp_path):
+  config = tiny_config("mamba", total_steps=8, checkpoint_every=100)
+  straight = trainer.train(config, str(tmp_path / "straight"), progress=False)
+  first = trainer.train(config, str(tmp_path / "resumed"), max_steps=4, progress=False)
+  assert first.step == 4
+  second = trainer.train(config, str(tmp_path / "resumed"), progress=False)
+  assert second.step == 8
+  a = _final_params(str(tmp_path / "straight"), config)
+  b = _final_params(str(tmp_path / "resumed"), config)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+  assert straight.val_loss == second.val_loss
+
+  records = [json.loads(line) for line in open(tmp_path / "resumed" / "metrics.jsonl")]
+  assert [r["step"] for r in records] == [2, 4, 6, 8]
+  for r in records:
+    assert {"loss", "lr", "grad_norm", "tokens_per_sec"} <= set(r)
+  assert "val_loss" in records[1] and "val_loss" in records[3]
+  assert os.listdir(tmp_path / "resumed" / "tensorboard")
+  saved = json.load(open(tmp_path / "resumed" / "config.json"))
+  assert saved["model"]["architecture"] == "mamba"
+
+
+def test_gpt_learns_the_corpus(tmp_path):
+  config = tiny_config("gpt", total_steps=100, learning_rate=5e-3, val_every=100, log_every=10,
+                       **{"model.d_model": 64, "model.n_head": 4})
+  result = trainer.train(config, str(tmp_path / "gpt"), progress=False)
+  records = [json.loads(line) for line in open(tmp_path / "gpt" / "metrics.jsonl")]
+  assert records[-1]["loss"] < records[0]["loss"] - 1.0
+  assert result.val_loss < 3.25  # The byte unigram entropy of the corpus is 3.31 nats.
+
+
+def test_workdir_of_another_model_is_refused(tmp_path):
+  trainer.train(tiny_config("mamba", total_steps=2), str(tmp_path), progress=False)
+  from seqmodels.errors import UserError
+  with pytest.raises(UserError, match=r"another model \(model.architecture: 'mamba' there, 'gpt' here"):
+    trainer.train(tiny_config("gpt", total_steps=2), str(tmp_path), progress=False)
+
+
+def _run_cli(*args, cwd=REPO, timeout=300):
+  return subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *args], cwd=cwd, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def test_dry_run_prints_config_params_and_flops():
+  out = _run_cli("--config", "configs/mamba.py:130m", "--dry_run", "--config.seq_len=1024")
+  assert out.returncode == 0, out.stderr
+  lines = out.stdout.splitlines()
+  assert "params: 129135360" in lines
+  flops = [line for line in lines if line.startswith("flops_per_token: ")]
+  assert len(flops) == 1 and float(flops[0].split()[1]) > 6 * 129135360
+  assert '"seq_len": 1024' in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "configs/mamba.py:tiny", "--config.modle.d_model=8"], "unknown config key 'modle.d_model'"),
+    (["--config", "configs/mamba.py:tiny", "--config.model.d_modle=8"], "did you mean 'd_model'"),
+    (["--config", "configs/mamba.py:tiny", "--config.total_steps=many"], "expected a int"),
+    (["--config", "configs/mamba.py:9b"], "unknown variant '9b'"),
+    (["--config", "configs/nope.py:tiny"], "config file 'configs/nope.py' not found"),
+    (["--config", "configs/mamba.py:tiny", "--config.data.train_files=missing.txt"], "missing.txt"),
+    (["--config", "configs/mamba.py:tiny", "--config.data.tokenizer=nope/tokenizer.json"], "nope/tokenizer.json"),
+])
+def test_bad_input_is_one_line_error(tmp_path, args, message):
+  out = _run_cli(*args, "--workdir", str(tmp_path / "w"))
+  assert out.returncode == 1
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+  assert message in lines[0]
+
+
+def test_empty_corpus_is_one_line_error(tmp_path):
+  empty = tmp_path / "empty.txt"
+  empty.write_text("")
+  out = _run_cli("--config", "configs/mamba.py:tiny", f"--config.data.train_files={empty}",
+                 "--workdir", str(tmp_path / "w"))
+  assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1
+  assert "empty" in out.stderr
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
+  workdir = tmp_path / "run"
+  args = ["--config", "configs/mamba.py:tiny", "--workdir", str(workdir), "--config.model.d_model=32",
+          "--config.model.n_layer=1", "--config.seq_len=32", "--config.total_steps=100000",
+          "--config.log_every=1", "--config.checkpoint_every=100000", "--config.mesh.data=1"]
+  proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 240
+  while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+    assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 75, stderr
+  assert "stopped by SIGTERM" in stderr
+  steps = ocp.utils.checkpoint_steps(str(workdir / "checkpoints"))
+  assert len(steps) == 1 and steps[0] >= 3
+
+  out = _run_cli(*args[:-7], "--config.model.d_model=32", "--config.model.n_layer=1", "--config.seq_len=32",
+                 f"--config.total_steps={steps[0] + 2}", "--config.log_every=1", "--config.mesh.data=1")
+  assert out.returncode == 0, out.stderr
+  assert f"resuming {workdir} from step {steps[0]}" in out.stderr
