@@ -57,6 +57,9 @@ def model_defaults() -> ml_collections.ConfigDict:
   model.vocab_size = 257  # The byte tokenizer's 256 bytes + EOS.
   model.pad_vocab_multiple = 8
   model.tie_embeddings = True
+  model.norm = "rmsnorm"  # Or "layernorm".
   model.norm_eps = 1e-5
+  model.position_embedding = "none"  # Or "learned", with max_positions rows.
+  model.max_positions = 0
   model.dtype = "float32"  # Compute dtype; parameters are always float32. "bfloat16" on GPU/TPU.
   return model

@@ -18,6 +18,8 @@ only has to get the recurrence right.
 import jax
 import jax.numpy as jnp
 
+from kernels._common import accumulation_dtype, check_impl, compose_affine
+
 IMPLS = ("auto", "reference", "associative")
 
 
@@ -47,9 +49,7 @@ def selective_scan(x, dt, A, B, C, D=None, *, z=None, dt_bias=None, dt_softplus=
   _check_shapes(x, dt, A, B, C, D, z, dt_bias, h0)
   recurrence = _RECURRENCES[_resolve_impl(impl)]
   out_dtype = jnp.result_type(x)
-  arrays = [a for a in (x, dt, A, B, C, D, z, dt_bias, h0) if a is not None]
-  # Low-precision state would drop the small per-step increments over long sequences.
-  acc = jnp.promote_types(jnp.float32, jnp.result_type(*arrays))
+  acc = accumulation_dtype(x, dt, A, B, C, D, z, dt_bias, h0)
   x, dt, A, B, C = (jnp.asarray(a, acc) for a in (x, dt, A, B, C))
   batch, _, d = x.shape
 
@@ -78,8 +78,7 @@ def selective_scan(x, dt, A, B, C, D=None, *, z=None, dt_bias=None, dt_softplus=
 
 def _resolve_impl(impl):
   """Turns impl into the name of a recurrence, choosing the fastest one for "auto"."""
-  if impl not in IMPLS:
-    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+  check_impl(impl, IMPLS)
   if impl != "auto":
     return impl
   # On CPU the sequential scan wins: jit forward+backward at batch 8, length 256, d 256, n 16 took
@@ -144,15 +143,8 @@ def _scan_associative(x, dt, B, C, A, h0):
   drive = (dt * x)[..., None] * _to_channels(B, d)
   # The scan starts from a zero state; h0 enters through the first step's affine map instead.
   drive = drive.at[:, 0].add(decay[:, 0] * h0)
-  _, h = jax.lax.associative_scan(_compose, (decay, drive), axis=1)
+  _, h = jax.lax.associative_scan(compose_affine, (decay, drive), axis=1)
   return jnp.sum(h * _to_channels(C, d), axis=-1), h[:, -1]
-
-
-def _compose(earlier, later):
-  """Composes the affine maps h -> a * h + b of two adjacent spans, the earlier applied first."""
-  a1, b1 = earlier
-  a2, b2 = later
-  return a1 * a2, a2 * b1 + b2
 
 
 _RECURRENCES = {"reference": _scan_reference, "associative": _scan_associative}

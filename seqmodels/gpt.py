@@ -83,9 +83,9 @@ class TransformerBlock(nnx.Module):
 
   def __init__(self, cfg, layer_index, *, dtype, rngs):
     del layer_index
-    self.attn_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
+    self.attn_norm = layers.make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
     self.attn = CausalSelfAttention(cfg, dtype=dtype, rngs=rngs)
-    self.mlp_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
+    self.mlp_norm = layers.make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
     self.mlp = SwiGLU(cfg, dtype=dtype, rngs=rngs)
     self.d_model = cfg.d_model
 
@@ -111,3 +111,7 @@ class TransformerBlock(nnx.Module):
     # Attention scores and the weighted sum: 2 matmuls of 2 * seq_len * d flops each per token,
     # halved by the causal mask, times 3 for forward plus backward.
     return 3 * 2 * seq_len * self.d_model
+
+
+class Transformer(layers.BlockStack):
+  block_class = TransformerBlock

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from seqmodels.errors import UserError
+
 # PyTorch's nn.Linear / nn.Conv1d default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)). The Mamba reference
 # keeps it for in_proj, x_proj and conv1d, so a faithful port must too.
 torch_default_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -52,6 +54,68 @@ class RMSNorm(nnx.Module):
     x = x.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
     return (x * self.scale[...]).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """(x - mean) / std * scale + bias, computed in float32 and returned in the compute dtype."""
+
+  def __init__(self, dim: int, *, eps: float, dtype):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x):
+    x = x.astype(jnp.float32)
+    x = x - jnp.mean(x, axis=-1, keepdims=True)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+    return (x * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+NORMS = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}
+
+
+def check_norm(kind: str) -> None:
+  if kind not in NORMS:
+    raise UserError(f"model.norm must be one of {', '.join(NORMS)}, got '{kind}'")
+
+
+def make_norm(kind: str, dim: int, *, eps: float, dtype):
+  check_norm(kind)
+  return NORMS[kind](dim, eps=eps, dtype=dtype)
+
+
+class BlockStack(nnx.Module):
+  """A backbone of n_layer identical blocks; subclasses name the block in `block_class`.
+
+  A block is an nnx.Module with Block(cfg, layer_index, *, dtype, rngs), block(u, cache=None) ->
+  (u, cache), block.init_cache(batch, max_length), block.extra_flops_per_token(seq_len) and
+  Block.check_config(cfg).
+  """
+  block_class: type
+
+  def __init__(self, cfg, *, dtype, rngs):
+    self.blocks = nnx.List([self.block_class(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.n_layer)])
+    self.out_dim = cfg.d_model
+
+  @classmethod
+  def check_config(cls, cfg) -> None:
+    if cfg.n_layer <= 0 or cfg.d_model <= 0:
+      raise UserError(f"model.n_layer ({cfg.n_layer}) and model.d_model ({cfg.d_model}) must be positive")
+    cls.block_class.check_config(cfg)
+
+  def init_cache(self, batch, max_length):
+    return [blk.init_cache(batch, max_length) for blk in self.blocks]
+
+  def __call__(self, u, cache=None):
+    new_cache = []
+    for i, blk in enumerate(self.blocks):
+      u, blk_cache = blk(u, None if cache is None else cache[i])
+      new_cache.append(blk_cache)
+    return u, (None if cache is None else new_cache)
+
+  def extra_flops_per_token(self, seq_len):
+    return sum(blk.extra_flops_per_token(seq_len) for blk in self.blocks)
 
 
 def pad_vocab(vocab_size: int, multiple: int) -> int:

@@ -1,15 +1,19 @@
-"""The language-model wrapper every causal architecture shares: embedding -> blocks -> norm -> head.
+"""The language-model wrapper every architecture shares: embedding -> backbone -> norm -> head.
 
-Blocks come from `ARCHITECTURES`, keyed by `config.model.architecture`. A block is an nnx.Module with
+The backbone comes from `ARCHITECTURES`, keyed by `config.model.architecture`. A backbone is an
+nnx.Module class with
 
-    Block(cfg, layer_index, *, dtype, rngs)
-    block(u, cache=None) -> (u, cache)      u is the float32 residual stream (batch, length, d)
-    block.init_cache(batch, max_length)
-    block.extra_flops_per_token(seq_len)    training flops beyond 6 x params (attention, scans)
-    Block.check_config(cfg)                 raises UserError for impossible dims
+    Backbone(cfg, *, dtype, rngs)
+    backbone(u, cache=None) -> (u, cache)   u: the float32 residual stream, (batch, length, d_model)
+                                            in and (batch, length, backbone.out_dim) out
+    backbone.out_dim
+    backbone.init_cache(batch, max_length)
+    backbone.extra_flops_per_token(seq_len) training flops beyond 6 x params (attention, scans)
+    Backbone.check_config(cfg)              raises UserError for impossible dims
 
-With `cache=None` a block runs its parallel training form and returns `None`; with a cache it
-continues from it, so prefill and one-token decoding share the training code.
+Most backbones are a `layers.BlockStack` of identical blocks. With `cache=None` a backbone runs its
+parallel training form and returns `None`; with a cache it continues from it, so prefill and
+one-token decoding share the training code.
 """
 
 import jax
@@ -18,34 +22,52 @@ from flax import nnx
 
 from seqmodels import layers
 from seqmodels.errors import UserError
-from seqmodels.gpt import TransformerBlock
-from seqmodels.mamba import MambaBlock
+from seqmodels.gpt import Transformer
+from seqmodels.mamba import Mamba
 
 ARCHITECTURES = {
-    "mamba": MambaBlock,
-    "gpt": TransformerBlock,
+    "mamba": Mamba,
+    "gpt": Transformer,
 }
 
 
-def block_class(architecture: str):
+def backbone_class(architecture: str):
   if architecture not in ARCHITECTURES:
     raise UserError(f"unknown model.architecture '{architecture}'; known: {', '.join(sorted(ARCHITECTURES))}")
   return ARCHITECTURES[architecture]
 
 
+def check_config(cfg) -> None:
+  """Raises UserError for a model config that cannot be built, before any device work."""
+  backbone_class(cfg.architecture).check_config(cfg)
+  if cfg.position_embedding not in ("none", "learned"):
+    raise UserError(f"model.position_embedding must be 'none' or 'learned', got '{cfg.position_embedding}'")
+  if cfg.position_embedding == "learned" and cfg.max_positions <= 0:
+    raise UserError("model.position_embedding='learned' needs model.max_positions > 0; set it to the context length")
+  layers.check_norm(cfg.norm)
+
+
 class LanguageModel(nnx.Module):
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
-    block = block_class(cfg.architecture)
-    block.check_config(cfg)
+    check_config(cfg)
     dtype = layers.compute_dtype(cfg.dtype)
     self.vocab_size = layers.pad_vocab(cfg.vocab_size, cfg.pad_vocab_multiple)
+    init = layers.normal_init(0.02)
     self.embed = nnx.Embed(self.vocab_size, cfg.d_model, dtype=dtype, param_dtype=jnp.float32,
-                           embedding_init=layers.normal_init(0.02), rngs=rngs)
-    self.blocks = nnx.List([block(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.n_layer)])
-    self.norm_f = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
-    self.head = None if cfg.tie_embeddings else layers.linear(
-        cfg.d_model, self.vocab_size, dtype=dtype, rngs=rngs, kernel_init=layers.normal_init(0.02))
+                           embedding_init=init, rngs=rngs)
+    self.positions = None
+    if cfg.position_embedding == "learned":
+      self.positions = nnx.Embed(cfg.max_positions, cfg.d_model, dtype=dtype, param_dtype=jnp.float32,
+                                 embedding_init=init, rngs=rngs)
+    self.backbone = backbone_class(cfg.architecture)(cfg, dtype=dtype, rngs=rngs)
+    out_dim = self.backbone.out_dim
+    self.norm_f = layers.make_norm(cfg.norm, out_dim, eps=cfg.norm_eps, dtype=dtype)
+    if cfg.tie_embeddings and out_dim != cfg.d_model:
+      raise UserError(f"model.tie_embeddings needs the backbone to end at d_model={cfg.d_model}, "
+                      f"but it ends at {out_dim}; set --config.model.tie_embeddings=false")
+    self.head = None if cfg.tie_embeddings else layers.linear(out_dim, self.vocab_size, dtype=dtype, rngs=rngs,
+                                                               kernel_init=init)
 
   def __call__(self, tokens):
     """tokens: int (batch, length) -> float32 logits (batch, length, padded vocab)."""
@@ -54,7 +76,7 @@ class LanguageModel(nnx.Module):
 
   def init_cache(self, batch: int, max_length: int = 0):
     """Decoding state for `batch` sequences; attention blocks preallocate `max_length` positions."""
-    return [blk.init_cache(batch, max_length) for blk in self.blocks]
+    return {"pos": jnp.zeros((), jnp.int32), "backbone": self.backbone.init_cache(batch, max_length)}
 
   def prefill(self, tokens, cache):
     """Runs a prompt (batch, length) in parallel from `cache`; returns its logits and the new cache."""
@@ -67,16 +89,18 @@ class LanguageModel(nnx.Module):
 
   def _forward(self, tokens, cache):
     u = self.embed(tokens).astype(jnp.float32)
-    new_cache = []
-    for i, blk in enumerate(self.blocks):
-      u, blk_cache = blk(u, None if cache is None else cache[i])
-      new_cache.append(blk_cache)
+    start = 0 if cache is None else cache["pos"]
+    if self.positions is not None:
+      u = u + self.positions(start + jnp.arange(tokens.shape[1])).astype(jnp.float32)
+    u, backbone_cache = self.backbone(u, None if cache is None else cache["backbone"])
     x = self.norm_f(u)
-    logits = self.embed.attend(x) if self.head is None else self.head(x)
-    return logits.astype(jnp.float32), (None if cache is None else new_cache)
+    logits = (self.embed.attend(x) if self.head is None else self.head(x)).astype(jnp.float32)
+    if cache is None:
+      return logits, None
+    return logits, {"pos": start + tokens.shape[1], "backbone": backbone_cache}
 
   def extra_flops_per_token(self, seq_len: int) -> int:
-    return sum(blk.extra_flops_per_token(seq_len) for blk in self.blocks)
+    return self.backbone.extra_flops_per_token(seq_len)
 
 
 def build(model_cfg, seed: int = 0) -> LanguageModel:

@@ -112,12 +112,12 @@ class MambaBlock(nnx.Module):
 
   def __init__(self, cfg, layer_index, *, dtype, rngs):
     del layer_index
-    self.norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
+    self.norm = layers.make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
     self.mixer = MambaMixer(cfg, dtype=dtype, rngs=rngs)
 
   @staticmethod
   def check_config(cfg):
-    for key in ("d_model", "n_layer", "d_state", "expand", "d_conv"):
+    for key in ("d_state", "expand", "d_conv"):
       if cfg[key] <= 0:
         raise UserError(f"model.{key} must be positive, got {cfg[key]}; fix the config")
 
@@ -132,3 +132,7 @@ class MambaBlock(nnx.Module):
   def extra_flops_per_token(self, seq_len):
     del seq_len
     return self.mixer.extra_flops_per_token()
+
+
+class Mamba(layers.BlockStack):
+  block_class = MambaBlock

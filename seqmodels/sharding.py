@@ -28,16 +28,17 @@ def mesh_shape(mesh_config, n_devices: int) -> tuple[int, ...]:
     if n_devices % fixed:
       raise UserError(f"mesh {dict(zip(AXES, sizes))} does not divide {n_devices} devices; fix config.mesh")
     sizes[free[0]] = n_devices // fixed
-  if math.prod(sizes) != n_devices:
-    raise UserError(f"mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices but "
+  if math.prod(sizes) > n_devices:
+    raise UserError(f"mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices but only "
                     f"{n_devices} are present; fix config.mesh")
   return tuple(sizes)
 
 
 def make_mesh(mesh_config) -> Mesh:
+  """A mesh over the first devices; fixed sizes may use fewer devices than are present."""
   devices = jax.devices()
   shape = mesh_shape(mesh_config, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), AXES)
+  return Mesh(np.asarray(devices[:math.prod(shape)]).reshape(shape), AXES)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

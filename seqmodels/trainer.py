@@ -91,7 +91,7 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
   `max_steps` stops this call after that many steps, with a checkpoint, as a preemption would.
   """
   cfg = config
-  lm.block_class(cfg.model.architecture)
+  lm.check_config(cfg.model)
   checkpoint.check_same_model(workdir, cfg)
   tokenizer = load_tokenizer(cfg.data.tokenizer)
   if tokenizer.vocab_size > cfg.model.vocab_size:

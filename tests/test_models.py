@@ -69,7 +69,7 @@ def test_bfloat16_compute_keeps_float32_parameters(arch):
 def test_mamba_init_follows_the_reference():
   cfg = tiny_config("mamba", **{"model.d_model": 64, "model.n_layer": 4}).model
   model = lm.build(cfg, seed=3)
-  mixer = model.blocks[0].mixer
+  mixer = model.backbone.blocks[0].mixer
   d_inner, n, rank = 128, 16, 4
   np.testing.assert_allclose(mixer.A_log[...], np.log(np.tile(np.arange(1, n + 1), (d_inner, 1))), rtol=1e-6)
   np.testing.assert_array_equal(mixer.D[...], np.ones(d_inner))
@@ -97,7 +97,7 @@ def test_weight_decay_only_on_matrices():
       assert not value, path
     if any(name in path for name in ("in_proj", "x_proj", "out_proj", "embedding")) and "bias" not in path:
       assert value, path
-  assert isinstance(model.blocks[0].mixer.A_log, NoWeightDecay)
+  assert isinstance(model.backbone.blocks[0].mixer.A_log, NoWeightDecay)
 
 
 def test_unknown_architecture_lists_known_ones():

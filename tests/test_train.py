@@ -127,3 +127,24 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
                  f"--config.total_steps={steps[0] + 2}", "--config.log_every=1", "--config.mesh.data=1")
   assert out.returncode == 0, out.stderr
   assert f"resuming {workdir} from step {steps[0]}" in out.stderr
+
+
+def test_data_parallel_mesh_matches_one_device(tmp_path):
+  if jax.device_count() < 8:
+    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (set by `make test`)")
+  losses = {}
+  for data_axis in (1, 8):
+    config = tiny_config("mamba", total_steps=3, log_every=1, **{"mesh.data": data_axis})
+    trainer.train(config, str(tmp_path / str(data_axis)), progress=False)
+    losses[data_axis] = [json.loads(line)["loss"] for line in open(tmp_path / str(data_axis) / "metrics.jsonl")]
+  np.testing.assert_allclose(losses[8], losses[1], rtol=1e-5)
+
+
+def test_mesh_larger_than_the_devices_is_refused():
+  from seqmodels.errors import UserError
+  from seqmodels.sharding import mesh_shape
+  with pytest.raises(UserError, match="needs 16 devices but only 8"):
+    mesh_shape({"data": 16, "fsdp": 1, "tensor": 1}, 8)
+  with pytest.raises(UserError, match="does not divide 8 devices"):
+    mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
+  assert mesh_shape({"data": -1, "fsdp": 2, "tensor": 1}, 8) == (4, 2, 1)

@@ -1,0 +1,25 @@
+"""Pieces every kernel in this package needs, kept in one place so the kernels agree on them."""
+
+import jax.numpy as jnp
+
+
+def check_impl(impl, impls):
+  """Raises the one error message every kernel gives for an unknown impl."""
+  if impl not in impls:
+    raise ValueError(f"impl must be one of {impls}, got {impl!r}")
+
+
+def accumulation_dtype(*arrays):
+  """The dtype a recurrence accumulates in: at least float32, float64 for float64 inputs.
+
+  Low-precision state would drop the small per-step increments over long sequences. Arrays given
+  as None (absent optional arguments) are skipped.
+  """
+  return jnp.promote_types(jnp.float32, jnp.result_type(*(a for a in arrays if a is not None)))
+
+
+def compose_affine(earlier, later):
+  """Composes the affine maps h -> a * h + b of two adjacent spans, the earlier applied first."""
+  a1, b1 = earlier
+  a2, b2 = later
+  return a1 * a2, a2 * b1 + b2
