@@ -80,8 +80,10 @@ def _resolve_impl(impl):
   if impl != "auto":
     return impl
   # Chunked wins even on CPU: jit forward+backward at batch 4, length 512, heads 4, dk = dv = 64
-  # with per-token decay took ~45 ms for "chunked" against ~400 ms for "reference" and ~1.1 s for
-  # "associative", because whole chunks go through matmuls instead of one outer product per step.
+  # with per-token decay took ~10 ms for "chunked" (chunk_size 64) against ~130 ms for "reference"
+  # and ~370 ms for "associative", because whole chunks go through matmuls instead of one outer
+  # product per step. Per-channel decay is the exception on CPU: its (chunk, chunk, dk) scores
+  # took ~240 ms there against ~155 ms for "reference".
   return "chunked"
 
 
@@ -140,16 +142,16 @@ def _chunked(q, k, v, g, h0, chunk_size):
   overflowing to inf.
   """
   batch, length, heads, _ = q.shape
-  size = min(chunk_size, length)
+  size = min(chunk_size, length)  # A chunk longer than the sequence would only be padding.
   n_chunks = -(-length // size)
 
-  def to_chunks(a):
+  def to_chunks(x):
     # Padded steps have k = v = 0, which add nothing to the state, and g = 0, which keeps it; their
     # outputs are dropped, so the padding changes neither o nor the final state.
-    a = jnp.pad(a, ((0, 0), (0, n_chunks * size - length), (0, 0), (0, 0)))
-    return a.reshape(batch, n_chunks, size, heads, -1).transpose(1, 0, 3, 2, 4)
+    x = jnp.pad(x, ((0, 0), (0, n_chunks * size - length), (0, 0), (0, 0)))
+    return x.reshape(batch, n_chunks, size, heads, -1).transpose(1, 0, 3, 2, 4)
 
-  q, k, v, g = (to_chunks(a) for a in (q, k, v, g))  # (chunks, batch, heads, size, channels)
+  q, k, v, g = (to_chunks(x) for x in (q, k, v, g))  # (chunks, batch, heads, size, channels)
   c = jnp.cumsum(g, axis=-2)
   c_last = c[..., -1:, :]
 
@@ -166,14 +168,15 @@ def _chunked(q, k, v, g, h0, chunk_size):
     scores = jnp.sum(q[..., :, None, :] * k[..., None, :, :] * decay, axis=-1)
   o = jnp.einsum("...ts,...sv->...tv", scores, v)
 
-  drive = jnp.einsum("...sk,...sv->...kv", k * jnp.exp(c_last - c), v)
-  chunk_decay = jnp.exp(c_last[..., 0, :])[..., None]
+  # Each chunk maps the state entering it to the state leaving it by s -> a * s + b.
+  a = jnp.exp(c_last[..., 0, :])[..., None]
+  b = jnp.einsum("...sk,...sv->...kv", k * jnp.exp(c_last - c), v)
 
-  def step(s, inputs):
-    decay, drive = inputs
-    return decay * s + drive, s
+  def step(s, chunk):
+    a_j, b_j = chunk
+    return a_j * s + b_j, s
 
-  s_last, s_start = jax.lax.scan(step, h0, (chunk_decay, drive))
+  s_last, s_start = jax.lax.scan(step, h0, (a, b))
   o = o + jnp.einsum("...tk,...kv->...tv", q * jnp.exp(c), s_start)
   o = o.transpose(1, 0, 3, 2, 4).reshape(batch, n_chunks * size, heads, -1)
   return o[:, :length], s_last
