@@ -3,6 +3,7 @@
 import os
 import sys
 
+import jax
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -10,6 +11,10 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
 from seqmodels import config as config_lib  # noqa: E402
+
+# Numerics tests compare against float32/float64 references; on GPU the default matmul precision
+# (TF32) would need tolerances that hide real bugs.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def tiny_config(arch: str = "mamba", **overrides):
