@@ -74,7 +74,8 @@ class Checkpointer:
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError) as e:
-      first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      detail = str(e).strip()
+      first_line = detail.splitlines()[0].split(". ")[0] if detail else type(e).__name__
       raise UserError(f"checkpoint {self.directory}/{step} does not fit this model ({first_line}); "
                       "use a new --workdir or the config it was trained with") from None
     return restored["state"]

@@ -148,3 +148,11 @@ def test_mesh_larger_than_the_devices_is_refused():
   with pytest.raises(UserError, match="does not divide 8 devices"):
     mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
   assert mesh_shape({"data": -1, "fsdp": 2, "tensor": 1}, 8) == (4, 2, 1)
+
+
+def test_checkpoint_of_another_shape_without_config_json_is_refused(tmp_path):
+  from seqmodels.errors import UserError
+  trainer.train(tiny_config("mamba", total_steps=2), str(tmp_path), progress=False)
+  os.remove(tmp_path / "config.json")
+  with pytest.raises(UserError, match=r"checkpoint .*/checkpoints/2 does not fit this model \(Requested shape"):
+    trainer.train(tiny_config("mamba", total_steps=4, **{"model.d_model": 48}), str(tmp_path), progress=False)
