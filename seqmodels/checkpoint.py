@@ -73,11 +73,11 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    except (ValueError, KeyError, TypeError) as e:
+    except Exception as e:  # Orbax and TensorStore raise several types for a mismatched or bad checkpoint.
       detail = str(e).strip()
       first_line = detail.splitlines()[0].split(". ")[0] if detail else type(e).__name__
-      raise UserError(f"checkpoint {self.directory}/{step} does not fit this model ({first_line}); "
-                      "use a new --workdir or the config it was trained with") from None
+      raise UserError(f"checkpoint {self.directory}/{step} could not be restored into this model ({first_line}); "
+                      "if the model config changed, use a new --workdir or the config it was trained with") from None
     return restored["state"]
 
   def wait(self) -> None:

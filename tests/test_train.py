@@ -154,5 +154,5 @@ def test_checkpoint_of_another_shape_without_config_json_is_refused(tmp_path):
   from seqmodels.errors import UserError
   trainer.train(tiny_config("mamba", total_steps=2), str(tmp_path), progress=False)
   os.remove(tmp_path / "config.json")
-  with pytest.raises(UserError, match=r"checkpoint .*/checkpoints/2 does not fit this model \(Requested shape"):
+  with pytest.raises(UserError, match=r"checkpoint .*/checkpoints/2 could not be restored into this model"):
     trainer.train(tiny_config("mamba", total_steps=4, **{"model.d_model": 48}), str(tmp_path), progress=False)
