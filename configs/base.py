@@ -19,6 +19,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.batch_size = 16  # Global, in sequences.
   config.seq_len = 256
 
+  # What the model learns: "causal_lm" (the next token), "mlm" (BERT's masked tokens, for
+  # bidirectional encoders; the mask id is the tokenizer's vocab size, so model.vocab_size must
+  # exceed it) or "classification" (one label per JSONL record, from the pooled encoder output).
+  config.objective = "causal_lm"
+  config.num_classes = 2  # classification: labels are 0 .. num_classes - 1.
+  config.init_from = ""  # classification: the workdir of an MLM run whose latest checkpoint is the encoder.
+
   # AdamW with linear warmup, then cosine decay to min_lr_ratio * learning_rate.
   config.learning_rate = 1e-3
   config.min_lr_ratio = 0.1
@@ -40,6 +47,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.val_fraction = 0.1
   config.data.text_field = "text"  # The JSONL field that holds a document.
   config.data.tokenizer = "byte"  # "byte", "gpt-neox" (shipped), or a path to a tokenizer.json.
+  config.data.mask_rate = 0.15  # mlm: share of tokens predicted (80% [MASK], 10% random, 10% kept).
+  config.data.label_field = "gold"  # classification: the JSONL field holding the label.
 
   # Device mesh axis sizes; -1 takes the devices the other axes leave.
   config.mesh = ml_collections.ConfigDict()

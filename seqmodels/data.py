@@ -9,6 +9,7 @@ Training batches come from a grain pipeline whose whole state is one integer per
 checkpoints exactly; validation batches are a fixed list in stream order.
 """
 
+import dataclasses
 import glob
 import json
 import os
@@ -55,7 +56,8 @@ def _expand_paths(paths: Sequence[str] | str, config_key: str) -> list[str]:
   return files
 
 
-def _read_jsonl(path: str, text_field: str) -> Iterator[str]:
+def _jsonl_records(path: str, text_field: str) -> Iterator[tuple[int, dict]]:
+  """Yields (line number, record) for each JSON object with a string `text_field` in `path`."""
   with open(path, encoding="utf-8", errors="replace") as f:
     for line_number, line in enumerate(f, start=1):
       if not line.strip():
@@ -70,7 +72,12 @@ def _read_jsonl(path: str, text_field: str) -> Iterator[str]:
         raise UserError(
             f"{path}:{line_number}: expected a JSON object with a string '{text_field}' field; fix "
             "the line or name the right field with --config.data.text_field=...")
-      yield record[text_field]
+      yield line_number, record
+
+
+def _read_jsonl(path: str, text_field: str) -> Iterator[str]:
+  for _, record in _jsonl_records(path, text_field):
+    yield record[text_field]
 
 
 def read_documents(
@@ -187,6 +194,29 @@ class PackedWindows:
     return {"inputs": window[:-1], "targets": window[1:]}
 
 
+@dataclasses.dataclass(frozen=True)
+class MaskedLM:
+  """BERT's masked-LM corruption of a window, as a grain random map (window, rng) -> example.
+
+  Each input token is chosen with probability `rate`; a chosen token becomes `mask_id` with
+  probability 0.8, a uniformly random token of the vocabulary with 0.1, and stays with 0.1. The
+  example's targets are the original tokens and its weights 1 at the chosen positions, 0 elsewhere,
+  so the loss is the mean over the chosen positions. Only the window's inputs are used.
+  """
+  mask_id: int
+  vocab_size: int
+  rate: float = 0.15
+
+  def __call__(self, window: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    tokens = window["inputs"]
+    chosen = rng.random(tokens.shape) < self.rate
+    action = rng.random(tokens.shape)
+    random_tokens = rng.integers(0, self.vocab_size, tokens.shape)
+    inputs = np.where(chosen & (action < 0.8), self.mask_id, tokens)
+    inputs = np.where(chosen & (action >= 0.9), random_tokens, inputs)
+    return {"inputs": inputs.astype(np.int32), "targets": tokens, "weights": chosen.astype(np.float32)}
+
+
 def make_train_iterator(
     tokens: np.ndarray,
     *,
@@ -195,6 +225,7 @@ def make_train_iterator(
     seed: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    mlm: MaskedLM | None = None,
 ) -> grain.DatasetIterator:
   """Returns an endless iterator of this process's training batches.
 
@@ -202,7 +233,19 @@ def make_train_iterator(
   epoch visits all windows in a fresh order fixed by `seed`. The processes split one global order
   between them, so the union of their batches at a step is what a single process would see with
   the same global batch. `get_state()`/`set_state()` (and grain's Orbax handler) resume exactly.
+
+  With `mlm`, each window is masked as `MaskedLM` describes and the batch also holds float32
+  "weights"; the masks depend only on `seed` and the window's position in the global order, so
+  they too are the same after a resume.
   """
+  _check_length(tokens, seq_len, "training corpus", "add training text or use a smaller seq_len")
+  windows = PackedWindows(np.asarray(tokens, dtype=np.int32), seq_len)
+  return _train_batches(windows, global_batch_size=global_batch_size, seed=seed, process_index=process_index,
+                        process_count=process_count, transform=mlm)
+
+
+def _train_batches(source, *, global_batch_size, seed, process_index, process_count, transform=None):
+  """Shuffled, repeated, process-split batches of a grain source, optionally through a random map."""
   if process_index is None:
     process_index = jax.process_index()
   if process_count is None:
@@ -211,15 +254,18 @@ def make_train_iterator(
     raise UserError(
         f"global batch size {global_batch_size} is not divisible by the {process_count} processes; "
         "pass a batch size that is a multiple of the process count")
-  _check_length(tokens, seq_len, "training corpus", "add training text or use a smaller seq_len")
-  windows = PackedWindows(np.asarray(tokens, dtype=np.int32), seq_len)
   # grain shuffles epoch e with seed + e, so seeds 0 and 1 would give the same orders one epoch
   # apart; hashing the seed makes different seeds give unrelated orders.
   shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
   dataset = (
-      grain.MapDataset.source(windows)
+      grain.MapDataset.source(source)
       .shuffle(seed=shuffle_seed)
-      .repeat()  # Forever; the shuffle above is reseeded per epoch.
+      .repeat())  # Forever; the shuffle above is reseeded per epoch.
+  if transform is not None:
+    # Before the split, so an element's randomness follows its place in the one global order.
+    dataset = dataset.random_map(transform, seed=int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
+  dataset = (
+      dataset
       # Process p takes positions p, p + process_count, ... of the one global order.
       .slice(slice(process_index, None, process_count))
       .batch(global_batch_size // process_count, drop_remainder=True))
@@ -229,14 +275,17 @@ def make_train_iterator(
 
 
 def make_eval_batches(
-    tokens: np.ndarray, *, seq_len: int, batch_size: int, max_batches: int | None = None
+    tokens: np.ndarray, *, seq_len: int, batch_size: int, max_batches: int | None = None,
+    mlm: MaskedLM | None = None, seed: int = 0,
 ) -> list[dict[str, np.ndarray]]:
   """Returns validation batches over the windows of `tokens` in stream order.
 
   Batches are full (batch_size rows) so every evaluation has the same shapes and compiles once; a
   trailing partial batch is dropped unless it is the only batch, which keeps a small validation
-  set usable. At most `max_batches` batches are returned when it is set.
+  set usable. At most `max_batches` batches are returned when it is set. With `mlm`, the windows
+  are masked once, from `seed`, so every evaluation scores the same positions.
   """
+  rng = np.random.default_rng(seed)
   _check_length(tokens, seq_len, "validation split", "add validation text or use a smaller seq_len")
   tokens = np.asarray(tokens, dtype=np.int32)
   num_windows = len(PackedWindows(tokens, seq_len))
@@ -248,7 +297,108 @@ def make_eval_batches(
   for b in range(num_batches):
     starts = np.arange(b * batch_size, min((b + 1) * batch_size, num_windows)) * seq_len
     windows = tokens[starts[:, None] + offsets]
-    batches.append({"inputs": windows[:, :-1], "targets": windows[:, 1:]})
+    batch = {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+    batches.append(batch if mlm is None else mlm(batch, rng))
+  return batches
+
+
+class Examples:
+  """Fixed-length labelled examples held as equally long arrays, by index; a grain data source."""
+
+  def __init__(self, arrays: dict[str, np.ndarray]):
+    self.arrays = arrays
+
+  def __len__(self) -> int:
+    return len(self.arrays["targets"])
+
+  def __getitem__(self, index) -> dict[str, np.ndarray]:
+    return {key: array[index] for key, array in self.arrays.items()}
+
+  def split(self, at: int) -> tuple["Examples", "Examples"]:
+    return Examples(self[:at]), Examples(self[at:])
+
+
+def read_classification(
+    paths: Sequence[str] | str, tokenizer: Tokenizer, *, seq_len: int, text_field: str, label_field: str,
+    num_classes: int, config_key: str = "data.train_files",
+) -> Examples:
+  """The labelled examples of JSONL records {text_field: text, label_field: 0 .. num_classes - 1}.
+
+  A text of more than seq_len tokens keeps its last seq_len (llm-foundry's BoolQ queries end with
+  the question); a shorter one is padded at the end. Each example has int32 "inputs" (seq_len),
+  float32 "mask" (1 for tokens, 0 for padding), int32 "targets" (the label) and float32 "weights"
+  (1; padding rows of an evaluation batch get 0).
+  """
+  texts, labels = [], []
+  for path in _expand_paths(paths, config_key):
+    for line_number, record in _jsonl_records(path, text_field):
+      label = record.get(label_field)
+      if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_classes:
+        raise UserError(
+            f"{path}:{line_number}: expected an integer '{label_field}' field in 0..{num_classes - 1}; fix "
+            "the line, name the field with --config.data.label_field=... or set --config.num_classes=...")
+      if not record[text_field]:
+        raise UserError(f"{path}:{line_number}: the '{text_field}' field is empty; fix or remove the line")
+      texts.append(record[text_field])
+      labels.append(label)
+  if not texts:
+    raise UserError(f"the data files hold no records ({config_key}); point --config.{config_key}=... at "
+                    "JSONL files with labelled records")
+  inputs = np.zeros((len(texts), seq_len), np.int32)
+  mask = np.zeros((len(texts), seq_len), np.float32)
+  for start in range(0, len(texts), _ENCODE_BATCH):
+    for i, ids in enumerate(tokenizer.encode_batch(texts[start:start + _ENCODE_BATCH]), start=start):
+      ids = ids[-seq_len:]
+      inputs[i, :len(ids)] = ids
+      mask[i, :len(ids)] = 1
+  return Examples({"inputs": inputs, "mask": mask, "targets": np.asarray(labels, np.int32),
+                   "weights": np.ones(len(texts), np.float32)})
+
+
+def load_classification(
+    data_config, tokenizer: Tokenizer, *, seq_len: int, num_classes: int
+) -> tuple[Examples, Examples]:
+  """Returns the (train, validation) examples described by `data_config`.
+
+  With `val_files` set, they are the validation set. Otherwise the last `val_fraction` of the
+  training records is held out (for BoolQ, whose validation split is the only one shipped, the
+  last 327 of its 3270 records).
+  """
+  def read(paths, config_key):
+    return read_classification(paths, tokenizer, seq_len=seq_len, text_field=data_config.text_field,
+                               label_field=data_config.label_field, num_classes=num_classes,
+                               config_key=config_key)
+
+  train = read(data_config.train_files, "data.train_files")
+  if data_config.val_files:
+    return train, read(data_config.val_files, "data.val_files")
+  num_val = int(len(train) * data_config.val_fraction)
+  if not 0 < num_val < len(train):
+    raise UserError(
+        f"data.val_fraction={data_config.val_fraction} of {len(train)} records holds out {num_val}; pick a "
+        "fraction that leaves records on both sides, or pass --config.data.val_files=...")
+  return train.split(len(train) - num_val)
+
+
+def make_example_iterator(
+    examples: Examples, *, global_batch_size: int, seed: int, process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.DatasetIterator:
+  """An endless iterator of this process's training batches of `examples`, as make_train_iterator."""
+  return _train_batches(examples, global_batch_size=global_batch_size, seed=seed, process_index=process_index,
+                        process_count=process_count)
+
+
+def make_example_batches(examples: Examples, *, batch_size: int) -> list[dict[str, np.ndarray]]:
+  """Batches of every example once, in order; the last is filled up with weight-0 copies of the
+  first example, so every batch has one shape and the weighted metrics count each example once."""
+  batches = []
+  for start in range(0, len(examples), batch_size):
+    index = np.arange(start, start + batch_size)
+    real = index < len(examples)
+    batch = examples[np.where(real, index, 0)]
+    batch["weights"] = batch["weights"] * real
+    batches.append(batch)
   return batches
 
 

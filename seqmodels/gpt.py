@@ -31,16 +31,19 @@ def ffn_dim(cfg) -> int:
 
 
 class CausalSelfAttention(nnx.Module):
+  """Multi-head causal attention of width d, with RoPE on q and k unless rope_theta is None.
 
-  def __init__(self, cfg, *, dtype, rngs):
-    d = cfg.d_model
-    self.n_head, self.head_dim = cfg.n_head, d // cfg.n_head
-    self.rope_theta = cfg.rope_theta
+  GPT-2 passes None: its positions are learned and added to the token embedding instead.
+  """
+
+  def __init__(self, d, n_head, n_layer, *, rope_theta=None, dtype, rngs):
+    self.n_head, self.head_dim = n_head, d // n_head
+    self.rope_theta = rope_theta
     self.dtype = dtype
     init = layers.normal_init(0.02)
     self.qkv = layers.linear(d, 3 * d, dtype=dtype, rngs=rngs, kernel_init=init)
     self.out = layers.linear(d, d, dtype=dtype, rngs=rngs,
-                             kernel_init=layers.scaled(init, 1 / math.sqrt(2 * cfg.n_layer)))
+                             kernel_init=layers.scaled(init, 1 / math.sqrt(2 * n_layer)))
 
   def init_cache(self, batch, max_length):
     shape = (batch, max_length, self.n_head, self.head_dim)
@@ -52,8 +55,9 @@ class CausalSelfAttention(nnx.Module):
     q, k, v = jnp.split(self.qkv(x).reshape(batch, length, 3 * self.n_head, self.head_dim), 3, axis=2)
     start = 0 if cache is None else cache["pos"]
     positions = start + jnp.arange(length)
-    q = layers.rotary(q, positions, self.rope_theta)
-    k = layers.rotary(k, positions, self.rope_theta)
+    if self.rope_theta is not None:
+      q = layers.rotary(q, positions, self.rope_theta)
+      k = layers.rotary(k, positions, self.rope_theta)
     if cache is None:
       o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
     else:
@@ -84,7 +88,8 @@ class TransformerBlock(nnx.Module):
   def __init__(self, cfg, layer_index, *, dtype, rngs):
     del layer_index
     self.attn_norm = layers.make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
-    self.attn = CausalSelfAttention(cfg, dtype=dtype, rngs=rngs)
+    self.attn = CausalSelfAttention(cfg.d_model, cfg.n_head, cfg.n_layer, rope_theta=cfg.rope_theta,
+                                    dtype=dtype, rngs=rngs)
     self.mlp_norm = layers.make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
     self.mlp = SwiGLU(cfg, dtype=dtype, rngs=rngs)
     self.d_model = cfg.d_model

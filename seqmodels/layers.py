@@ -108,14 +108,19 @@ class BlockStack(nnx.Module):
     return [blk.init_cache(batch, max_length) for blk in self.blocks]
 
   def __call__(self, u, cache=None):
-    new_cache = []
-    for i, blk in enumerate(self.blocks):
-      u, blk_cache = blk(u, None if cache is None else cache[i])
-      new_cache.append(blk_cache)
-    return u, (None if cache is None else new_cache)
+    return run_blocks(self.blocks, u, cache)
 
   def extra_flops_per_token(self, seq_len):
     return sum(blk.extra_flops_per_token(seq_len) for blk in self.blocks)
+
+
+def run_blocks(blocks, u, cache=None):
+  """Runs blocks in order, each continuing from its entry of the cache list (None: training form)."""
+  new_cache = []
+  for i, blk in enumerate(blocks):
+    u, blk_cache = blk(u, None if cache is None else cache[i])
+    new_cache.append(blk_cache)
+  return u, (None if cache is None else new_cache)
 
 
 def pad_vocab(vocab_size: int, multiple: int) -> int:

@@ -21,13 +21,29 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seqmodels import layers
+from seqmodels.dense_mamba import DenseMamba
+from seqmodels.dense_retnet import DenseRetNet
 from seqmodels.errors import UserError
 from seqmodels.gpt import Transformer
+from seqmodels.gpt2 import GPT2, ConvGPT, LinearGPT, ParallelGPT
+from seqmodels.lion import LionEncoder
 from seqmodels.mamba import Mamba
+from seqmodels.retnet import RetNet
 
 ARCHITECTURES = {
     "mamba": Mamba,
     "gpt": Transformer,
+    "gpt2": GPT2,
+    "parallel_gpt": ParallelGPT,
+    "linear_gpt": LinearGPT,
+    "conv_gpt": ConvGPT,
+    "dense_mamba": DenseMamba,
+    "retnet": RetNet,
+    "dense_retnet": DenseRetNet,
+    # Bidirectional encoders (masked-LM / classification objectives; no causal decoding).
+    "lion_lit": LionEncoder,
+    "lion_d": LionEncoder,
+    "lion_s": LionEncoder,
 }
 
 
@@ -56,10 +72,9 @@ class LanguageModel(nnx.Module):
     init = layers.normal_init(0.02)
     self.embed = nnx.Embed(self.vocab_size, cfg.d_model, dtype=dtype, param_dtype=jnp.float32,
                            embedding_init=init, rngs=rngs)
-    self.positions = None
-    if cfg.position_embedding == "learned":
-      self.positions = nnx.Embed(cfg.max_positions, cfg.d_model, dtype=dtype, param_dtype=jnp.float32,
-                                 embedding_init=init, rngs=rngs)
+    # One assignment: NNX makes an attribute first set to None static, so it could not hold the table.
+    self.positions = nnx.Embed(cfg.max_positions, cfg.d_model, dtype=dtype, param_dtype=jnp.float32,
+                               embedding_init=init, rngs=rngs) if cfg.position_embedding == "learned" else None
     self.backbone = backbone_class(cfg.architecture)(cfg, dtype=dtype, rngs=rngs)
     out_dim = self.backbone.out_dim
     self.norm_f = layers.make_norm(cfg.norm, out_dim, eps=cfg.norm_eps, dtype=dtype)
@@ -117,11 +132,15 @@ def count_params(model: nnx.Module) -> int:
 
 
 def flops_per_token(model: LanguageModel, seq_len: int) -> float:
-  """Training flops per token: 6 x (matmul parameters) plus the blocks' attention or scan work.
+  """Training flops per token: 6 x (matmul parameters) plus the blocks' attention or scan work."""
+  return 6 * matmul_params(model) + model.extra_flops_per_token(seq_len)
 
-  The input embedding is a lookup, not a matmul, so it only counts when tied to the head.
-  """
+
+def matmul_params(model: LanguageModel) -> int:
+  """Parameters used in matmuls: embedding lookups (positions, and tokens unless tied to the head) are not."""
   n = count_params(model)
   if model.head is not None:
     n -= model.embed.embedding.size
-  return 6 * n + model.extra_flops_per_token(seq_len)
+  if model.positions is not None:
+    n -= model.positions.embedding.size
+  return n

@@ -84,15 +84,23 @@ class MambaMixer(nnx.Module):
         "ssm": jnp.zeros((batch, self.d_inner, self.d_state), jnp.float32),
     }
 
-  def __call__(self, u, cache=None):
-    batch = u.shape[0]
+  def scan_inputs(self, u, conv_state=None):
+    """The S6 inputs (x, dt, A, B, C) for block input u, the gate z and the new conv state.
+
+    dt is before dt_bias and softplus, which the scan applies.
+    """
     x, z = jnp.split(self.in_proj(u), 2, axis=-1)
-    conv_state = cache["conv"] if cache is not None else jnp.zeros((batch, self.d_conv - 1, self.d_inner), x.dtype)
+    if conv_state is None:
+      conv_state = jnp.zeros((u.shape[0], self.d_conv - 1, self.d_inner), x.dtype)
     x, conv_state = self.conv1d(x, conv_state)
     x = jax.nn.silu(x)
     dt, B, C = jnp.split(self.x_proj(x), [self.rank, self.rank + self.d_state], axis=-1)
     dt = self.dt_proj(dt)
     A = -jnp.exp(self.A_log[...])
+    return x, dt, A, B, C, z, conv_state
+
+  def __call__(self, u, cache=None):
+    x, dt, A, B, C, z, conv_state = self.scan_inputs(u, None if cache is None else cache["conv"])
     scan = selective_scan(x, dt, A, B, C, self.D[...], z=z, dt_bias=self.dt_bias[...], dt_softplus=True,
                           h0=None if cache is None else cache["ssm"], return_state=cache is not None,
                           impl=self.scan_impl)

@@ -105,3 +105,12 @@ def load_tokenizer(spec: str) -> Tokenizer:
         f"tokenizer file '{path}' not found (data.tokenizer); pass an existing tokenizer.json, "
         "'gpt-neox' or 'byte' via --config.data.tokenizer=...")
   return HFTokenizer(path)
+
+
+def mask_token_id(tokenizer: Tokenizer) -> int:
+  """The [MASK] id of masked-LM training: the first id past the tokenizer's vocabulary.
+
+  No shipped tokenizer has a mask token of its own, so a masked LM needs model.vocab_size of at
+  least tokenizer.vocab_size + 1.
+  """
+  return tokenizer.vocab_size

@@ -18,11 +18,13 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from seqmodels import checkpoint, data, lm, optim, sharding
+from seqmodels import checkpoint, data, layers, lion, lm, optim, sharding
 from seqmodels import config as config_lib
 from seqmodels.errors import UserError
 from seqmodels.metrics import MetricsWriter
-from seqmodels.tokenizers import load_tokenizer
+from seqmodels.tokenizers import load_tokenizer, mask_token_id
+
+OBJECTIVES = ("causal_lm", "mlm", "classification")
 
 
 @dataclasses.dataclass
@@ -30,10 +32,30 @@ class TrainResult:
   step: int
   val_loss: float | None
   interrupted: bool  # Stopped by a signal, after saving a checkpoint.
+  val_accuracy: float | None = None  # Of the argmax prediction at each scored position (or record).
 
 
-def cross_entropy(logits, targets):
-  return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+def check_objective(config) -> None:
+  """Raises UserError for an objective the architecture cannot be trained on."""
+  if config.objective not in OBJECTIVES:
+    raise UserError(f"objective must be one of {', '.join(OBJECTIVES)}, got '{config.objective}'")
+  encoder = getattr(lm.backbone_class(config.model.architecture), "bidirectional", False)
+  if encoder and config.objective == "causal_lm":
+    raise UserError(f"{config.model.architecture} is a bidirectional encoder, which sees the token it would "
+                    "predict; train it with --config.objective=mlm")
+  if not encoder and config.objective != "causal_lm":
+    encoders = [name for name, cls in lm.ARCHITECTURES.items() if getattr(cls, "bidirectional", False)]
+    raise UserError(f"objective '{config.objective}' needs a bidirectional encoder ({', '.join(encoders)}), "
+                    f"not {config.model.architecture}; use --config.objective=causal_lm")
+
+
+def build_model(config) -> nnx.Module:
+  """The language model, or for classification the same model inside a SequenceClassifier."""
+  model = lm.build(config.model, config.seed)
+  if config.objective != "classification":
+    return model
+  return lion.SequenceClassifier(model, config.num_classes, dtype=layers.compute_dtype(config.model.dtype),
+                                 rngs=nnx.Rngs(params=config.seed + 1))
 
 
 def describe(config) -> dict:
@@ -47,7 +69,7 @@ class Trainer:
   def __init__(self, config, workdir: str):
     self.config = config
     self.workdir = workdir
-    self.graphdef, abstract_params = nnx.split(lm.abstract(config.model))
+    self.graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: build_model(config)))
     self.tx = optim.make_optimizer(config, abstract_params)
     self.schedule = optim.learning_rate_schedule(config)
     self.mesh = sharding.make_mesh(config.mesh)
@@ -62,27 +84,71 @@ class Trainer:
     self.init_state = jax.jit(self._init_state, out_shardings=state_sharding)
     self.train_step = jax.jit(self._train_step, in_shardings=(state_sharding, batch_sharding),
                               out_shardings=(state_sharding, replicated), donate_argnums=0)
-    self.eval_step = jax.jit(self._eval_loss, in_shardings=(state_sharding["params"], batch_sharding),
+    self.eval_step = jax.jit(self._sums, in_shardings=(state_sharding["params"], batch_sharding),
                              out_shardings=replicated)
 
   def _init_state(self):
-    params = nnx.state(lm.build(self.config.model, self.config.seed))
+    params = nnx.state(build_model(self.config))
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
 
-  def _eval_loss(self, params, batch):
+  def _sums(self, params, batch):
+    """Summed loss and correct argmax predictions over a batch's scored positions, and their count.
+
+    A batch's optional "weights" says which positions (mlm: the masked tokens) or records
+    (classification) are scored; without it every target is.
+    """
     model = nnx.merge(self.graphdef, params)
-    return cross_entropy(model(batch["inputs"]), batch["targets"])
+    if self.config.objective == "classification":
+      logits = model(batch["inputs"], batch["mask"])
+    else:
+      logits = model(batch["inputs"])
+    targets = batch["targets"]
+    weights = batch.get("weights", jnp.ones(targets.shape, jnp.float32))
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    correct = jnp.argmax(logits, axis=-1) == targets
+    return {"loss": jnp.sum(nll * weights), "correct": jnp.sum(correct * weights), "count": jnp.sum(weights)}
+
+  def _loss(self, params, batch):
+    sums = self._sums(params, batch)
+    count = jnp.maximum(sums["count"], 1.0)  # A masked-LM batch could, rarely, mask nothing.
+    return sums["loss"] / count, sums["correct"] / count
 
   def _train_step(self, state, batch):
-    loss, grads = jax.value_and_grad(self._eval_loss)(state["params"], batch)
+    (loss, accuracy), grads = jax.value_and_grad(self._loss, has_aux=True)(state["params"], batch)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
-    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return new_state, {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
 
-  def validate(self, params, val_batches) -> float:
-    losses = [self.eval_step(params, sharding.put_batch(b, self.mesh)) for b in val_batches]
-    return float(np.mean(jax.device_get(losses)))
+  def validate(self, params, val_batches) -> dict:
+    """val_loss and val_accuracy over all scored positions (or records) of the validation batches."""
+    sums = jax.device_get([self.eval_step(params, sharding.put_batch(b, self.mesh)) for b in val_batches])
+    count = sum(float(s["count"]) for s in sums)
+    return {"val_loss": sum(float(s["loss"]) for s in sums) / count,
+            "val_accuracy": sum(float(s["correct"]) for s in sums) / count}
+
+  def load_encoder(self, state, init_from: str):
+    """`state` with its classifier's encoder replaced by the latest parameters of the run in `init_from`."""
+    source = Trainer(checkpoint.read_config(init_from), init_from)
+    ckpt = checkpoint.Checkpointer(init_from, keep=source.config.keep_checkpoints)
+    try:
+      step = ckpt.latest_step()
+      if step is None:
+        raise UserError(f"init_from: no checkpoint in {ckpt.directory}; train the MLM run first")
+      encoder = ckpt.restore(step, source.abstract_state)["params"]
+    finally:
+      ckpt.close()
+    if not _same_shapes(encoder, state["params"]["encoder"]):
+      raise UserError(f"init_from {init_from} holds another model ({source.config.model.architecture}, "
+                      f"d_model {source.config.model.d_model}, n_layer {source.config.model.n_layer}); "
+                      "fine-tune with the model.* keys it was trained with")
+    state["params"]["encoder"] = jax.device_put(encoder, sharding.replicated(self.mesh))
+    return state
+
+
+def _same_shapes(a, b) -> bool:
+  return jax.tree.structure(a) == jax.tree.structure(b) and all(
+      x.shape == y.shape and x.dtype == y.dtype for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def train(config, workdir: str, *, max_steps: int | None = None, progress: bool = True) -> TrainResult:
@@ -92,29 +158,50 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
   """
   cfg = config
   lm.check_config(cfg.model)
+  check_objective(cfg)
   checkpoint.check_same_model(workdir, cfg)
   tokenizer = load_tokenizer(cfg.data.tokenizer)
-  if tokenizer.vocab_size > cfg.model.vocab_size:
-    raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
-                    f"{cfg.model.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size}")
-  train_tokens, val_tokens = data.load_splits(cfg.data, tokenizer, seq_len=cfg.seq_len)
-  val_batches = data.make_eval_batches(val_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                                       max_batches=cfg.val_batches)
+  # A masked LM adds the mask token, id tokenizer.vocab_size, after the tokenizer's own.
+  needed = tokenizer.vocab_size + (cfg.objective == "mlm")
+  if needed > cfg.model.vocab_size:
+    mask = f" and objective 'mlm' adds the mask token (id {mask_token_id(tokenizer)})" if cfg.objective == "mlm" else ""
+    raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens{mask} but model.vocab_size is "
+                    f"{cfg.model.vocab_size}; set --config.model.vocab_size={needed}")
+  if cfg.objective == "classification":
+    train_examples, val_examples = data.load_classification(cfg.data, tokenizer, seq_len=cfg.seq_len,
+                                                            num_classes=cfg.num_classes)
+    val_batches = data.make_example_batches(val_examples, batch_size=cfg.batch_size)
+    train_iter = data.make_example_iterator(train_examples, global_batch_size=cfg.batch_size, seed=cfg.seed)
+    majority = np.bincount(val_examples.arrays["targets"]).max() / len(val_examples)
+    summary = (f"train: {len(train_examples):,} records; val: {len(val_examples):,} records (majority class "
+               f"{majority:.1%})")
+  else:
+    mlm = None
+    if cfg.objective == "mlm":
+      mlm = data.MaskedLM(mask_id=mask_token_id(tokenizer), vocab_size=tokenizer.vocab_size,
+                          rate=cfg.data.mask_rate)
+    train_tokens, val_tokens = data.load_splits(cfg.data, tokenizer, seq_len=cfg.seq_len)
+    val_batches = data.make_eval_batches(val_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                                         max_batches=cfg.val_batches, mlm=mlm, seed=cfg.seed)
+    train_iter = data.make_train_iterator(train_tokens, seq_len=cfg.seq_len, global_batch_size=cfg.batch_size,
+                                          seed=cfg.seed, mlm=mlm)
+    summary = (f"train: {len(train_tokens):,} tokens (unigram entropy "
+               f"{data.unigram_entropy(train_tokens, tokenizer.vocab_size):.3f} nats/token); "
+               f"val: {len(val_tokens):,} tokens")
   trainer = Trainer(cfg, workdir)
-  train_iter = data.make_train_iterator(train_tokens, seq_len=cfg.seq_len, global_batch_size=cfg.batch_size,
-                                        seed=cfg.seed)
   ckpt = checkpoint.Checkpointer(workdir, keep=cfg.keep_checkpoints)
   start = ckpt.latest_step()
   if start is None:
     state, start = trainer.init_state(), 0
+    if cfg.init_from:
+      state = trainer.load_encoder(state, cfg.init_from)
   else:
     state = ckpt.restore(start, trainer.abstract_state, train_iter)
   checkpoint.write_config(workdir, cfg)
 
   log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else (lambda _: None)
   if start == 0:
-    log(f"train: {len(train_tokens):,} tokens (unigram entropy {data.unigram_entropy(train_tokens, tokenizer.vocab_size):.3f} "
-        f"nats/token); val: {len(val_tokens):,} tokens; params: {describe(cfg)['params']:,}")
+    log(f"{summary}; params: {describe(cfg)['params']:,}")
   else:
     log(f"resuming {workdir} from step {start}")
 
@@ -125,7 +212,7 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
   end = cfg.total_steps if max_steps is None else min(cfg.total_steps, start + max_steps)
   bar = tqdm(total=cfg.total_steps, initial=start, unit="step", dynamic_ncols=True, disable=not progress,
              mininterval=1.0)
-  val_loss, step = None, start
+  val_metrics, step = {}, start
   pending, interval_start = [], time.perf_counter()
   try:
     while step < end and not stop_signal:
@@ -140,6 +227,7 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
         elapsed = time.perf_counter() - interval_start
         record = {
             "loss": float(np.mean([m["loss"] for m in fetched])),
+            "accuracy": float(np.mean([m["accuracy"] for m in fetched])),
             "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
             "lr": float(trainer.schedule(step - 1)),
             "tokens_per_sec": len(fetched) * cfg.batch_size * cfg.seq_len / elapsed,
@@ -147,7 +235,8 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
         if not math.isfinite(record["loss"]):
           raise FloatingPointError(f"loss is {record['loss']} at step {step}; lower learning_rate or check the data")
         if validate_now:
-          val_loss = record["val_loss"] = trainer.validate(state["params"], val_batches)
+          val_metrics = trainer.validate(state["params"], val_batches)
+          record.update(val_metrics)
         metrics.write(step, record)
         bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "val_loss") if k in record}, refresh=False)
         pending, interval_start = [], time.perf_counter()
@@ -165,8 +254,10 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
     log(f"stopped by {signal.Signals(stop_signal[0]).name} at step {step}; checkpoint saved in {ckpt.directory}. "
         "Run the same command again to resume.")
   else:
-    log(f"step {step}: val_loss {val_loss}" if val_loss is not None else f"step {step}")
-  return TrainResult(step=step, val_loss=val_loss, interrupted=bool(stop_signal))
+    log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val_metrics.items()) if val_metrics
+        else f"step {step}")
+  return TrainResult(step=step, val_loss=val_metrics.get("val_loss"), interrupted=bool(stop_signal),
+                     val_accuracy=val_metrics.get("val_accuracy"))
 
 
 def resolved_config(config_spec: str, overrides):
