@@ -58,6 +58,37 @@ def get_base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def tiny_run(config, learning_rate: float = 2e-3) -> None:
+  """The CPU-sized schedule every `tiny` variant shares: 600 steps of 16 x 128 tokens."""
+  config.total_steps = 600
+  config.batch_size = 16
+  config.seq_len = 128
+  config.learning_rate = learning_rate
+  config.warmup_steps = 50
+  config.val_every = 150
+  config.checkpoint_every = 150
+
+
+def paper_run(config, *, vocab_size: int, tokenizer: str, batch_size: int, seq_len: int, learning_rate: float,
+              total_steps: int, warmup_steps: int, **optimizer) -> None:
+  """A paper-scale run: bf16 compute, a subword tokenizer, validation and checkpoints every 1000 steps.
+
+  `optimizer` overrides top-level keys such as beta2 or weight_decay where the paper's recipe differs.
+  """
+  config.model.vocab_size = vocab_size
+  config.model.dtype = "bfloat16"
+  config.data.tokenizer = tokenizer
+  config.batch_size = batch_size
+  config.seq_len = seq_len
+  config.learning_rate = learning_rate
+  config.total_steps = total_steps
+  config.warmup_steps = warmup_steps
+  config.val_every = 1000
+  config.checkpoint_every = 1000
+  for key, value in optimizer.items():
+    config[key] = value
+
+
 def model_defaults() -> ml_collections.ConfigDict:
   model = ml_collections.ConfigDict()
   model.architecture = ""

@@ -56,27 +56,12 @@ def get_config(arg=None):
   config.model = dense_retnet_model()
   if name == "tiny":
     config.model.n_layer, config.model.d_model = 4, 128
-    config.total_steps = 600
-    config.batch_size = 16
-    config.seq_len = 128
-    config.learning_rate = 2e-3
-    config.warmup_steps = 50
-    config.val_every = 150
-    config.checkpoint_every = 150
+    base.tiny_run(config, learning_rate=2e-3)
     return config
   n_layer, d_model, n_head = size
   config.model.n_layer, config.model.d_model, config.model.n_head = n_layer, d_model, n_head
   config.model.dense_layers = 1
-  config.model.vocab_size = 32000
-  config.model.dtype = "bfloat16"
-  config.data.tokenizer = "llama/tokenizer.json"
-  config.batch_size = 256
-  config.seq_len = 2048
-  config.learning_rate = 6e-4
-  config.total_steps = 28600  # 15B tokens.
-  config.warmup_steps = 429  # 1.5%.
-  config.beta2 = 0.98
-  config.weight_decay = 0.01
-  config.val_every = 1000
-  config.checkpoint_every = 1000
+  # 28,600 steps of 0.5M tokens are the paper's 15B tokens; warmup is 1.5% of them.
+  base.paper_run(config, vocab_size=32000, tokenizer="llama/tokenizer.json", batch_size=256, seq_len=2048,
+                 learning_rate=6e-4, total_steps=28600, warmup_steps=429, beta2=0.98, weight_decay=0.01)
   return config

@@ -58,27 +58,11 @@ def family_config(architecture: str, name: str, size):
   config.model = gpt2_model(architecture)
   if name == "tiny":
     config.model.n_layer, config.model.d_model = 4, 128
-    config.total_steps = 600
-    config.batch_size = 16
-    config.seq_len = 128
-    config.learning_rate = 2e-3
-    config.warmup_steps = 50
-    config.val_every = 150
-    config.checkpoint_every = 150
+    base.tiny_run(config, learning_rate=2e-3)
     return config
   config.model.n_layer, config.model.d_model, config.model.n_head = size
-  config.model.vocab_size = 50304
-  config.model.dtype = "bfloat16"
-  config.data.tokenizer = "gpt-neox"
-  config.batch_size = 64
-  config.seq_len = 1024
-  config.learning_rate = 3e-4
-  config.min_lr_ratio = 0.1
-  config.warmup_steps = 2000
-  config.total_steps = 10000
-  config.weight_decay = 0.01
-  config.val_every = 1000
-  config.checkpoint_every = 1000
+  base.paper_run(config, vocab_size=50304, tokenizer="gpt-neox", batch_size=64, seq_len=1024,
+                 learning_rate=3e-4, total_steps=10000, warmup_steps=2000, weight_decay=0.01)
   return config
 
 

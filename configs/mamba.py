@@ -54,24 +54,10 @@ def get_config(arg=None):
   config.model = mamba_model()
   if name == "tiny":
     config.model.n_layer, config.model.d_model = 4, 128
-    config.total_steps = 600
-    config.batch_size = 16
-    config.seq_len = 128
-    config.learning_rate = 3e-3
-    config.warmup_steps = 50
-    config.val_every = 150
-    config.checkpoint_every = 150
+    base.tiny_run(config, learning_rate=3e-3)
     return config
   n_layer, d_model, lr, steps = size
   config.model.n_layer, config.model.d_model = n_layer, d_model
-  config.model.vocab_size = 50277
-  config.model.dtype = "bfloat16"
-  config.data.tokenizer = "gpt-neox"
-  config.batch_size = 256
-  config.seq_len = 2048
-  config.learning_rate = lr
-  config.total_steps = steps
-  config.warmup_steps = min(2000, steps // 10)
-  config.val_every = 1000
-  config.checkpoint_every = 1000
+  base.paper_run(config, vocab_size=50277, tokenizer="gpt-neox", batch_size=256, seq_len=2048,
+                 learning_rate=lr, total_steps=steps, warmup_steps=min(2000, steps // 10))
   return config

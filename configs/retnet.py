@@ -56,26 +56,10 @@ def get_config(arg=None):
   config.model = retnet_model()
   if name == "tiny":
     config.model.n_layer, config.model.d_model, config.model.n_head = 4, 128, 4
-    config.total_steps = 600
-    config.batch_size = 16
-    config.seq_len = 128
-    config.learning_rate = 2e-3
-    config.warmup_steps = 50
-    config.val_every = 150
-    config.checkpoint_every = 150
+    base.tiny_run(config, learning_rate=2e-3)
     return config
   n_layer, d_model, n_head, lr = size
   config.model.n_layer, config.model.d_model, config.model.n_head = n_layer, d_model, n_head
-  config.model.vocab_size = 50277
-  config.model.dtype = "bfloat16"
-  config.data.tokenizer = "gpt-neox"
-  config.batch_size = 2048
-  config.seq_len = 2048
-  config.learning_rate = lr
-  config.total_steps = 25000
-  config.warmup_steps = 375
-  config.beta2 = 0.98
-  config.weight_decay = 0.05
-  config.val_every = 1000
-  config.checkpoint_every = 1000
+  base.paper_run(config, vocab_size=50277, tokenizer="gpt-neox", batch_size=2048, seq_len=2048,
+                 learning_rate=lr, total_steps=25000, warmup_steps=375, beta2=0.98, weight_decay=0.05)
   return config
