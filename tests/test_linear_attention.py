@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from kernels import linear_attention
+from oracle import assert_gradients_match_oracle, to_jax, to_numpy
 
 IMPLS = ("reference", "associative", "chunked", "auto")
 BATCH, HEADS, DK, DV = 2, 3, 4, 5
@@ -69,13 +70,6 @@ def setup(length=7, decay="token", with_h0=False, decay_range=(-1.0, -0.01), see
   return inputs, flags
 
 
-def to_jax(inputs, dtype=jnp.float32):
-  return {k: jnp.asarray(v, dtype) for k, v in inputs.items()}
-
-
-def to_numpy(inputs):
-  return {k: np.asarray(v, np.float64) for k, v in inputs.items()}
-
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("impl", IMPLS)
@@ -111,27 +105,7 @@ def test_bfloat16_inputs_accumulate_in_float32(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_gradients_match_oracle_finite_differences(impl, reverse, decay):
   inputs, flags = setup(decay=decay, with_h0=True, reverse=reverse, return_state=True, seed=1)
-  rng = np.random.default_rng(2)
-  w_o = rng.normal(size=inputs["v"].shape)
-  w_s = rng.normal(size=inputs["h0"].shape)
-
-  def loss(attention, arrays):
-    o, s = attention(**arrays, **flags)
-    return (o * w_o).sum() + (s * w_s).sum()
-
-  # In float64 the kernel's only error is rounding, so the comparison can be tight.
-  with jax.enable_x64(True):
-    kernel = functools.partial(linear_attention, impl=impl, chunk_size=CHUNK)
-    grad = jax.jit(jax.grad(functools.partial(loss, kernel)))
-    grads = to_numpy(grad(to_jax(inputs, jnp.float64)))
-
-  eps = 1e-5
-  for name, value in inputs.items():
-    direction = rng.normal(size=value.shape)
-    plus = loss(oracle, {**inputs, name: value + eps * direction})
-    minus = loss(oracle, {**inputs, name: value - eps * direction})
-    np.testing.assert_allclose(np.sum(grads[name] * direction), (plus - minus) / (2 * eps),
-                               rtol=1e-6, atol=1e-8, err_msg=f"gradient with respect to {name}")
+  assert_gradients_match_oracle(functools.partial(linear_attention, impl=impl, chunk_size=CHUNK), oracle, inputs, flags, seed=2)
 
 
 @pytest.mark.parametrize("decay", ("token", "channel"))

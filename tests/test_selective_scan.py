@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from kernels import selective_scan
+from oracle import assert_gradients_match_oracle, to_jax, to_numpy
 
 IMPLS = ("reference", "associative", "auto")
 BATCH, D_MODEL, N_STATE = 2, 8, 4
@@ -78,13 +79,6 @@ def setup(length=7, groups=None, optional=(), seed=0, **flags):
   return {k: v for k, v in inputs.items() if k not in OPTIONAL or k in optional}, flags
 
 
-def to_jax(inputs, dtype=jnp.float32):
-  return {k: jnp.asarray(v, dtype) for k, v in inputs.items()}
-
-
-def to_numpy(inputs):
-  return {k: np.asarray(v, np.float64) for k, v in inputs.items()}
-
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("impl", IMPLS)
@@ -119,26 +113,7 @@ def test_bfloat16_inputs_accumulate_in_float32(impl):
 def test_gradients_match_oracle_finite_differences(impl, reverse, groups):
   inputs, flags = setup(groups=groups, optional=OPTIONAL, dt_softplus=True, reverse=reverse,
                         return_state=True, seed=1)
-  rng = np.random.default_rng(2)
-  w_y = rng.normal(size=inputs["x"].shape)
-  w_h = rng.normal(size=inputs["h0"].shape)
-
-  def loss(scan, arrays):
-    y, h = scan(**arrays, **flags)
-    return (y * w_y).sum() + (h * w_h).sum()
-
-  # In float64 the kernel's only error is rounding, so the comparison can be tight.
-  with jax.enable_x64(True):
-    grad = jax.jit(jax.grad(functools.partial(loss, functools.partial(selective_scan, impl=impl))))
-    grads = to_numpy(grad(to_jax(inputs, jnp.float64)))
-
-  eps = 1e-5
-  for name, value in inputs.items():
-    direction = rng.normal(size=value.shape)
-    plus = loss(oracle, {**inputs, name: value + eps * direction})
-    minus = loss(oracle, {**inputs, name: value - eps * direction})
-    np.testing.assert_allclose(np.sum(grads[name] * direction), (plus - minus) / (2 * eps),
-                               rtol=1e-6, atol=1e-8, err_msg=f"gradient with respect to {name}")
+  assert_gradients_match_oracle(functools.partial(selective_scan, impl=impl), oracle, inputs, flags, seed=2)
 
 
 def test_reference_and_associative_agree_on_long_sequence():
