@@ -41,6 +41,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.checkpoint_every = 200
   config.keep_checkpoints = 3
 
+  # Zero-shot tasks (seqmodels/zero_shot.py) scored every eval_every steps (0: never) on the first
+  # eval_limit items of each, read from eval_data_dir ("": $SEQMODELS_DATA); logged as eval/<task>/<metric>.
+  config.eval_tasks = ()
+  config.eval_every = 0
+  config.eval_limit = 200
+  config.eval_data_dir = ""
+
   config.data = ml_collections.ConfigDict()
   config.data.train_files = (EMBEDDED_CORPUS,)
   config.data.val_files = ()  # Empty: hold out the last val_fraction of the training tokens.

@@ -47,27 +47,13 @@ def get_config(architecture, arg, path):
   if size == "tiny":
     config.model.n_layer, config.model.d_model, config.model.n_head = 4, 128, 4
     config.model.vocab_size = 258  # The byte tokenizer's 257 tokens and the mask token.
-    config.total_steps = 600
-    config.batch_size = 16
-    config.seq_len = 128
-    config.learning_rate = 1e-3
-    config.warmup_steps = 50
-    config.val_every = 150
-    config.checkpoint_every = 150
+    base.tiny_run(config, learning_rate=1e-3)
   else:
     config.model.n_layer, config.model.d_model, config.model.n_head = BERT_SIZES[size]
-    config.model.vocab_size = 50278  # The GPT-NeoX tokenizer's 50277 tokens and the mask token.
-    config.model.dtype = "bfloat16"
-    config.data.tokenizer = "gpt-neox"
     # BERT's pretraining: 256 sequences of 512 tokens, 1M steps, peak 1e-4 after 10k warmup steps.
-    config.batch_size = 256
-    config.seq_len = 512
-    config.learning_rate = 1e-4
-    config.min_lr_ratio = 0.0
-    config.total_steps = 1_000_000
-    config.warmup_steps = 10_000
-    config.val_every = 5000
-    config.checkpoint_every = 5000
+    # The vocabulary is the GPT-NeoX tokenizer's 50277 tokens and the mask token.
+    base.paper_run(config, vocab_size=50278, tokenizer="gpt-neox", batch_size=256, seq_len=512,
+                   learning_rate=1e-4, total_steps=1_000_000, warmup_steps=10_000, min_lr_ratio=0.0)
   if task == "boolq":
     finetune_on_boolq(config, init_from=os.path.join("runs", f"{architecture}_{size}"), tiny=size == "tiny")
   return config

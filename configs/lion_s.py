@@ -6,6 +6,11 @@ Masked-LM pretraining, then BoolQ fine-tuning from its checkpoint (first variant
   python train.py --config configs/lion_s.py:tiny                # -> runs/lion_s_tiny
   python train.py --config configs/lion_s.py:tiny_boolq          # encoder from runs/lion_s_tiny
 
+Measured on a shared 2-core CPU: `tiny` reaches a masked-byte validation loss of 1.66 nats and 51.8%
+accuracy at step 600 (5 minutes); `tiny_boolq` from it ends at 63.0% held-out accuracy (26
+minutes), exactly the majority baseline of the held-out records (63.0% "yes"; 62.2% over the whole
+file): a 0.9M-parameter byte-level encoder learns only the label prior.
+
 `--config.model.lion_form=chunked` (or `rnn`) runs the same weights through the other forms.
 See configs/lion_common.py for the sizes and recipes, and seqmodels/lion.py for the model.
 

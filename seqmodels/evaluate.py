@@ -1,11 +1,13 @@
-"""Evaluating checkpoints: token perplexity and bits per byte on text files.
+"""Evaluating checkpoints: zero-shot tasks, and token perplexity and bits per byte on text files.
 
 Bits per byte divides the summed negative log-likelihood by the text's UTF-8 bytes (and ln 2), so
-it compares models with different tokenizers; token perplexity does not.
+it compares models with different tokenizers; token perplexity does not. The zero-shot tasks and
+their scoring live in seqmodels/zero_shot.py.
 """
 
 import dataclasses
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from seqmodels import checkpoint, data
+from seqmodels import checkpoint, data, zero_shot
 from seqmodels.errors import UserError
 from seqmodels.tokenizers import load_tokenizer
 
@@ -47,6 +49,13 @@ def load(workdir: str, step: int | None = None) -> LoadedModel:
   return LoadedModel(nnx.merge(trainer.graphdef, state["params"]), config, step, ckpt.directory)
 
 
+def load_checkpoint(path: str) -> LoadedModel:
+  """A Hugging Face or state-spaces Mamba checkpoint directory (config.json plus weights)."""
+  from seqmodels import hf_mamba
+  model, config = hf_mamba.load_hf_mamba(path)
+  return LoadedModel(model, config, 0, os.path.abspath(path))
+
+
 def _windows(tokens: np.ndarray, seq_len: int):
   """Non-overlapping windows that score every token but the first once: (inputs, targets, mask)."""
   n_targets = len(tokens) - 1
@@ -66,13 +75,32 @@ def _summed_nll(model, inputs, targets, mask):
   return jnp.sum(nll * mask), jnp.sum(mask)
 
 
-def text_perplexity(loaded: LoadedModel, paths, *, batch_size: int | None = None, progress: bool = True) -> dict:
+def zero_shot_tasks(loaded: LoadedModel, tasks: dict, *, batch_size: int | None = None, tokenizer: str | None = None,
+                    progress: bool = True) -> dict:
+  """{task: metrics} for `tasks` ({task: items}, from zero_shot.load_tasks); `tokenizer` overrides the run's."""
+  cfg = loaded.config
+  return zero_shot.evaluate(loaded.model, cfg.model, _tokenizer(loaded, tokenizer), tasks,
+                            batch_size=batch_size or cfg.batch_size, progress=progress)
+
+
+def _tokenizer(loaded: LoadedModel, override: str | None):
+  """The run's tokenizer, or `override`, which must fit the model's vocabulary."""
+  tokenizer = load_tokenizer(override or loaded.config.data.tokenizer)
+  if tokenizer.vocab_size > loaded.config.model.vocab_size:
+    raise UserError(f"tokenizer {override or loaded.config.data.tokenizer} has {tokenizer.vocab_size} tokens but the "
+                    f"model only {loaded.config.model.vocab_size}; pass the --tokenizer the model was trained with")
+  return tokenizer
+
+
+def text_perplexity(loaded: LoadedModel, paths, *, batch_size: int | None = None, tokenizer: str | None = None,
+                    progress: bool = True) -> dict:
   """Perplexity and bits per byte of each file and of all of them together.
 
-  Each file is one document, preceded by EOS so that its first token is scored too.
+  Each file is one document, preceded by EOS so that its first token is scored too. `tokenizer`
+  overrides the run's data.tokenizer.
   """
   cfg = loaded.config
-  tokenizer = load_tokenizer(cfg.data.tokenizer)
+  tokenizer = _tokenizer(loaded, tokenizer)
   batch_size = batch_size or cfg.batch_size
   results, total_nll, total_tokens, total_bytes = {}, 0.0, 0, 0
   for path in paths:

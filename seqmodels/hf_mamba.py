@@ -411,11 +411,11 @@ def load_params(directory: str):
 
 
 def load_hf_mamba(path: str):
-  """(LanguageModel with the checkpoint's weights, its model config) for `eval.py --checkpoint PATH`."""
+  """(LanguageModel with the checkpoint's weights, its run config) for `eval.py --checkpoint PATH`."""
   config, _, params = load_params(path)
   graphdef, state = nnx.split(lm.abstract(config.model))
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-  return nnx.merge(graphdef, state), config.model
+  return nnx.merge(graphdef, state), config
 
 
 def save_checkpoint(directory: str, model_cfg, params: dict, layout: str = "hf") -> None:

@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from seqmodels import checkpoint, data, layers, lion, lm, optim, sharding
+from seqmodels import checkpoint, data, layers, lion, lm, optim, sharding, zero_shot
 from seqmodels import config as config_lib
 from seqmodels.errors import UserError
 from seqmodels.metrics import MetricsWriter
@@ -188,6 +188,10 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
     summary = (f"train: {len(train_tokens):,} tokens (unigram entropy "
                f"{data.unigram_entropy(train_tokens, tokenizer.vocab_size):.3f} nats/token); "
                f"val: {len(val_tokens):,} tokens")
+  eval_tasks = {}
+  if cfg.eval_every and cfg.eval_tasks:
+    zero_shot.check_causal(cfg.model)
+    eval_tasks = zero_shot.load_tasks(cfg.eval_tasks, cfg.eval_data_dir, cfg.eval_limit)
   trainer = Trainer(cfg, workdir)
   ckpt = checkpoint.Checkpointer(workdir, keep=cfg.keep_checkpoints)
   start = ckpt.latest_step()
@@ -222,7 +226,8 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
       pending.append(step_metrics)
       bar.update(1)
       validate_now = step % cfg.val_every == 0 or step == cfg.total_steps
-      if step % cfg.log_every == 0 or validate_now or step == end:
+      eval_now = bool(eval_tasks) and step % cfg.eval_every == 0
+      if step % cfg.log_every == 0 or validate_now or eval_now or step == end:
         fetched = jax.device_get(pending)
         elapsed = time.perf_counter() - interval_start
         record = {
@@ -237,6 +242,10 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
         if validate_now:
           val_metrics = trainer.validate(state["params"], val_batches)
           record.update(val_metrics)
+        if eval_now:
+          scores = zero_shot.evaluate(nnx.merge(trainer.graphdef, state["params"]), cfg.model, tokenizer, eval_tasks,
+                                      batch_size=cfg.batch_size, progress=False)
+          record.update({f"eval/{task}/{k}": v for task, r in scores.items() for k, v in r.items() if k != "n"})
         metrics.write(step, record)
         bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "val_loss") if k in record}, refresh=False)
         pending, interval_start = [], time.perf_counter()

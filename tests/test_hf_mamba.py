@@ -53,7 +53,8 @@ def _assert_same_tree(a, b):
 @pytest.mark.parametrize("layout", ["hf", "state_spaces"])
 def test_logits_match_transformers(layout):
   # state_spaces/ also holds pytorch_model.bin, but model.safetensors comes first.
-  model, model_cfg = hf_mamba.load_hf_mamba(os.path.join(FIXTURE, layout))
+  model, config = hf_mamba.load_hf_mamba(os.path.join(FIXTURE, layout))
+  model_cfg = config.model
   assert isinstance(model, lm.LanguageModel)
   assert (model_cfg.n_layer, model_cfg.d_model, model_cfg.d_state, model.vocab_size) == (2, 48, 16, 264)
   _assert_reference_logits(model)
@@ -105,8 +106,8 @@ def test_ours_to_checkpoint_to_ours_is_identical(tmp_path, layout, overrides):
 
 
 def test_export_reproduces_transformers_files(tmp_path):
-  model, model_cfg = hf_mamba.load_hf_mamba(os.path.join(FIXTURE, "hf"))
-  hf_mamba.save_checkpoint(str(tmp_path), model_cfg, nnx.to_pure_dict(nnx.state(model)))
+  model, config = hf_mamba.load_hf_mamba(os.path.join(FIXTURE, "hf"))
+  hf_mamba.save_checkpoint(str(tmp_path), config.model, nnx.to_pure_dict(nnx.state(model)))
   _assert_same_tree(hf_mamba.read_safetensors(os.path.join(FIXTURE, "hf", "model.safetensors")),
                     hf_mamba.read_safetensors(str(tmp_path / "model.safetensors")))
   with open(os.path.join(FIXTURE, "hf", "config.json")) as f:
@@ -291,3 +292,20 @@ def test_index_may_not_name_files_outside_the_directory(tmp_path):
     with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
       json.dump({"weight_map": {"backbone.norm_f.weight": escape}}, f)
     _user_error("outside its directory", hf_mamba.load_hf_mamba, directory)
+
+
+def test_eval_cli_scores_a_hugging_face_checkpoint(tmp_path):
+  import shutil
+  import subprocess
+  import sys
+  checkpoint = tmp_path / "mamba-tiny-hf"
+  shutil.copytree(os.path.join(FIXTURE, "hf"), checkpoint)
+  text = tmp_path / "t.txt"
+  text.write_text("A short text to score.")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "eval.py", "--checkpoint", str(checkpoint), "--text", str(text),
+                        "--tokenizer", "byte"], cwd=repo, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  result = json.load(open(str(checkpoint) + ".eval.json"))
+  assert result["text"]["all"]["tokens"] == len("A short text to score.")
+  assert result["checkpoint"] == str(checkpoint)
