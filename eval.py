@@ -1,7 +1,7 @@
 """Evaluate a checkpoint: zero-shot tasks as lm-evaluation-harness scores them, and perplexity on text.
 
   python eval.py (--workdir DIR [--step N] | --checkpoint PATH) [--tasks lambada_openai,hellaswag,...]
-                 [--text FILE ...] [--limit N] [--batch_size N] [--data_dir DIR] [--tokenizer FILE]
+                 [--text FILE ...] [--context N] [--limit N] [--batch_size N] [--data_dir DIR] [--tokenizer FILE]
 
 --workdir     a run directory written by train.py (its config.json and checkpoints/)
 --step        the checkpoint step (default: the latest)
@@ -10,6 +10,8 @@
 --tasks       comma-separated zero-shot tasks: lambada_openai, hellaswag, piqa, arc_easy, arc_challenge,
               openbookqa, winogrande, copa, boolq (see seqmodels/zero_shot.py for prompts and metrics)
 --text        text files; each is scored as one document (perplexity and bits per byte)
+--context     with --text: documents longer than the run's seq_len are scored in sliding windows, each
+              token past the first window with at least this many tokens of context (default seq_len / 2)
 --limit       score only the first N items of each task
 --batch_size  sequences per batch (default: the run's batch_size)
 --data_dir    one subfolder per task, as in shared/data (default: $SEQMODELS_DATA)
@@ -35,6 +37,7 @@ def main(argv=None) -> int:
   parser.add_argument("--step", type=int)
   parser.add_argument("--tasks")
   parser.add_argument("--text", nargs="+")
+  parser.add_argument("--context", type=int)
   parser.add_argument("--limit", type=int)
   parser.add_argument("--batch_size", type=int)
   parser.add_argument("--data_dir")
@@ -53,8 +56,9 @@ def main(argv=None) -> int:
     tasks = zero_shot.load_tasks(args.tasks, args.data_dir, args.limit) if args.tasks else {}
     loaded = evaluate.load(args.workdir, args.step) if args.workdir else evaluate.load_checkpoint(args.checkpoint)
     task_results = evaluate.zero_shot_tasks(loaded, tasks, batch_size=args.batch_size, tokenizer=args.tokenizer)
-    text_results = evaluate.text_perplexity(loaded, args.text, batch_size=args.batch_size,
-                                            tokenizer=args.tokenizer) if args.text else None
+    context = loaded.config.seq_len // 2 if args.context is None else args.context
+    text_results = evaluate.text_perplexity(loaded, args.text, batch_size=args.batch_size, tokenizer=args.tokenizer,
+                                            context=context) if args.text else None
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

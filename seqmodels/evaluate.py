@@ -56,17 +56,25 @@ def load_checkpoint(path: str) -> LoadedModel:
   return LoadedModel(model, config, 0, os.path.abspath(path))
 
 
-def _windows(tokens: np.ndarray, seq_len: int):
-  """Non-overlapping windows that score every token but the first once: (inputs, targets, mask)."""
+def _windows(tokens: np.ndarray, seq_len: int, context: int = 0):
+  """Sliding windows that score every token but the first exactly once: (inputs, targets, mask).
+
+  Windows advance by seq_len - context tokens. The first window scores all its targets; each later
+  one only those past the previous window, which therefore see at least `context` earlier tokens.
+  """
+  if not 0 <= context < seq_len:
+    raise UserError(f"--context {context} must be at least 0 and below the model's seq_len {seq_len}")
+  stride = seq_len - context
   n_targets = len(tokens) - 1
-  n_windows = max(1, math.ceil(n_targets / seq_len))
-  padded = np.zeros(n_windows * seq_len + 1, np.int32)
+  n_windows = 1 + max(0, math.ceil((n_targets - seq_len) / stride))
+  starts = np.arange(n_windows) * stride
+  padded = np.zeros(starts[-1] + seq_len + 1, np.int32)
   padded[:len(tokens)] = tokens
-  mask = np.zeros(n_windows * seq_len, np.float32)
-  mask[:n_targets] = 1
-  inputs = padded[:-1].reshape(n_windows, seq_len)
-  targets = padded[1:].reshape(n_windows, seq_len)
-  return inputs, targets, mask.reshape(n_windows, seq_len)
+  positions = starts[:, None] + np.arange(seq_len)
+  target_positions = positions + 1
+  first_scored = np.concatenate([[1], starts[1:] + context + 1])
+  mask = (target_positions >= first_scored[:, None]) & (target_positions <= n_targets)
+  return padded[positions], padded[target_positions], mask.astype(np.float32)
 
 
 @nnx.jit
@@ -93,11 +101,12 @@ def _tokenizer(loaded: LoadedModel, override: str | None):
 
 
 def text_perplexity(loaded: LoadedModel, paths, *, batch_size: int | None = None, tokenizer: str | None = None,
-                    progress: bool = True) -> dict:
+                    context: int = 0, progress: bool = True) -> dict:
   """Perplexity and bits per byte of each file and of all of them together.
 
-  Each file is one document, preceded by EOS so that its first token is scored too. `tokenizer`
-  overrides the run's data.tokenizer.
+  Each file is one document, preceded by EOS so that its first token is scored too. Documents
+  longer than seq_len are scored in sliding windows, every token past the first window with at
+  least `context` tokens before it. `tokenizer` overrides the run's data.tokenizer.
   """
   cfg = loaded.config
   tokenizer = _tokenizer(loaded, tokenizer)
@@ -108,7 +117,7 @@ def text_perplexity(loaded: LoadedModel, paths, *, batch_size: int | None = None
     if not text:
       raise UserError(f"text file '{path}' is empty; pass a file with text")
     tokens = np.asarray([tokenizer.eos_id] + tokenizer.encode(text), np.int32)
-    inputs, targets, mask = _windows(tokens, cfg.seq_len)
+    inputs, targets, mask = _windows(tokens, cfg.seq_len, context)
     nll, count = 0.0, 0.0
     for start in tqdm(range(0, len(inputs), batch_size), desc=path, disable=not progress, unit="batch"):
       batch = slice(start, start + batch_size)

@@ -58,3 +58,37 @@ def test_missing_step_and_missing_workdir(trained, tmp_path):
     evaluate.load(trained, step=3)
   with pytest.raises(UserError, match="no config.json"):
     evaluate.load(str(tmp_path))
+
+
+@pytest.mark.parametrize("context", [0, 5, 31])
+def test_sliding_windows_score_each_token_once_with_enough_context(context):
+  tokens = np.arange(100) + 1000
+  inputs, targets, mask = evaluate._windows(tokens, 32, context)
+  scored = [(w, i) for w in range(len(inputs)) for i in range(32) if mask[w, i]]
+  assert sorted(targets[w, i] for w, i in scored) == list(tokens[1:])  # Every token but the first, once.
+  for w, i in scored:
+    np.testing.assert_array_equal(inputs[w, i], targets[w, i] - 1)
+    assert w == 0 or i >= context  # At least `context` tokens precede it in its window.
+
+
+def test_long_text_perplexity_uses_the_context(trained, tmp_path):
+  path = tmp_path / "long.txt"
+  path.write_text("Now is the winter of our discontent made glorious summer by this sun of York. " * 3)
+  loaded = evaluate.load(trained)
+  text = path.read_text()
+  tokens = np.asarray([256] + list(text.encode()))
+  nll = optax.softmax_cross_entropy_with_integer_labels(loaded.model(tokens[None, :-1]), tokens[None, 1:])[0]
+  # An independent count: each token scored by the window that ends at it or later, context 16.
+  expected, window_nll = 0.0, {}
+  for j in range(1, len(tokens)):
+    start = 0 if j <= 32 else (j - 32 - 1) // 16 * 16 + 16
+    if start not in window_nll:
+      window = tokens[start:start + 33]
+      window_nll[start] = optax.softmax_cross_entropy_with_integer_labels(
+          loaded.model(window[None, :-1]), window[None, 1:])[0]
+    expected += float(window_nll[start][j - start - 1])
+  r = evaluate.text_perplexity(loaded, [str(path)], context=16, progress=False)[str(path)]
+  np.testing.assert_allclose(r["loss"] * r["tokens"], expected, rtol=1e-5)
+  assert r["tokens"] == len(tokens) - 1
+  full = float(nll.sum())
+  assert abs(r["loss"] * r["tokens"] - full) > 1e-3  # The model has seq_len 32: windows differ from one pass.
