@@ -376,11 +376,13 @@ def _bench():
 
 def test_rnn_memory_grows_linearly_and_full_memory_quadratically():
   bench = _bench()
-  temp = {form: [bench.temp_bytes("lion_s", form, n, d_model=64, n_head=4) for n in (128, 256)]
+  # 4x the length: quadratic memory grows ~16x, linear ~4x. Short lengths would let fixed buffers
+  # (which GPU compilers keep more of than the CPU) blur the two.
+  temp = {form: [bench.temp_bytes("lion_s", form, n, d_model=64, n_head=4) for n in (256, 1024)]
           for form in ("full", "rnn")}
-  assert temp["full"][1] / temp["full"][0] > 3.5
-  assert temp["rnn"][1] / temp["rnn"][0] < 2.1
-  assert temp["rnn"][1] < temp["full"][1] / 2
+  assert temp["full"][1] / temp["full"][0] > 10
+  assert temp["rnn"][1] / temp["rnn"][0] < 5
+  assert temp["rnn"][1] < temp["full"][1] / 4
 
 
 def _lion_count(n_layer, d, n_head, variant, vocab):
