@@ -56,7 +56,7 @@ def load_checkpoint(path: str) -> LoadedModel:
   return LoadedModel(model, config, 0, os.path.abspath(path))
 
 
-def _windows(tokens: np.ndarray, seq_len: int, context: int = 0):
+def scoring_windows(tokens: np.ndarray, seq_len: int, context: int = 0):
   """Sliding windows that score every token but the first exactly once: (inputs, targets, mask).
 
   Windows advance by seq_len - context tokens. The first window scores all its targets; each later
@@ -87,11 +87,11 @@ def zero_shot_tasks(loaded: LoadedModel, tasks: dict, *, batch_size: int | None 
                     progress: bool = True) -> dict:
   """{task: metrics} for `tasks` ({task: items}, from zero_shot.load_tasks); `tokenizer` overrides the run's."""
   cfg = loaded.config
-  return zero_shot.evaluate(loaded.model, cfg.model, _tokenizer(loaded, tokenizer), tasks,
+  return zero_shot.evaluate(loaded.model, cfg.model, model_tokenizer(loaded, tokenizer), tasks,
                             batch_size=batch_size or cfg.batch_size, progress=progress)
 
 
-def _tokenizer(loaded: LoadedModel, override: str | None):
+def model_tokenizer(loaded: LoadedModel, override: str | None):
   """The run's tokenizer, or `override`, which must fit the model's vocabulary."""
   tokenizer = load_tokenizer(override or loaded.config.data.tokenizer)
   if tokenizer.vocab_size > loaded.config.model.vocab_size:
@@ -109,7 +109,7 @@ def text_perplexity(loaded: LoadedModel, paths, *, batch_size: int | None = None
   least `context` tokens before it. `tokenizer` overrides the run's data.tokenizer.
   """
   cfg = loaded.config
-  tokenizer = _tokenizer(loaded, tokenizer)
+  tokenizer = model_tokenizer(loaded, tokenizer)
   batch_size = batch_size or cfg.batch_size
   results, total_nll, total_tokens, total_bytes = {}, 0.0, 0, 0
   for path in paths:
@@ -117,7 +117,7 @@ def text_perplexity(loaded: LoadedModel, paths, *, batch_size: int | None = None
     if not text:
       raise UserError(f"text file '{path}' is empty; pass a file with text")
     tokens = np.asarray([tokenizer.eos_id] + tokenizer.encode(text), np.int32)
-    inputs, targets, mask = _windows(tokens, cfg.seq_len, context)
+    inputs, targets, mask = scoring_windows(tokens, cfg.seq_len, context)
     nll, count = 0.0, 0.0
     for start in tqdm(range(0, len(inputs), batch_size), desc=path, disable=not progress, unit="batch"):
       batch = slice(start, start + batch_size)

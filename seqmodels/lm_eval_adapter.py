@@ -73,7 +73,7 @@ class SeqmodelsLM(LM):
                    else evaluate.load_checkpoint(checkpoint))
     self.model_config = self.loaded.config.model
     zero_shot.check_causal(self.model_config)
-    self.tokenizer = evaluate._tokenizer(self.loaded, tokenizer)
+    self.tokenizer = evaluate.model_tokenizer(self.loaded, tokenizer)
     self.batch_size = self.loaded.config.batch_size if batch_size in (None, "auto") else int(batch_size)
     self.max_length = zero_shot.max_length(self.model_config)
 
@@ -87,7 +87,7 @@ class SeqmodelsLM(LM):
     windows, owner = [], []
     for r, req in enumerate(requests):
       tokens = np.asarray([self.tokenizer.eos_id] + self.tokenizer.encode(req.args[0]), np.int32)
-      inputs, targets, mask = evaluate._windows(tokens, self.loaded.config.seq_len)
+      inputs, targets, mask = evaluate.scoring_windows(tokens, self.loaded.config.seq_len)
       for w in range(len(inputs)):
         n = int(mask[w].sum())
         if n:

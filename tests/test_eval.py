@@ -63,7 +63,7 @@ def test_missing_step_and_missing_workdir(trained, tmp_path):
 @pytest.mark.parametrize("context", [0, 5, 31])
 def test_sliding_windows_score_each_token_once_with_enough_context(context):
   tokens = np.arange(100) + 1000
-  inputs, targets, mask = evaluate._windows(tokens, 32, context)
+  inputs, targets, mask = evaluate.scoring_windows(tokens, 32, context)
   scored = [(w, i) for w in range(len(inputs)) for i in range(32) if mask[w, i]]
   assert sorted(targets[w, i] for w, i in scored) == list(tokens[1:])  # Every token but the first, once.
   for w, i in scored:
