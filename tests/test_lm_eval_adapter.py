@@ -49,7 +49,7 @@ def our_copa(workdir, tmp_path):
   items = zero_shot.load_task("copa", str(tmp_path))
   loaded = evaluate.load(workdir)
   acc = evaluate.zero_shot_tasks(loaded, {"copa": items}, progress=False)["copa"]["acc"]
-  tokenizer = evaluate._tokenizer(loaded, None)
+  tokenizer = evaluate.model_tokenizer(loaded, None)
   requests = [zero_shot.encode_request(tokenizer, c, x) for item in items
               for c, x in zip(item.contexts, item.continuations)]
   lls = [ll for ll, _ in zero_shot.loglikelihoods(loaded.model, requests, batch_size=8, progress=False)]
