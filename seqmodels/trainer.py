@@ -158,6 +158,9 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
   """
   cfg = config
   lm.check_config(cfg.model)
+  if cfg.model.position_embedding == "learned" and cfg.seq_len > cfg.model.max_positions:
+    raise UserError(f"seq_len {cfg.seq_len} exceeds model.max_positions {cfg.model.max_positions} of the learned "
+                    f"position table; lower --config.seq_len or raise --config.model.max_positions")
   check_objective(cfg)
   checkpoint.check_same_model(workdir, cfg)
   tokenizer = load_tokenizer(cfg.data.tokenizer)

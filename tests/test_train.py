@@ -156,3 +156,10 @@ def test_checkpoint_of_another_shape_without_config_json_is_refused(tmp_path):
   os.remove(tmp_path / "config.json")
   with pytest.raises(UserError, match=r"checkpoint .*/checkpoints/2 could not be restored into this model"):
     trainer.train(tiny_config("mamba", total_steps=4, **{"model.d_model": 48}), str(tmp_path), progress=False)
+
+
+def test_seq_len_beyond_learned_positions_is_refused(tmp_path):
+  from seqmodels.errors import UserError
+  config = tiny_config("gpt2", seq_len=64, **{"model.max_positions": 32})
+  with pytest.raises(UserError, match="seq_len 64 exceeds model.max_positions 32"):
+    trainer.train(config, str(tmp_path), progress=False)
