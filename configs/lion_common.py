@@ -3,6 +3,17 @@
 Each LION file has the variants `tiny`, `base`, `large` (masked-LM pretraining) and `tiny_boolq`,
 `base_boolq`, `large_boolq` (BoolQ fine-tuning from the pretraining run of the same size, read
 from its default workdir runs/<arch>_<size>).
+
+Sizes (layers x d_model / heads, 512 learned positions): tiny 4 x 128 / 4, base 12 x 768 / 12,
+large 24 x 1024 / 16. `tiny` uses the byte tokenizer (257 tokens and the mask token); `base` and
+`large` the shipped GPT-NeoX tokenizer (50277 tokens and the mask token, padded to 50280). With
+BERT's 30522-token WordPiece vocabulary (padded to 30528) they would have BERT's size (released
+BERT: 109.48M and 335.14M, rounded in its paper to 110M and 340M). Parameters:
+
+  variant    tiny    base (BERT vocab)     large (BERT vocab)
+  lion_lit   0.91M   124.66M (109.49M)     355.37M (335.15M)
+  lion_d     0.91M   124.66M (109.49M)     355.37M (335.15M)
+  lion_s     0.91M   124.77M (109.60M)     355.77M (335.54M)
 """
 
 import os
