@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from kernels import selective_scan
+from kernels.selective_scan_pallas import selective_scan_pallas
 from oracle import assert_gradients_match_oracle, to_jax, to_numpy
 
-IMPLS = ("reference", "associative", "auto")
+# "pallas" runs the Pallas kernels in interpret mode on CPU.
+IMPLS = ("reference", "associative", "auto", "pallas")
 BATCH, D_MODEL, N_STATE = 2, 8, 4
 OPTIONAL = ("D", "z", "dt_bias", "h0")
 
@@ -107,9 +109,12 @@ def test_bfloat16_inputs_accumulate_in_float32(impl):
   np.testing.assert_allclose(h, want_h, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("groups", [None, 2])
-@pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("impl", IMPLS)
+# Interpret mode is slow: the Pallas kernels get the two corners, the XLA impls all four.
+GRADIENT_CASES = [(impl, reverse, groups) for impl in IMPLS for reverse in (False, True)
+                  for groups in (None, 2) if impl != "pallas" or reverse == (groups is None)]
+
+
+@pytest.mark.parametrize("impl, reverse, groups", GRADIENT_CASES)
 def test_gradients_match_oracle_finite_differences(impl, reverse, groups):
   inputs, flags = setup(groups=groups, optional=OPTIONAL, dt_softplus=True, reverse=reverse,
                         return_state=True, seed=1)
@@ -131,11 +136,39 @@ def test_reference_and_associative_agree_on_long_sequence():
     np.testing.assert_allclose(ref, assoc, rtol=1e-4, atol=1e-4)
 
 
+def test_pallas_kernels_in_tpu_interpret_mode_match_oracle_and_reference_gradients():
+  """The same kernels through Mosaic TPU's interpreter, which models TPU memory spaces and DMAs.
+
+  It computes in float32 only, so gradients are checked against the float32 "reference" impl.
+  """
+  from jax.experimental.pallas import tpu as pltpu
+  inputs, flags = setup(length=11, groups=2, optional=OPTIONAL, dt_softplus=True, reverse=True,
+                        return_state=True, seed=4)
+  arrays = to_jax(inputs)
+
+  def loss(arrays, scan):
+    y, h = scan(**arrays, **flags)
+    return (y * arrays["x"]).sum() + (h * h).sum(), (y, h)
+
+  def tpu_kernels(x, dt, A, B, C, D, *, z, dt_bias, dt_softplus, h0, reverse, return_state):
+    return selective_scan_pallas(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, reverse,
+                                 return_state, interpret=pltpu.InterpretParams())
+
+  grads, (y, h) = jax.grad(loss, has_aux=True)(arrays, tpu_kernels)
+  want_y, want_h = oracle(**to_numpy(arrays), **flags)
+  np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(h, want_h, rtol=1e-5, atol=1e-5)
+  want_grads, _ = jax.grad(loss, has_aux=True)(
+      arrays, functools.partial(selective_scan, impl="reference"))
+  for name in inputs:
+    np.testing.assert_allclose(grads[name], want_grads[name], rtol=1e-4, atol=1e-4, err_msg=name)
+
+
 def test_unknown_impl_lists_available_ones():
   inputs, _ = setup()
-  expected = r"impl must be one of \('auto', 'reference', 'associative'\), got 'pallas'"
+  expected = r"impl must be one of \('auto', 'reference', 'associative', 'pallas'\), got 'cuda'"
   with pytest.raises(ValueError, match=expected):
-    selective_scan(**to_jax(inputs), impl="pallas")
+    selective_scan(**to_jax(inputs), impl="cuda")
 
 
 BAD_SHAPES = {

@@ -1,0 +1,246 @@
+"""Times the scan kernels (issue 4): forward and forward+backward, per impl and shape, against the HBM floor.
+
+  python scripts/bench_scan.py                      # default shapes, every impl of every workload
+  python scripts/bench_scan.py --workload selective_scan --impl pallas associative
+  python scripts/bench_scan.py --seq                # lengths 512 .. 16384: time should grow linearly
+  python scripts/bench_scan.py --compare            # adds the peers that are installed
+  python scripts/bench_scan.py --check              # first checks each impl against a float32 reference
+  python scripts/bench_scan.py --mixer              # times the Mamba-130m mixer around the scan
+
+For each impl and shape it prints the median forward and forward+backward times (block_until_ready
+around each call, after warm-up, rotating over several input sets so repeated calls do not hit the
+cache), the achieved bandwidth (bytes that must move / time) and the ratio of the time to the HBM
+floor (bytes that must move / copy bandwidth, measured at the start of the same run).
+
+A workload is one op and its default shape: it makes the inputs, runs an impl, and counts the
+bytes. `WORKLOADS` maps names to them; a new op adds one class and one entry.
+"""
+
+import argparse
+import functools
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
+
+from kernels import selective_scan  # noqa: E402
+
+SEQ_SWEEP = (512, 1024, 2048, 4096, 8192, 16384)
+
+
+def median_ms(fn, input_sets, repeats):
+  """Median wall time of fn over repeats calls, cycling through input_sets, after one warm-up each."""
+  for inputs in input_sets:
+    jax.block_until_ready(fn(*inputs))
+  times = []
+  for i in range(repeats):
+    inputs = input_sets[i % len(input_sets)]
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*inputs))
+    times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times)
+
+
+def copy_bandwidth(repeats):
+  """Bytes read plus written per second by a large device-to-device elementwise pass."""
+  size = 1 << (29 if jax.default_backend() != "cpu" else 24)  # 1 GiB of bf16 on accelerators
+  sets = [(jnp.full((size,), float(i), jnp.bfloat16),) for i in range(2)]
+  ms = median_ms(jax.jit(lambda a: a + 1), sets, repeats)
+  return 2 * 2 * size / (ms * 1e-3)
+
+
+class SelectiveScan:
+  """Mamba's selective scan as the Mamba mixer calls it: D, z gate, dt_bias and softplus, bf16."""
+
+  name = "selective_scan"
+  # "pallas_triton": the pallas impl with its forward through Triton instead of Mosaic GPU.
+  impls = ("pallas", "pallas_triton", "associative", "reference")
+  default_shape = dict(batch=8, length=2048, d=1536, n=16)
+
+  def inputs(self, seed, batch, length, d, n, dtype=jnp.bfloat16):
+    keys = jax.random.split(jax.random.key(seed), 8)
+    seq = (batch, length, d)
+    normal = lambda k, shape, scale=1.0: (scale * jax.random.normal(k, shape)).astype(dtype)
+    return dict(
+        x=normal(keys[0], seq), dt=(normal(keys[1], seq, 0.5) - 2).astype(dtype),
+        A=-jnp.exp(jax.random.uniform(keys[2], (d, n), minval=0.0, maxval=2.5)),
+        B=normal(keys[3], (batch, length, n)), C=normal(keys[4], (batch, length, n)),
+        D=jnp.ones((d,)), z=normal(keys[5], seq),
+        dt_bias=jax.random.uniform(keys[6], (d,), minval=-4.0, maxval=-2.0))
+
+  def run(self, impl, inputs):
+    if impl == "pallas_triton":
+      from kernels import selective_scan_pallas
+      saved, selective_scan_pallas.GPU_FORWARD = selective_scan_pallas.GPU_FORWARD, "triton"
+      try:
+        return selective_scan(**inputs, dt_softplus=True, impl="pallas")
+      finally:
+        selective_scan_pallas.GPU_FORWARD = saved
+    return selective_scan(**inputs, dt_softplus=True, impl=impl)
+
+  def bytes_moved(self, batch, length, d, n, dtype=jnp.bfloat16):
+    """(forward, forward+backward) bytes that must cross HBM: each input read once, output written once."""
+    size = jnp.dtype(dtype).itemsize
+    seq, bc = batch * length * d * size, batch * length * n * size
+    forward = 4 * seq + 2 * bc  # read x, dt, z, B, C; write y
+    backward = 7 * seq + 4 * bc  # read x, dt, z, B, C, dy; write dx, ddt, dz, dB, dC
+    return forward, forward + backward
+
+  def peers(self):
+    """Peer kernels runnable here: name -> run(inputs); a string value says why one is missing."""
+    try:
+      import selective_scan_cuda  # noqa: F401  (mamba_ssm's CUDA extension)
+    except ImportError:
+      return {"mamba_ssm selective_scan_cuda": "not installed (needs a CUDA build of mamba_ssm)"}
+    return {"mamba_ssm selective_scan_cuda": "installed, but calling it needs torch tensors; not wired"}
+
+  # Measured side by side on an H100 (issue 4), batch 8, length 2048, d 1536, n 16, bf16.
+  published = {"mamba_ssm CUDA (issue 4)": (0.42, 2.30), "associative fp32 (issue 4)": (3.79, 13.9)}
+
+
+WORKLOADS = {"selective_scan": SelectiveScan()}
+
+
+def time_impl(workload, impl, shape, sets, repeats):
+  """(forward ms, forward+backward ms) of impl on the input sets."""
+  forward = jax.jit(lambda ins: workload.run(impl, ins))
+
+  @jax.jit
+  def forward_backward(ins, cotangent):
+    _, vjp = jax.vjp(lambda i: workload.run(impl, i), ins)
+    return vjp(cotangent)
+
+  cotangents = [jnp.ones_like(forward(ins)) for ins in sets]
+  fwd = median_ms(forward, [(ins,) for ins in sets], repeats)
+  fwd_bwd = median_ms(forward_backward, list(zip(sets, cotangents)), repeats)
+  return fwd, fwd_bwd
+
+
+def check(workload, impl, shape):
+  """Relative L2 error of impl's output and input gradients against float32 'reference'."""
+  ins = workload.inputs(99, **shape)
+
+  def loss_and_grads(impl, ins):
+    out, vjp = jax.vjp(lambda i: workload.run(impl, i), ins)
+    weights = jax.random.normal(jax.random.key(7), out.shape).astype(out.dtype)
+    return out, vjp(weights)[0]
+
+  upcast = jax.tree.map(lambda a: a.astype(jnp.float32), ins)
+  want = jax.jit(functools.partial(loss_and_grads, "reference"))(upcast)
+  got = jax.jit(functools.partial(loss_and_grads, impl))(ins)
+  errors = jax.tree.map(lambda g, w: float(jnp.linalg.norm((g.astype(jnp.float32) - w).ravel())
+                                          / jnp.linalg.norm(w.ravel())), got, want)
+  return errors[0], errors[1]
+
+
+def time_mixer(impls, repeats):
+  """Times the Mamba-130m mixer at batch 8 x 2048, bf16: its scan inputs, the scan, and the whole.
+
+  The whole minus the scan is what a fused inner path could save at most.
+  """
+  from flax import nnx
+
+  from configs import mamba as mamba_config
+  from seqmodels.mamba import MambaMixer
+  cfg = mamba_config.get_config("130m").model
+  sets = [(jax.random.normal(jax.random.key(s), (8, 2048, cfg.d_model), jnp.bfloat16),)
+          for s in range(2)]
+  for impl in impls:
+    cfg.scan_impl = impl
+    graph, params = nnx.split(MambaMixer(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+
+    def whole(params, u):
+      return nnx.merge(graph, params)(u)[0]
+
+    def scan_inputs(params, u):
+      mixer = nnx.merge(graph, params)
+      x, dt, A, B, C, z, _ = mixer.scan_inputs(u)
+      return x, dt, A, B, C, z, mixer.D[...], mixer.dt_bias[...]
+
+    def scan_only(x, dt, A, B, C, z, D, dt_bias):
+      return selective_scan(x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=True, impl=impl)
+
+    def forward_backward(fn):
+      @jax.jit
+      def run(*args):
+        out, vjp = jax.vjp(fn, *args)
+        return vjp(jax.tree.map(jnp.ones_like, out))
+      return run
+
+    scan_sets = [jax.jit(scan_inputs)(params, *u) for u in sets]
+    pieces = {"scan inputs (in_proj, conv, silu, x_proj, dt_proj)": (scan_inputs, [(params, *u) for u in sets]),
+              "scan (with D, gate, dt_bias, softplus)": (scan_only, scan_sets),
+              "whole mixer (+ out_proj)": (whole, [(params, *u) for u in sets])}
+    for label, (fn, fn_sets) in pieces.items():
+      fwd = median_ms(jax.jit(fn), fn_sets, repeats)
+      fwd_bwd = median_ms(forward_backward(fn), fn_sets, repeats)
+      print(f"mixer {impl}: {label}: forward {fwd:.3f} ms, forward+backward {fwd_bwd:.3f} ms",
+            flush=True)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--workload", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS))
+  parser.add_argument("--impl", nargs="*", help="impls to time (default: each workload's list)")
+  parser.add_argument("--seq", action="store_true", help="sweep the length from 512 to 16384")
+  parser.add_argument("--compare", action="store_true", help="include installed peers")
+  parser.add_argument("--check", action="store_true", help="check accuracy before timing")
+  parser.add_argument("--mixer", action="store_true", help="time the Mamba-130m mixer's pieces")
+  parser.add_argument("--shape", default="", help="overrides of the default shape, e.g. batch=1,d=64")
+  parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--sets", type=int, default=3, help="input sets to rotate over")
+  args = parser.parse_args()
+
+  print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+  bandwidth = copy_bandwidth(args.repeats)
+  print(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)
+  if args.mixer:
+    time_mixer(args.impl or ("pallas", "associative"), args.repeats)
+    return
+  rows = []
+  for name in args.workload:
+    workload = WORKLOADS[name]
+    impls = args.impl or workload.impls
+    lengths = SEQ_SWEEP if args.seq else (workload.default_shape["length"],)
+    if args.compare:
+      for peer, status in workload.peers().items():
+        print(f"{name} peer {peer}: {status}")
+      for peer, (fwd, fwd_bwd) in workload.published.items():
+        print(f"{name} published {peer}: forward {fwd} ms, forward+backward {fwd_bwd} ms")
+    overrides = dict((k, int(v)) for k, v in (kv.split("=") for kv in args.shape.split(",") if kv))
+    if "length" in overrides and not args.seq:
+      lengths = (overrides["length"],)
+    for length in lengths:
+      shape = {**workload.default_shape, **overrides, "length": length}
+      sets = [workload.inputs(seed, **shape) for seed in range(args.sets)]
+      fwd_bytes, fwd_bwd_bytes = workload.bytes_moved(**shape)
+      for impl in impls:
+        if args.check:
+          small = {**shape, "length": min(length, 512)}
+          out_err, grad_errs = check(workload, impl, small)
+          print(f"check {name} {impl} {small}: output rel err {out_err:.2e}, input-gradient rel errs "
+                + ", ".join(f"{k} {v:.1e}" for k, v in grad_errs.items()), flush=True)
+        try:
+          fwd, fwd_bwd = time_impl(workload, impl, shape, sets, args.repeats)
+        except Exception as error:  # An impl that fails to build is reported, not fatal.
+          print(f"{name} {impl} length {length}: failed: {type(error).__name__}: {error}"[:2000])
+          continue
+        rows.append((name, impl, length, fwd, fwd_bytes / (fwd * 1e-3) / 1e9,
+                     fwd / (fwd_bytes / bandwidth * 1e3), fwd_bwd,
+                     fwd_bwd / (fwd_bwd_bytes / bandwidth * 1e3)))
+        print("  ".join(map(str, rows[-1])), flush=True)
+
+  print(f"\n{'workload':<16}{'impl':<13}{'length':>7}{'fwd ms':>9}{'GB/s':>7}{'x floor':>8}"
+        f"{'fwd+bwd ms':>11}{'x floor':>8}")
+  for name, impl, length, fwd, gbs, fwd_ratio, fwd_bwd, fwd_bwd_ratio in rows:
+    print(f"{name:<16}{impl:<13}{length:>7}{fwd:>9.3f}{gbs:>7.0f}{fwd_ratio:>8.1f}"
+          f"{fwd_bwd:>11.3f}{fwd_bwd_ratio:>8.1f}")
+
+
+if __name__ == "__main__":
+  main()
