@@ -33,6 +33,7 @@ INTERPRET_CHUNK, INTERPRET_SUBCHUNK = 8, 4
 # The GPU forward: "mosaic" (kernels/selective_scan_gpu.py) where it supports the sizes, or "triton".
 GPU_FORWARD = "mosaic"
 MAX_CHANNELS = 32  # Channels per program: enough programs to fill an H100 at batch 8, d 1536.
+TRITON_WARPS = 4  # Warps per program on GPU; with 1, every reduction stays inside a warp.
 
 
 def selective_scan_pallas(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, reverse, return_state,
@@ -94,7 +95,7 @@ def _channels_per_program(d, groups):
 def _call(kernel, config, grid, in_specs, out_specs, out_shape, *args):
   if jax.default_backend() == "gpu" and not config.interpret:
     from jax.experimental.pallas import triton as pltriton
-    params = pltriton.CompilerParams(num_warps=4, num_stages=1)
+    params = pltriton.CompilerParams(num_warps=TRITON_WARPS, num_stages=1)
   elif jax.default_backend() == "tpu" and not config.interpret:
     from jax.experimental.pallas import tpu as pltpu
     params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))

@@ -18,6 +18,7 @@ bytes. `WORKLOADS` maps names to them; a new op adds one class and one entry.
 
 import argparse
 import functools
+import importlib
 import statistics
 import sys
 import time
@@ -192,11 +193,18 @@ def main():
   parser.add_argument("--check", action="store_true", help="check accuracy before timing")
   parser.add_argument("--mixer", action="store_true", help="time the Mamba-130m mixer's pieces")
   parser.add_argument("--shape", default="", help="overrides of the default shape, e.g. batch=1,d=64")
+  parser.add_argument("--set", nargs="*", default=[],
+                      help="kernel tuning constants, e.g. selective_scan_pallas.TRITON_WARPS=1")
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--sets", type=int, default=3, help="input sets to rotate over")
   args = parser.parse_args()
 
-  print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
+  for setting in args.set:
+    name, value = setting.split("=")
+    module, constant = name.rsplit(".", 1)
+    setattr(importlib.import_module(f"kernels.{module}"), constant, int(value))
+  print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, {' '.join(args.set)}",
+        flush=True)
   bandwidth = copy_bandwidth(args.repeats)
   print(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)
   if args.mixer:
