@@ -26,8 +26,8 @@ from jax.experimental import pallas as pl
 from kernels import selective_scan_gpu
 from kernels._common import accumulation_dtype
 
-CHUNK = 64  # Steps between saved states: the saved states are 1/64 of the full state's bytes.
-SUBCHUNK = 8  # States the backward keeps in registers at once.
+CHUNK = 16  # Steps between saved states: the saved states are 1/16 of the full state's bytes.
+SUBCHUNK = 4  # States the backward keeps in registers at once.
 # Interpret mode only checks logic, and its cost grows with the unrolled code: small chunks there.
 INTERPRET_CHUNK, INTERPRET_SUBCHUNK = 8, 4
 # The GPU forward: "mosaic" (kernels/selective_scan_gpu.py) where it supports the sizes, or "triton".

@@ -118,6 +118,7 @@ def time_impl(workload, impl, shape, sets, repeats):
 
   cotangents = [jnp.ones_like(forward(ins)) for ins in sets]
   fwd = median_ms(forward, [(ins,) for ins in sets], repeats)
+  print(f"{workload.name} {impl} {shape}: forward {fwd:.3f} ms", flush=True)
   fwd_bwd = median_ms(forward_backward, list(zip(sets, cotangents)), repeats)
   return fwd, fwd_bwd
 
@@ -228,11 +229,6 @@ def main():
       sets = [workload.inputs(seed, **shape) for seed in range(args.sets)]
       fwd_bytes, fwd_bwd_bytes = workload.bytes_moved(**shape)
       for impl in impls:
-        if args.check:
-          small = {**shape, "length": min(length, 512)}
-          out_err, grad_errs = check(workload, impl, small)
-          print(f"check {name} {impl} {small}: output rel err {out_err:.2e}, input-gradient rel errs "
-                + ", ".join(f"{k} {v:.1e}" for k, v in grad_errs.items()), flush=True)
         try:
           fwd, fwd_bwd = time_impl(workload, impl, shape, sets, args.repeats)
         except Exception as error:  # An impl that fails to build is reported, not fatal.
@@ -242,6 +238,11 @@ def main():
                      fwd / (fwd_bytes / bandwidth * 1e3), fwd_bwd,
                      fwd_bwd / (fwd_bwd_bytes / bandwidth * 1e3)))
         print("  ".join(map(str, rows[-1])), flush=True)
+        if args.check:
+          small = {**shape, "length": min(length, 256)}
+          out_err, grad_errs = check(workload, impl, small)
+          print(f"check {name} {impl} {small}: output rel err {out_err:.2e}, input-gradient rel errs "
+                + ", ".join(f"{k} {v:.1e}" for k, v in grad_errs.items()), flush=True)
 
   print(f"\n{'workload':<16}{'impl':<13}{'length':>7}{'fwd ms':>9}{'GB/s':>7}{'x floor':>8}"
         f"{'fwd+bwd ms':>11}{'x floor':>8}")
