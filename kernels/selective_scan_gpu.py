@@ -20,12 +20,24 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 CHANNELS = 128  # one warpgroup, one channel per thread
+# Pallas's automatic barriers put a warpgroup barrier before and after every shared-memory store,
+# two per step for y alone, which lines the four warps up every step. False turns them off; the
+# kernel then orders its shared memory itself: commit_smem (a proxy fence and a warpgroup
+# barrier) before each TMA store and after each wait for TMA stores to finish reading.
+AUTO_BARRIERS = True
 
 
 def supported(d, groups, n, chunk):
   """Whether the kernel handles these sizes: whole 128-channel blocks within a group, and TMA
   copies of B and C rows at least 16 bytes wide."""
   return (d // groups) % CHANNELS == 0 and n % 8 == 0 and chunk % 8 == 0
+
+
+def _tree_sum(terms):
+  """Sums pairwise: a dependent chain log2(len) deep instead of len deep."""
+  while len(terms) > 1:
+    terms = [a + b for a, b in zip(terms[::2], terms[1::2])] + terms[len(terms) - len(terms) % 2:]
+  return terms[0]
 
 
 def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_chunks,
@@ -53,20 +65,19 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
     y_g, h_last_g = outs[:2]
     chunks_g = outs[2] if save_chunks else None
     scratch = refs[num_in + 2 + save_chunks:]
-    seq_s, bc_s, params_s, state_s, y_s, bars, setup_bar = (scratch[:len(seq_inputs)],
-                                                            scratch[len(seq_inputs):-5],
-                                                            *scratch[-5:])
+    seq_s, bc_s, params_s, h0_s, state_s, y_s, bars, setup_bar = (
+        scratch[:len(seq_inputs)], scratch[len(seq_inputs):-6], *scratch[-6:])
     b = jax.lax.axis_index("b")
     c = jax.lax.axis_index("c")
     cols = pl.ds(c * CHANNELS, CHANNELS)
     group_cols = pl.ds((c * CHANNELS) // (d // groups) * n, n)
 
     plgpu.copy_gmem_to_smem(params_g.at[:, cols], params_s, setup_bar)
-    plgpu.copy_gmem_to_smem(h0_g.at[b, :, cols], state_s.at[0], setup_bar)
+    plgpu.copy_gmem_to_smem(h0_g.at[b, :, cols], h0_s, setup_bar)
     plgpu.barrier_wait(setup_bar)
     A_rows = [params_s[i] for i in range(n)]
     D_row, bias_row = params_s[n], params_s[n + 1]
-    h = tuple(state_s[0, i] for i in range(n))
+    h = tuple(h0_s[i] for i in range(n))
 
     def fetch(k, slot):
       rows = pl.ds(k * chunk, chunk)
@@ -86,8 +97,10 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
         fetch(k + 1, 1 - slot)
 
       plgpu.barrier_wait(bars.at[slot])
-      # The copies out of this slot's buffers two chunks ago must have read them.
+      # The copies out of this slot's buffers two chunks ago must have read them, before any
+      # thread writes there: one thread issued and waits for them, the barrier tells the rest.
       plgpu.wait_smem_to_gmem(stores_per_chunk, wait_read_only=True)
+      plgpu.commit_smem()
       if save_chunks:
         for i in range(n):
           state_s[slot, i] = h[i]
@@ -102,10 +115,9 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
         if length % chunk:
           dtv = dtv * (k * chunk + t < length).astype(jnp.float32)
         drive = dtv * xv
-        y = D_row * xv
         for i in range(n):
           h[i] = jnp.exp(dtv * A_rows[i]) * h[i] + drive * B_s[slot, t, i].astype(jnp.float32)
-          y = y + h[i] * C_s[slot, t, i].astype(jnp.float32)
+        y = _tree_sum([D_row * xv] + [h[i] * C_s[slot, t, i].astype(jnp.float32) for i in range(n)])
         if has_z:
           zv = seq_s[2][slot, t].astype(jnp.float32)
           y = y * zv / (1.0 + jnp.exp(-zv))
@@ -118,6 +130,7 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
 
     h = jax.lax.fori_loop(0, num_chunks, chunk_body, h)
     plgpu.wait_smem_to_gmem(0)
+    plgpu.commit_smem()
     for i in range(n):
       state_s[0, i] = h[i]
     plgpu.commit_smem()
@@ -130,14 +143,15 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
     out_type.append(jax.ShapeDtypeStruct((batch, num_chunks, n, d), jnp.float32))
   scratch = ([plgpu.SMEM((2, chunk, CHANNELS), a.dtype) for a in seq_inputs]
              + [plgpu.SMEM((2, chunk, n), a.dtype) for a in (B, C)]
-             + [plgpu.SMEM((n + 2, CHANNELS), jnp.float32), plgpu.SMEM((2, n, CHANNELS), jnp.float32),
+             + [plgpu.SMEM((n + 2, CHANNELS), jnp.float32), plgpu.SMEM((n, CHANNELS), jnp.float32),
+                plgpu.SMEM((2, n, CHANNELS), jnp.float32),
                 plgpu.SMEM((2, chunk, CHANNELS), x.dtype),
                 plgpu.Barrier(num_arrivals=len(seq_inputs) + 2, num_barriers=2),
                 plgpu.Barrier(num_arrivals=2)])
   call = plgpu.kernel(
       kernel, out_type=out_type, scratch_types=scratch, grid=(batch, d // CHANNELS),
       grid_names=("b", "c"), interpret=interpret,
-      compiler_params=plgpu.CompilerParams(approx_math=True,
+      compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=not AUTO_BARRIERS,
                                            lowering_semantics=plgpu.LoweringSemantics.Lane))
   outs = call(*seq_inputs, B, C, params, h0)
   y, h_last = outs[:2]

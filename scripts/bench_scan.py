@@ -195,15 +195,17 @@ def main():
   parser.add_argument("--mixer", action="store_true", help="time the Mamba-130m mixer's pieces")
   parser.add_argument("--shape", default="", help="overrides of the default shape, e.g. batch=1,d=64")
   parser.add_argument("--set", nargs="*", default=[],
-                      help="kernel tuning constants, e.g. selective_scan_pallas.TRITON_WARPS=1")
+                      help="kernel tuning constants, e.g. selective_scan_pallas.TRITON_WARPS=1 "
+                           "selective_scan_gpu.AUTO_BARRIERS=0")
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--sets", type=int, default=3, help="input sets to rotate over")
   args = parser.parse_args()
 
   for setting in args.set:
     name, value = setting.split("=")
-    module, constant = name.rsplit(".", 1)
-    setattr(importlib.import_module(f"kernels.{module}"), constant, int(value))
+    module_name, constant = name.rsplit(".", 1)
+    module = importlib.import_module(f"kernels.{module_name}")
+    setattr(module, constant, type(getattr(module, constant))(int(value)))  # int or bool
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, {' '.join(args.set)}",
         flush=True)
   bandwidth = copy_bandwidth(args.repeats)
