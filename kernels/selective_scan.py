@@ -10,16 +10,18 @@ Shapes are channels-last: x, dt, z are (batch, length, d); A is (d, n); B and C 
 (batch, length, n) or (batch, length, groups, n), where channel c reads group c // (d // groups);
 D and dt_bias are (d,); h0 is (batch, d, n).
 
-The implementations differ only in how they run the linear recurrence over time. Everything around
-it (dt', grouped B/C, skip, gate, reversal) is one shared piece of code, so a new implementation
-only has to get the recurrence right.
+The XLA implementations differ only in how they run the linear recurrence over time. Everything
+around it (dt', grouped B/C, skip, gate, reversal) is one shared piece of code, so a new one only
+has to get the recurrence right. "pallas" (kernels/selective_scan_pallas.py) is the exception: its
+kernels apply dt_bias, softplus, D and the gate themselves, on inputs in their own dtype, because
+upcasting them in XLA would move more bytes than the whole scan.
 """
 
 import jax
 import jax.numpy as jnp
 
 from kernels._common import accumulation_dtype, check_impl, compose_affine
-from kernels.selective_scan_pallas import selective_scan_pallas
+from kernels.selective_scan_pallas import CHUNK, selective_scan_pallas
 
 IMPLS = ("auto", "reference", "associative", "pallas")
 
@@ -48,7 +50,7 @@ def selective_scan(x, dt, A, B, C, D=None, *, z=None, dt_bias=None, dt_softplus=
     accumulation dtype (float32, or float64 for float64 inputs).
   """
   _check_shapes(x, dt, A, B, C, D, z, dt_bias, h0)
-  impl = _resolve_impl(impl)
+  impl = _resolve_impl(impl, jnp.shape(x)[1])
   if impl == "pallas":
     # The kernels read the inputs in their own dtype and apply dt_bias, softplus, D and the gate
     # themselves: upcasting here would move more bytes than the whole scan.
@@ -83,11 +85,14 @@ def selective_scan(x, dt, A, B, C, D=None, *, z=None, dt_bias=None, dt_softplus=
   return (y, h_last) if return_state else y
 
 
-def _resolve_impl(impl):
+def _resolve_impl(impl, length):
   """Turns impl into the name of a recurrence, choosing the fastest one for "auto"."""
   check_impl(impl, IMPLS)
   if impl != "auto":
     return impl
+  if length < CHUNK:
+    # Decoding steps: the kernels pad to a whole chunk, a single lax.scan step does not.
+    return "reference"
   # On CPU the sequential scan wins: jit forward+backward at batch 8, length 256, d 256, n 16 took
   # ~100 ms for "reference" against ~190 ms for "associative", whose extra work buys nothing
   # without parallel hardware. Accelerators run the Pallas kernels.
