@@ -8,8 +8,9 @@ it recomputes the state every SUBCHUNK steps from the saved boundary state, then
 states after each of those, which it holds in registers while it runs the adjoint recurrence.
 
 Everything around the recurrence (dt_bias, softplus, the D skip, the silu(z) gate) happens inside
-the kernels, on inputs read in their own dtype (bf16 in training), so the only HBM traffic is the
-inputs read once and the outputs written once.
+the kernels, on inputs read in their own dtype (bf16 in training), so the HBM traffic is the
+inputs read once and the outputs written once; only odd lengths (padded to a whole chunk) and
+reverse=True (flipped) copy the inputs first.
 
 Backends: GPU lowers these bodies through Pallas's Triton backend, TPU through Mosaic TPU, and the
 CPU runs them in interpret mode, which is how CI checks them against the float64 oracle. On GPU the
@@ -18,6 +19,7 @@ forward is the Mosaic GPU kernel of kernels/selective_scan_gpu.py where the size
 
 import functools
 import math
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -72,18 +74,14 @@ def selective_scan_pallas(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, revers
   return (y, h_last) if return_state else y
 
 
-class _Config(tuple):
+class _Config(typing.NamedTuple):
   """The static settings of one scan, hashable so custom_vjp can take it as a static argument."""
-
-  def __new__(cls, length, softplus, acc, interpret, chunk, subchunk):
-    return super().__new__(cls, (length, softplus, acc, interpret, chunk, subchunk))
-
-  length = property(lambda self: self[0])
-  softplus = property(lambda self: self[1])
-  acc = property(lambda self: self[2])
-  interpret = property(lambda self: self[3])
-  chunk = property(lambda self: self[4])
-  subchunk = property(lambda self: self[5])
+  length: int  # the true length; steps past it (padding) leave the state alone
+  softplus: bool
+  acc: jnp.dtype
+  interpret: object
+  chunk: int
+  subchunk: int
 
 
 def _channels_per_program(d, groups):
