@@ -84,9 +84,17 @@ class _Config(typing.NamedTuple):
   subchunk: int
 
 
-def _channels_per_program(d, groups):
-  """The largest power of two up to MAX_CHANNELS that tiles a group's channels."""
+def _channels_per_program(d, groups, interpret):
+  """The largest power of two up to MAX_CHANNELS that tiles a group's channels.
+
+  A TPU block's last dimension must be a multiple of its 128 lanes or the whole axis.
+  """
   per_group = d // groups
+  if jax.default_backend() == "tpu" and not interpret:
+    if per_group % 128 and groups > 1:
+      raise ValueError(f"impl='pallas' on TPU needs d // groups = {per_group} to be a multiple of "
+                       "128, or groups = 1; use impl='associative' for this shape")
+    return 128 if per_group % 128 == 0 else d
   return math.gcd(per_group, MAX_CHANNELS)
 
 
@@ -259,7 +267,7 @@ def _backward_kernel(config, has_z, *refs):
 def _layout(config, x, B, A):
   batch, padded_length, d = x.shape
   groups, n = B.shape[2:]
-  channels = _channels_per_program(d, groups)
+  channels = _channels_per_program(d, groups, config.interpret)
   return (batch, d // channels), _Specs(padded_length, channels, n, d // groups), channels
 
 
