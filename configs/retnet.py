@@ -46,6 +46,8 @@ def retnet_model():
   model.ffn_factor = 2  # FFN hidden width in units of d_model.
   model.retention_form = "parallel"  # Or "chunkwise" or "recurrent": the training form.
   model.chunk_size = 64  # Time steps per chunk of the chunkwise form.
+  # linear_attention impl of the chunkwise form: "chunked" (XLA), "pallas" (kernels) or "auto".
+  model.scan_impl = "chunked"
   model.rope_theta = 10000.0
   return model
 

@@ -4,6 +4,7 @@
   python scripts/bench_scan.py --workload selective_scan --impl pallas associative
   python scripts/bench_scan.py --seq                # lengths 512 .. 16384: time should grow linearly
   python scripts/bench_scan.py --compare            # adds the peers that are installed
+  python scripts/bench_scan.py --workload linear_attention --compare   # with fla's chunk_simple_gla
   python scripts/bench_scan.py --check              # first checks each impl against a float32 reference
   python scripts/bench_scan.py --mixer              # times the Mamba-130m mixer around the scan
 
@@ -29,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 
-from kernels import selective_scan  # noqa: E402
+from kernels import linear_attention, selective_scan  # noqa: E402
 
 SEQ_SWEEP = (512, 1024, 2048, 4096, 8192, 16384)
 
@@ -104,7 +105,81 @@ class SelectiveScan:
   published = {"mamba_ssm CUDA (issue 4)": (0.42, 2.30), "associative fp32 (issue 4)": (3.79, 13.9)}
 
 
-WORKLOADS = {"selective_scan": SelectiveScan()}
+class LinearAttention:
+  """Decayed linear attention as GLA / simple-GLA layers call it: per-token scalar decay, bf16."""
+
+  name = "linear_attention"
+  impls = ("pallas", "chunked")
+  default_shape = dict(batch=8, length=2048, heads=24, dk=128, dv=64)
+
+  def inputs(self, seed, batch, length, heads, dk, dv, dtype=jnp.bfloat16):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    normal = lambda k, d, scale=1.0: (scale * jax.random.normal(k, (batch, length, heads, d))).astype(dtype)
+    # Per-step decays between 0.82 and 0.99.
+    return dict(q=normal(keys[0], dk, dk**-0.5), k=normal(keys[1], dk), v=normal(keys[2], dv),
+                log_decay=jax.random.uniform(keys[3], (batch, length, heads), minval=-0.2, maxval=-0.01))
+
+  def run(self, impl, inputs):
+    return linear_attention(**inputs, impl=impl)
+
+  def bytes_moved(self, batch, length, heads, dk, dv, dtype=jnp.bfloat16):
+    """(forward, forward+backward) bytes that must cross HBM: each input read once, output written once."""
+    size = jnp.dtype(dtype).itemsize
+    qk, v, g = batch * length * heads * dk * size, batch * length * heads * dv * size, batch * length * heads * 4
+    forward = 2 * qk + 2 * v + g  # read q, k, v, log_decay; write o
+    backward = 4 * qk + 3 * v + 2 * g  # read q, k, v, log_decay, do; write dq, dk, dv, dlog_decay
+    return forward, forward + backward
+
+  def peers(self):
+    try:
+      from fla.ops.simple_gla import chunk_simple_gla  # noqa: F401
+    except ImportError as error:
+      return {"fla chunk_simple_gla": f"not installed ({error})"}
+    return {"fla chunk_simple_gla": "installed: timed below on the same inputs"}
+
+  def time_peers(self, sets, repeats):
+    """(name, forward ms, forward+backward ms) of the installed peers on the same inputs (torch)."""
+    try:
+      import torch
+      from fla.ops.simple_gla import chunk_simple_gla
+    except ImportError:
+      return []
+    to_torch = lambda a: torch.from_dlpack(a).requires_grad_(True)
+    torch_sets = [{k: to_torch(v) for k, v in ins.items()} for ins in sets]
+
+    def forward(ins):
+      return chunk_simple_gla(ins["q"], ins["k"], ins["v"], g=ins["log_decay"], scale=1.0)[0]
+
+    def forward_backward(ins):
+      forward(ins).backward(torch.ones_like(ins["v"]))
+
+    def median(fn):
+      for ins in torch_sets:
+        fn(ins)
+      torch.cuda.synchronize()
+      times = []
+      for i in range(repeats):
+        start = time.perf_counter()
+        fn(torch_sets[i % len(torch_sets)])
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+      return 1e3 * statistics.median(times)
+
+    with torch.no_grad():
+      fwd = median(forward)
+    try:
+      fwd_bwd = median(forward_backward)
+    except RuntimeError as error:  # fla refuses its Hopper backward under some Triton versions.
+      print(f"fla chunk_simple_gla backward: {error}"[:300], flush=True)
+      fwd_bwd = float("nan")
+    return [("fla chunk_simple_gla", fwd, fwd_bwd)]
+
+  # Measured side by side on an H100 (issue 4), batch 8, length 2048, 24 heads, dk 128, dv 64.
+  published = {"fla chunk_simple_gla (issue 4)": (0.49, float("nan")),
+               "mamba_ssm SSD Triton (issue 4)": (0.60, 4.9)}
+
+
+WORKLOADS = {"selective_scan": SelectiveScan(), "linear_attention": LinearAttention()}
 
 
 def time_impl(workload, impl, shape, sets, repeats):
@@ -230,6 +305,12 @@ def main():
       shape = {**workload.default_shape, **overrides, "length": length}
       sets = [workload.inputs(seed, **shape) for seed in range(args.sets)]
       fwd_bytes, fwd_bwd_bytes = workload.bytes_moved(**shape)
+      if args.compare and hasattr(workload, "time_peers"):
+        for peer, fwd, fwd_bwd in workload.time_peers(sets, args.repeats):
+          rows.append((name, peer[:12], length, fwd, fwd_bytes / (fwd * 1e-3) / 1e9,
+                       fwd / (fwd_bytes / bandwidth * 1e3), fwd_bwd,
+                       fwd_bwd / (fwd_bwd_bytes / bandwidth * 1e3)))
+          print(f"{name} peer {peer}:  " + "  ".join(map(str, rows[-1])), flush=True)
       for impl in impls:
         try:
           fwd, fwd_bwd = time_impl(workload, impl, shape, sets, args.repeats)

@@ -65,16 +65,17 @@ def parallel_retention(q, k, v, log_gamma):
   return jnp.einsum("bhnm,bmhv->bnhv", scores, v).astype(out_dtype)
 
 
-def retention(q, k, v, log_gamma, *, form, chunk_size, state=None):
+def retention(q, k, v, log_gamma, *, form, chunk_size, state=None, chunkwise_impl="chunked"):
   """Retention of every head in `form`; with a (batch, heads, dk, dv) state, continues from it.
 
   Returns (o, new_state), new_state None when no state was given. A continuation runs the
   recurrent form for "recurrent" and the chunkwise one (the parallel form within each chunk, plus
-  the carried state) for the other two, so that prefill also hands back the state.
+  the carried state) for the other two, so that prefill also hands back the state. The chunkwise
+  form runs through linear_attention's `chunkwise_impl` ("chunked", "pallas" or "auto").
   """
   if state is None and form == "parallel":
     return parallel_retention(q, k, v, log_gamma), None
-  impl = "reference" if form == "recurrent" else "chunked"
+  impl = "reference" if form == "recurrent" else chunkwise_impl
   if state is None:
     return linear_attention(q, k, v, log_gamma, impl=impl, chunk_size=chunk_size), None
   return linear_attention(q, k, v, log_gamma, h0=state, return_state=True, impl=impl, chunk_size=chunk_size)
@@ -126,6 +127,7 @@ class MultiScaleRetention(nnx.Module):
     self.n_head = cfg.n_head
     self.key_dim, self.value_dim = d // cfg.n_head, value_width // cfg.n_head
     self.form, self.chunk_size, self.rope_theta = cfg.retention_form, cfg.chunk_size, cfg.rope_theta
+    self.scan_impl = cfg.get("scan_impl", "chunked")
     # The paper gives no init; these are the authors' (torchscale): Xavier-uniform with gain 2^-2.5
     # into the retention, gain 1 for W_O.
     small = xavier_uniform(2**-2.5)
@@ -149,7 +151,7 @@ class MultiScaleRetention(nnx.Module):
     k = layers.rotary(self.k_proj(x).reshape(heads), positions, self.rope_theta) * self.key_dim**-0.5
     v = self.v_proj(x).reshape(heads)
     o, state = retention(q, k, v, head_log_decays(self.n_head), form=self.form, chunk_size=self.chunk_size,
-                         state=None if cache is None else cache["state"])
+                         state=None if cache is None else cache["state"], chunkwise_impl=self.scan_impl)
     y = jax.nn.silu(self.g_proj(x)) * self.group_norm(o).reshape(batch, length, -1)
     if cache is not None:
       cache = {"state": state, "pos": start + length}

@@ -129,9 +129,10 @@ def test_chunked_is_stable_under_strong_decay_over_long_chunks(decay):
 
 def test_unknown_impl_lists_available_ones():
   inputs, _ = setup()
-  expected = r"impl must be one of \('auto', 'reference', 'associative', 'chunked'\), got 'pallas'"
+  expected = (r"impl must be one of \('auto', 'reference', 'associative', 'chunked', 'pallas'\), "
+              r"got 'triton'")
   with pytest.raises(ValueError, match=expected):
-    linear_attention(**to_jax(inputs), impl="pallas")
+    linear_attention(**to_jax(inputs), impl="triton")
 
 
 BAD_ARGS = {
