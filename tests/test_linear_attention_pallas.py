@@ -105,8 +105,10 @@ def test_mosaic_gpu_kernels_lower_for_cuda(per_channel):
   jax.jit(backward).trace(qk, qk, v, c, states, v, state).lower(lowering_platforms=("cuda",))
 
 
-def test_mosaic_tpu_kernels_lower_for_tpu():
-  qk, v, c, state, states = _abstract(1, 128, 2, 128, 128, 1)
+@pytest.mark.parametrize("per_channel", (False, True))
+def test_mosaic_tpu_kernels_lower_for_tpu(per_channel):
+  """Mosaic TPU lowering (block shapes, dot and reduction forms), checked without a TPU."""
+  qk, v, c, state, states = _abstract(1, 128, 2, 128, 128, 128 if per_channel else 1)
   forward = functools.partial(linear_attention_tpu.forward, chunk_size=64, interpret=False)
   backward = functools.partial(linear_attention_tpu.backward, chunk_size=64, interpret=False)
   jax.jit(forward).trace(qk, qk, v, c, state).lower(lowering_platforms=("tpu",))
