@@ -19,11 +19,13 @@ Generator, the code scripts/generate.py runs, decoding greedily with no stop tok
   it: it grows linearly with batch, so two measured batches give the line.
 
 Points run in order of importance within --time_budget (the paper's comparison first, then latency
-against prompt length, then the batch sweep); what did not fit is listed as skipped. Points whose
+against prompt length, end to end, then the batch sweep), each model within its share of the
+budget; what did not fit is listed as skipped. Points whose
 cache alone would not fit in memory are skipped as "oom (estimated)", a run that fails to allocate
 as "oom". Writes bench_generate.json, generation_table.md and two plots,
 generate_throughput.png (tokens/s against batch at prompt 2048) and generate_latency.png (per-token
-latency against prompt length at batch 64), to --out_dir.
+latency against prompt length at batch 64), to --out_dir; --report_from FILE rewrites them from a
+bench_generate.json without measuring. Results and the command that made them: docs/generation.md.
 """
 
 import argparse
@@ -43,6 +45,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from seqmodels import config as config_lib  # noqa: E402
+from flax import nnx  # noqa: E402
+
 from seqmodels import generate, layers, lm  # noqa: E402
 
 # name: (config file, variant, share of the time budget)
@@ -116,14 +120,14 @@ class Bench:
                  "args": vars(self.args), "results": self.results}, f, indent=1)
 
   def decode_point(self, name, generator, cfg, weights, batch, prompt):
-    """Times the decoding loop at (batch, prompt); returns the seconds it took, compile included."""
+    """Times the decoding loop at (batch, prompt); returns (seconds it took, of them compiling)."""
     t0 = time.perf_counter()
     new = self.args.new_tokens
     cache_bytes = nbytes(cache_shape(generator, batch, prompt, new))
     if weights + cache_bytes > CAPACITY:
       self.record(model=name, kind="decode", batch=batch, prompt=prompt, status="oom (estimated)",
                   cache_bytes=cache_bytes)
-      return 0.0
+      return 0.0, 0.0
     try:
       state = jax.eval_shape(lambda: random_state(generator, batch, prompt, new, cfg, jax.random.key(0)))
       n_steps = jnp.int32(new)
@@ -145,14 +149,14 @@ class Bench:
       if not is_oom(e):
         raise
       self.record(model=name, kind="decode", batch=batch, prompt=prompt, status="oom")
-      return time.perf_counter() - t0
+      return time.perf_counter() - t0, 0.0
     seconds = statistics.median(times)
     peak = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes - \
         memory.alias_size_in_bytes
     self.record(model=name, kind="decode", batch=batch, prompt=prompt, status="ok", new_tokens=new,
                 tokens_per_s=batch * new / seconds, ms_per_token=1e3 * seconds / new, seconds=seconds,
-                times=times, peak_bytes=peak, cache_bytes=cache_bytes, compile_s=compile_s)
-    return time.perf_counter() - t0
+                times=times, peak_bytes=peak, cache_bytes=cache_bytes, weights_bytes=weights, compile_s=compile_s)
+    return time.perf_counter() - t0, compile_s
 
   def end_to_end_point(self, name, generator, cfg, batch, prompt):
     t0 = time.perf_counter()
@@ -183,24 +187,30 @@ class Bench:
     weights = nbytes(generator.params)
     target_batch, target_prompt = self.args.target
     points = [("decode", target_batch, target_prompt)]
+    points += [("decode", target_batch, p) for p in self.args.prompts if p != target_prompt]
     if name in self.args.end_to_end:
       points.append(("end_to_end", target_batch, target_prompt))
-    points += [("decode", target_batch, p) for p in self.args.prompts if p != target_prompt]
     points += [("decode", b, target_prompt) for b in self.args.batches if b != target_batch]
-    first_cost = None
+    compiled_shapes, first_cost, first_run_cost = set(), None, 0.0
     for kind, batch, prompt in points:
       # The first point (the paper's comparison) runs whenever the whole budget allows; the others
-      # must fit in this model's share, judged by what the first one cost.
-      estimate = first_cost or 0.0
+      # must fit in this model's share, judged by what the first one cost: all of it for a point
+      # that compiles a new decoding loop, its runs alone for one that reuses a compiled loop
+      # (a recurrent model at another prompt length).
+      shapes = (kind, batch, str(jax.tree.map(lambda x: x.shape, cache_shape(generator, batch, prompt,
+                                                                              self.args.new_tokens))))
+      estimate = first_run_cost if shapes in compiled_shapes else first_cost or 0.0
       limit = self.start + self.args.time_budget if first_cost is None else deadline
       if time.perf_counter() + estimate > limit:
         self.record(model=name, kind=kind, batch=batch, prompt=prompt, status="skipped (time budget)")
         continue
       if kind == "decode":
-        cost = self.decode_point(name, generator, cfg, weights, batch, prompt)
+        cost, compile_s = self.decode_point(name, generator, cfg, weights, batch, prompt)
       else:
-        cost = self.end_to_end_point(name, generator, cfg, batch, prompt)
-      first_cost = cost if first_cost is None else first_cost
+        cost, compile_s = self.end_to_end_point(name, generator, cfg, batch, prompt), 0.0
+      compiled_shapes.add(shapes)
+      if first_cost is None:
+        first_cost, first_run_cost = cost, cost - compile_s
     del generator
     gc.collect()
     jax.clear_caches()
@@ -215,19 +225,36 @@ class Bench:
     self.save()
 
 
+def weights_bytes(name: str) -> int:
+  """Bytes of a model's decoding weights (Generator.params), computed from shapes alone."""
+  cfg = model_config(name, quick=False)
+  return nbytes(jax.eval_shape(lambda: nnx.state(generate.inference_model(lm.build(cfg)))))
+
+
 def largest_batches(results, prompt):
-  """{model: (largest batch in CAPACITY, how it was found)} from measured memory at `prompt`."""
+  """{model: largest batch in CAPACITY and how it was found} from measured decode memory at `prompt`.
+
+  Memory is linear in batch: with two measured batches the line through them, with one the line
+  through it and the weights (which charges the batch-independent temporaries to the sequences,
+  so it errs low).
+  """
   out = {}
   for name in dict.fromkeys(r["model"] for r in results):
-    measured = sorted((r["batch"], r["peak_bytes"]) for r in results
+    measured = sorted((r["batch"], r["peak_bytes"], r.get("weights_bytes")) for r in results
                       if r["model"] == name and r["kind"] == "decode" and r["prompt"] == prompt and r["status"] == "ok")
-    if len(measured) < 2:
+    if len(measured) >= 2:
+      (b1, m1, _), (b2, m2, _) = measured[-2:]
+      basis = f"batches {b1} and {b2}"
+    elif measured:
+      (b2, m2, weights), (b1, m1) = measured[0], (0, None)
+      m1 = weights if weights is not None else weights_bytes(name)
+      basis = f"batch {b2} and the weights"
+    else:
       continue
-    (b1, m1), (b2, m2) = measured[-2:]
     per_sequence = (m2 - m1) / (b2 - b1)
     fixed = m2 - b2 * per_sequence
     out[name] = {"largest_batch": int((CAPACITY - fixed) // per_sequence), "bytes_per_sequence": per_sequence,
-                 "fixed_bytes": fixed, "from_batches": [b1, b2]}
+                 "fixed_bytes": fixed, "from": basis}
   return out
 
 
@@ -261,19 +288,22 @@ def write_report(path, data, command):
       ratio = mamba["tokens_per_s"] / gpt["tokens_per_s"]
       lines.append(f"- {kind.replace('_', ' ')} at batch {target_batch}, prompt {target_prompt}: mamba-370m / gpt-350m "
                    f"= {ratio:.2f}x (target >= 5x: {'met' if ratio >= 5 else 'NOT met'})")
-  prompts = sorted(r["prompt"] for r in ok if r["model"] == "mamba-370m" and r["kind"] == "decode"
-                   and r["batch"] == target_batch)
-  if len(prompts) >= 2:
-    lo, hi = (find("mamba-370m", "decode", target_batch, p)["ms_per_token"] for p in (prompts[0], prompts[-1]))
+  for name in (m for m in MODELS if m.startswith("mamba")):
+    prompts = sorted(r["prompt"] for r in ok if r["model"] == name and r["kind"] == "decode"
+                     and r["batch"] == target_batch)
+    if len(prompts) < 2:
+      lines.append(f"- {name} per-token latency against prompt length: not measured")
+      continue
+    lo, hi = (find(name, "decode", target_batch, p)["ms_per_token"] for p in (prompts[0], prompts[-1]))
     change = hi / lo - 1
-    lines.append(f"- mamba-370m per-token latency at batch {target_batch}, prompt {prompts[0]} -> {prompts[-1]}: "
+    lines.append(f"- {name} per-token latency at batch {target_batch}, prompt {prompts[0]} -> {prompts[-1]}: "
                  f"{lo:.3f} -> {hi:.3f} ms ({change:+.1%}; target within 10%: {'met' if abs(change) <= 0.1 else 'NOT met'})")
   largest = data.get("largest_batch", {})
   if largest:
     lines += ["", f"Largest batch in {CAPACITY / 1e9:.0f} GB at prompt {target_prompt} (+{data['args']['new_tokens']} "
               "new tokens), computed from the measured decode memory, linear in batch:", "",
-              "| model | largest batch | MB per sequence | from batches |", "|---|---|---|---|"]
-    lines += [f"| {m} | {v['largest_batch']:,} | {v['bytes_per_sequence'] / 1e6:.2f} | {v['from_batches']} |"
+              "| model | largest batch | MB per sequence | from the memory at |", "|---|---|---|---|"]
+    lines += [f"| {m} | {v['largest_batch']:,} | {v['bytes_per_sequence'] / 1e6:.2f} | {v['from']} |"
               for m, v in largest.items()]
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
@@ -323,6 +353,7 @@ def main(argv=None):
   parser.add_argument("--out_dir", default="docs")
   parser.add_argument("--no_plots", action="store_true")
   parser.add_argument("--quick", action="store_true", help="tiny models and sizes: a smoke test for a CPU")
+  parser.add_argument("--report_from", help="a bench_generate.json: rewrite its table (and plots) without measuring")
   args = parser.parse_args(argv)
   if args.quick:
     args.batches, args.prompts, args.target, args.new_tokens, args.repeats = "1,4,8", "16,64", "4,64", 8, 1
@@ -340,17 +371,24 @@ def main(argv=None):
   # end compiles once.
   jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="bench_generate_jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  bench = Bench(args)
-  bench.run()
-  data = json.load(open(os.path.join(args.out_dir, "bench_generate.json")))
-  data["largest_batch"] = largest_batches(data["results"], args.target[1])
+  if args.report_from:
+    data = json.load(open(args.report_from))
+    # A file from before commands were recorded in it: the run that wrote docs/ used these flags.
+    data.setdefault("command", f"python scripts/bench_generate.py --out_dir docs --time_budget "
+                               f"{data['args']['time_budget']:g} --repeats {data['args']['repeats']}")
+  else:
+    bench = Bench(args)
+    bench.run()
+    data = json.load(open(os.path.join(args.out_dir, "bench_generate.json")))
+    command = "python scripts/bench_generate.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    data["command"] = command.strip()
+  data["largest_batch"] = largest_batches(data["results"], data["args"]["target"][1])
   with open(os.path.join(args.out_dir, "bench_generate.json"), "w") as f:
     json.dump(data, f, indent=1)
-  command = "python scripts/bench_generate.py " + " ".join(argv if argv is not None else sys.argv[1:])
-  print(write_report(os.path.join(args.out_dir, "generation_table.md"), data, command.strip()))
+  print(write_report(os.path.join(args.out_dir, "generation_table.md"), data, data["command"]))
   if not args.no_plots:
     plot(args.out_dir, data)
-  print(f"[{bench.elapsed():.0f}s] wrote {args.out_dir}")
+  print(f"wrote {args.out_dir}")
 
 
 if __name__ == "__main__":
