@@ -70,7 +70,7 @@ def model_config(name: str, quick: bool):
 
 
 def cache_shape(generator, batch: int, prompt: int, new_tokens: int):
-  return jax.eval_shape(lambda: generator.init_cache(batch, generator._round_up(prompt + new_tokens)))
+  return jax.eval_shape(lambda: generator.init_cache(batch, generator.round_up(prompt + new_tokens)))
 
 
 def random_state(generator, batch: int, prompt: int, new_tokens: int, cfg, key):
@@ -85,7 +85,7 @@ def random_state(generator, batch: int, prompt: int, new_tokens: int, cfg, key):
   return generate.DecodeState(
       cache=jax.tree.unflatten(treedef, leaves),
       logits=jax.random.normal(keys[-1], (batch, layers.pad_vocab(vocab, cfg.pad_vocab_multiple)), jnp.float32),
-      tokens=jax.random.randint(keys[-2], (batch, generator._round_up(new_tokens)), 0, vocab, jnp.int32),
+      tokens=jax.random.randint(keys[-2], (batch, generator.round_up(new_tokens)), 0, vocab, jnp.int32),
       offset=jnp.int32(prompt), prompt_lengths=lengths, ends=lengths + new_tokens,
       keys=jax.random.split(key, batch), position=jnp.int32(prompt), done=jnp.zeros(batch, bool))
 
@@ -131,7 +131,7 @@ class Bench:
     try:
       state = jax.eval_shape(lambda: random_state(generator, batch, prompt, new, cfg, jax.random.key(0)))
       n_steps = jnp.int32(new)
-      compiled = generator._decode.lower(generator.params, state, n_steps).compile()
+      compiled = generator.decode_jit.lower(generator.params, state, n_steps).compile()
       memory = compiled.memory_analysis()
       compile_s = time.perf_counter() - t0
       times = []
@@ -288,7 +288,7 @@ def write_report(path, data, command):
       ratio = mamba["tokens_per_s"] / gpt["tokens_per_s"]
       lines.append(f"- {kind.replace('_', ' ')} at batch {target_batch}, prompt {target_prompt}: mamba-370m / gpt-350m "
                    f"= {ratio:.2f}x (target >= 5x: {'met' if ratio >= 5 else 'NOT met'})")
-  for name in (m for m in MODELS if m.startswith("mamba")):
+  for name in (m for m in dict.fromkeys(r["model"] for r in results) if m.startswith("mamba")):
     prompts = sorted(r["prompt"] for r in ok if r["model"] == name and r["kind"] == "decode"
                      and r["batch"] == target_batch)
     if len(prompts) < 2:

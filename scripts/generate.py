@@ -165,16 +165,11 @@ def main(argv=None) -> int:
       raise UserError("--prompt is empty; give it some text")
     prompts = read_prompts(args.prompts_file) if args.prompts_file else [args.prompt]
     loaded = evaluate.load(args.workdir, args.step) if args.workdir else evaluate.load_checkpoint(args.checkpoint)
-    model_cfg = loaded.config.model
-    generate.check_causal(model_cfg)
+    generate.check_causal(loaded.config.model)
     tokenizer = evaluate.model_tokenizer(loaded, args.tokenizer)
     sampling = generate.Sampling(args.temperature, args.top_k, args.top_p)
     generator = generate.Generator(loaded.model, vocab_size=tokenizer.vocab_size, sampling=sampling,
                                    stop_ids=(tokenizer.eos_id,), prefill_tokens=args.prefill_tokens)
-    longest = max(len(ids) for ids in tokenizer.encode_batch(prompts)) + args.max_new_tokens
-    if model_cfg.position_embedding == "learned" and longest > model_cfg.max_positions:
-      raise UserError(f"a prompt plus --max_new_tokens needs {longest} positions but the model's learned position "
-                      f"table has {model_cfg.max_positions}; shorten the prompt or lower --max_new_tokens")
     if args.prompts_file:
       records = generate_file(generator, tokenizer, prompts, args)
     else:

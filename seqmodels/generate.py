@@ -175,12 +175,13 @@ class Generator:
     sampling.check()
     model = inference_model(model)
     graphdef, self.params = nnx.split(model)
-    # Bound here rather than passed as static arguments: a graphdef need not be hashable.
-    self._prefill = jax.jit(functools.partial(prefill_chunk, graphdef), donate_argnums=1)
-    self._decode = jax.jit(functools.partial(decode_loop, graphdef, sampling=sampling, vocab_size=vocab_size,
-                                             stop_ids=tuple(int(i) for i in stop_ids)), donate_argnums=1)
-    self.init_cache = model.init_cache
     self.stop_ids = tuple(int(i) for i in stop_ids)
+    # Bound here rather than passed as static arguments: a graphdef need not be hashable.
+    self.prefill_jit = jax.jit(functools.partial(prefill_chunk, graphdef), donate_argnums=1)
+    self.decode_jit = jax.jit(functools.partial(decode_loop, graphdef, sampling=sampling, vocab_size=vocab_size,
+                                                stop_ids=self.stop_ids), donate_argnums=1)
+    self.init_cache = model.init_cache
+    self.max_positions = None if model.positions is None else model.positions.num_embeddings
     self.prefill_tokens = prefill_tokens
     self.length_multiple = length_multiple
 
@@ -191,9 +192,13 @@ class Generator:
     lengths = np.asarray([len(p) for p in prompts], np.int32)
     if lengths.min() < 1:
       raise UserError("a prompt is empty after tokenization; give every prompt some text")
+    if self.max_positions is not None and lengths.max() + max_new_tokens > self.max_positions:
+      raise UserError(f"a prompt plus --max_new_tokens needs {lengths.max() + max_new_tokens} positions but the "
+                      f"model's learned position table has {self.max_positions}; shorten the prompt or lower "
+                      "--max_new_tokens")
     batch, prefilled = len(prompts), int(lengths.min())
-    total = self._round_up(lengths.max() + max_new_tokens)
-    tokens = np.zeros((batch, self._round_up(lengths.max() - prefilled + max_new_tokens)), np.int32)
+    total = self.round_up(lengths.max() + max_new_tokens)
+    tokens = np.zeros((batch, self.round_up(lengths.max() - prefilled + max_new_tokens)), np.int32)
     for row, prompt in enumerate(prompts):
       tokens[row, :len(prompt) - prefilled] = prompt[prefilled:]
     indices = np.arange(batch) if indices is None else np.asarray(indices)
@@ -204,18 +209,18 @@ class Generator:
     start, logits = 0, None
     for chunk in prefill_chunks(prefilled, max_chunk):
       chunk_tokens = np.asarray([prompt[start:start + chunk] for prompt in prompts], np.int32)
-      logits, cache = self._prefill(self.params, cache, jnp.asarray(chunk_tokens))
+      logits, cache = self.prefill_jit(self.params, cache, jnp.asarray(chunk_tokens))
       start += chunk
     return DecodeState(cache=cache, logits=logits, tokens=jnp.asarray(tokens), offset=jnp.asarray(prefilled, jnp.int32),
                        prompt_lengths=jnp.asarray(lengths), ends=jnp.asarray(lengths + max_new_tokens), keys=keys,
                        position=jnp.asarray(prefilled, jnp.int32), done=jnp.zeros(batch, bool))
 
-  def _round_up(self, length: int) -> int:
+  def round_up(self, length: int) -> int:
     return self.length_multiple * math.ceil(length / self.length_multiple)
 
   def decode(self, state: DecodeState, n_steps: int) -> DecodeState:
     """Runs the compiled loop for up to n_steps more positions; `state` is consumed."""
-    return self._decode(self.params, state, jnp.asarray(n_steps, jnp.int32))
+    return self.decode_jit(self.params, state, jnp.asarray(n_steps, jnp.int32))
 
   def generate(self, prompts: list[list[int]], max_new_tokens: int, *, seed: int = 0, indices=None,
                on_progress: Callable[[list[list[int]]], bool] | None = None, progress_every: int = 8):

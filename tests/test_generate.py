@@ -188,10 +188,13 @@ def test_cli_rejects_bad_prompt_files_in_one_line(content, message, tmp_path, ca
   assert re.search(message, err)
 
 
-def test_cli_rejects_empty_prompts_bad_sampling_and_encoders(capsys):
+def test_empty_prompts_bad_sampling_encoders_and_overlong_requests_are_refused(capsys):
   code, _, err = _cli(capsys, "--checkpoint", HF_FIXTURE, "--prompt", "")
   assert code == 1 and "--prompt is empty" in err
   code, _, err = _cli(capsys, "--checkpoint", HF_FIXTURE, "--prompt", "a", "--top_p", "0")
   assert code == 1 and "--top_p must be in (0, 1]" in err
   with pytest.raises(UserError, match="bidirectional encoder"):
     generate.check_causal(tiny_config("lion_s").model)
+  model, cfg = spread_model("gpt2")
+  with pytest.raises(UserError, match=f"learned position table has {cfg.max_positions}"):
+    generate.Generator(model, vocab_size=cfg.vocab_size).start([[1] * cfg.max_positions], max_new_tokens=1)
