@@ -39,10 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from seqmodels import lm
 from seqmodels.errors import UserError
-
-BIDIRECTIONAL = ("lion_lit", "lion_d", "lion_s")
-
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -60,7 +58,7 @@ class Sampling:
 
 
 def check_causal(model_cfg) -> None:
-  if model_cfg.architecture in BIDIRECTIONAL:
+  if getattr(lm.backbone_class(model_cfg.architecture), "bidirectional", False):
     raise UserError(f"model.architecture '{model_cfg.architecture}' is a bidirectional encoder and cannot generate "
                     "text; use a causal model (mamba, gpt, gpt2, retnet, dense_mamba, ...)")
 

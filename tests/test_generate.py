@@ -19,7 +19,7 @@ from seqmodels.errors import UserError
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import generate as generate_cli  # noqa: E402  scripts/generate.py
 
-CAUSAL = [name for name in lm.ARCHITECTURES if name not in generate.BIDIRECTIONAL]
+CAUSAL = [name for name, backbone in lm.ARCHITECTURES.items() if not getattr(backbone, "bidirectional", False)]
 HF_FIXTURE = os.path.join(REPO, "tests", "fixtures", "hf_mamba_tiny", "hf")
 PROMPTS = [[5, 17, 99, 3, 250], [42, 7], [200, 1, 64]]
 
