@@ -10,7 +10,10 @@ Weights start N(0, 0.02); the two projections that write into the residual strea
 `jax.nn.dot_product_attention`, so cuDNN's flash attention serves on GPU.
 
 Decoding keeps a preallocated KV cache of `max_length` positions per layer; a forward over L new
-tokens writes them at the cache position and attends to everything written so far.
+tokens writes them at the cache position and attends to everything written so far (the unwritten
+rest is masked). The cache is heads-major, (batch, heads, max_length, head_dim), so that a
+decoding step's q K^T and weighted sum of V are batched matrix-vector products over contiguous
+keys rather than reads through a transpose.
 """
 
 import math
@@ -46,7 +49,7 @@ class CausalSelfAttention(nnx.Module):
                              kernel_init=layers.scaled(init, 1 / math.sqrt(2 * n_layer)))
 
   def init_cache(self, batch, max_length):
-    shape = (batch, max_length, self.n_head, self.head_dim)
+    shape = (batch, self.n_head, max_length, self.head_dim)
     return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype),
             "pos": jnp.zeros((), jnp.int32)}
 
@@ -61,12 +64,25 @@ class CausalSelfAttention(nnx.Module):
     if cache is None:
       o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
     else:
-      k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(self.dtype), start, axis=1)
-      v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(self.dtype), start, axis=1)
-      visible = jnp.arange(k_all.shape[1])[None, :] <= positions[:, None]  # (length, max_length)
-      o = jax.nn.dot_product_attention(q, k_all, v_all, mask=visible[None, None])
+      heads_major = lambda a: jnp.swapaxes(a.astype(self.dtype), 1, 2)
+      k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], heads_major(k), start, axis=2)
+      v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], heads_major(v), start, axis=2)
+      visible = jnp.arange(k_all.shape[2])[None, :] <= positions[:, None]  # (length, max_length)
+      o = cached_attention(q, k_all, v_all, visible)
       cache = {"k": k_all, "v": v_all, "pos": start + length}
     return self.out(o.reshape(batch, length, -1)), cache
+
+
+def cached_attention(q, k_all, v_all, visible):
+  """softmax(q K^T / sqrt(head_dim), masked to `visible`) V against a heads-major KV cache.
+
+  q: (batch, length, heads, head_dim); k_all, v_all: (batch, heads, max_length, head_dim);
+  visible: (length, max_length). Scores and softmax are float32, as in jax.nn.dot_product_attention.
+  """
+  scores = jnp.einsum("blnh,bnsh->bnls", q.astype(k_all.dtype), k_all, preferred_element_type=jnp.float32)
+  scores = jnp.where(visible, scores * q.shape[-1] ** -0.5, -jnp.inf)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_all.dtype)
+  return jnp.einsum("bnls,bnsh->blnh", probs, v_all, preferred_element_type=jnp.float32).astype(q.dtype)
 
 
 class SwiGLU(nnx.Module):

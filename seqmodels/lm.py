@@ -93,22 +93,26 @@ class LanguageModel(nnx.Module):
     """Decoding state for `batch` sequences; attention blocks preallocate `max_length` positions."""
     return {"pos": jnp.zeros((), jnp.int32), "backbone": self.backbone.init_cache(batch, max_length)}
 
-  def prefill(self, tokens, cache):
-    """Runs a prompt (batch, length) in parallel from `cache`; returns its logits and the new cache."""
-    return self._forward(tokens, cache)
+  def prefill(self, tokens, cache, last_only: bool = False):
+    """Runs a prompt (batch, length) in parallel from `cache`; returns its logits and the new cache.
+
+    With last_only the logits are the last position's alone, (batch, 1, vocab): a sampler needs no
+    more, and a long prompt's full logits can outweigh the model.
+    """
+    return self._forward(tokens, cache, last_only)
 
   def step(self, tokens_t, cache):
     """One decoding step: tokens_t (batch,) -> logits (batch, vocab), cache."""
     logits, cache = self._forward(tokens_t[:, None], cache)
     return logits[:, 0], cache
 
-  def _forward(self, tokens, cache):
+  def _forward(self, tokens, cache, last_only=False):
     u = self.embed(tokens).astype(jnp.float32)
     start = 0 if cache is None else cache["pos"]
     if self.positions is not None:
       u = u + self.positions(start + jnp.arange(tokens.shape[1])).astype(jnp.float32)
     u, backbone_cache = self.backbone(u, None if cache is None else cache["backbone"])
-    x = self.norm_f(u)
+    x = self.norm_f(u[:, -1:] if last_only else u)
     logits = (self.embed.attend(x) if self.head is None else self.head(x)).astype(jnp.float32)
     if cache is None:
       return logits, None

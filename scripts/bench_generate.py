@@ -1,0 +1,395 @@
+"""Decode throughput and per-token latency of our generator: Mamba against GPT (Transformer++), and
+RetNet and DenseRetNet, over batch size and prompt length, with the memory each needs.
+
+  python scripts/bench_generate.py --out_dir docs [--time_budget SECONDS]
+  python scripts/bench_generate.py --quick --out_dir /tmp/bench   # tiny models, a CPU smoke test
+
+Models (random-init weights, bf16 compute: decoding's speed does not depend on the weights'
+values): mamba 130m / 370m, gpt 125m / 350m (configs/gpt.py, our Transformer++), retnet 1.3b and
+dense_retnet 350m (the smallest paper sizes). Every number comes from seqmodels/generate.py's
+Generator, the code scripts/generate.py runs, decoding greedily with no stop token:
+
+- decode: the compiled decoding loop (Generator.decode) for --new_tokens positions, from a cache at
+  prompt position P filled with random values (a step's work does not depend on them). Tokens/s
+  is batch x new tokens over the median of --repeats runs; per-token latency is that median over
+  new tokens. Compilation is excluded.
+- end to end, at batch 64 and prompt 2048: Generator.generate on random prompts, prefill included.
+- memory: XLA's allocation for the compiled decode call (arguments, outputs and temporaries), the
+  weights and cache included. The largest batch that fits in 80 GB at prompt 2048 is computed from
+  it: it grows linearly with batch, so two measured batches give the line.
+
+Points run in order of importance within --time_budget (the paper's comparison first, then latency
+against prompt length, end to end, then the batch sweep), each model within its share of the
+budget; what did not fit is listed as skipped. Points whose
+cache alone would not fit in memory are skipped as "oom (estimated)", a run that fails to allocate
+as "oom". Writes bench_generate.json, generation_table.md and two plots,
+generate_throughput.png (tokens/s against batch at prompt 2048) and generate_latency.png (per-token
+latency against prompt length at batch 64), to --out_dir; --report_from FILE rewrites them from a
+bench_generate.json without measuring. Results and the command that made them: docs/generation.md.
+"""
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from seqmodels import config as config_lib  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from seqmodels import generate, layers, lm  # noqa: E402
+
+# name: (config file, variant, share of the time budget)
+MODELS = {
+    "mamba-370m": ("mamba", "370m", 0.22),
+    "gpt-350m": ("gpt", "350m", 0.22),
+    "mamba-130m": ("mamba", "130m", 0.12),
+    "gpt-125m": ("gpt", "125m", 0.12),
+    "retnet-1.3b": ("retnet", "1.3b", 0.16),
+    "dense_retnet-350m": ("dense_retnet", "350m", 0.16),
+}
+CAPACITY = 80e9  # The issue's "80 GB".
+TARGET = (64, 2048)  # Batch and prompt length of the Mamba paper's comparison.
+
+
+def model_config(name: str, quick: bool):
+  arch, variant, _ = MODELS[name]
+  cfg = config_lib.load(os.path.join(REPO, "configs", f"{arch}.py") + ":" + ("tiny" if quick else variant)).model
+  cfg.dtype = "bfloat16"
+  return cfg
+
+
+def cache_shape(generator, batch: int, prompt: int, new_tokens: int):
+  return jax.eval_shape(lambda: generator.init_cache(batch, generator.round_up(prompt + new_tokens)))
+
+
+def random_state(generator, batch: int, prompt: int, new_tokens: int, cfg, key):
+  """The decoding loop's state at position `prompt`, its cache filled with random values."""
+  vocab = cfg.vocab_size
+  leaves, treedef = jax.tree.flatten(cache_shape(generator, batch, prompt, new_tokens))
+  keys = jax.random.split(key, len(leaves) + 2)
+  # The positions are the only scalars of a cache.
+  leaves = [jnp.full(x.shape, prompt, x.dtype) if x.ndim == 0 else jax.random.normal(k, x.shape, x.dtype)
+            for x, k in zip(leaves, keys)]
+  lengths = jnp.full((batch,), prompt, jnp.int32)
+  return generate.DecodeState(
+      cache=jax.tree.unflatten(treedef, leaves),
+      logits=jax.random.normal(keys[-1], (batch, layers.pad_vocab(vocab, cfg.pad_vocab_multiple)), jnp.float32),
+      tokens=jax.random.randint(keys[-2], (batch, generator.round_up(new_tokens)), 0, vocab, jnp.int32),
+      offset=jnp.int32(prompt), prompt_lengths=lengths, ends=lengths + new_tokens,
+      keys=jax.random.split(key, batch), position=jnp.int32(prompt), done=jnp.zeros(batch, bool))
+
+
+def nbytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def is_oom(error: Exception) -> bool:
+  text = str(error)
+  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+class Bench:
+
+  def __init__(self, args):
+    self.args = args
+    self.results = []
+    self.start = time.perf_counter()
+
+  def elapsed(self) -> float:
+    return time.perf_counter() - self.start
+
+  def record(self, **row):
+    self.results.append(row)
+    print(json.dumps(row), flush=True)
+    self.save()
+
+  def save(self):
+    with open(os.path.join(self.args.out_dir, "bench_generate.json"), "w") as f:
+      json.dump({"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+                 "args": vars(self.args), "results": self.results}, f, indent=1)
+
+  def decode_point(self, name, generator, cfg, weights, batch, prompt):
+    """Times the decoding loop at (batch, prompt); returns (seconds it took, of them compiling)."""
+    t0 = time.perf_counter()
+    new = self.args.new_tokens
+    cache_bytes = nbytes(cache_shape(generator, batch, prompt, new))
+    if weights + cache_bytes > CAPACITY:
+      self.record(model=name, kind="decode", batch=batch, prompt=prompt, status="oom (estimated)",
+                  cache_bytes=cache_bytes)
+      return 0.0, 0.0
+    try:
+      state = jax.eval_shape(lambda: random_state(generator, batch, prompt, new, cfg, jax.random.key(0)))
+      n_steps = jnp.int32(new)
+      compiled = generator.decode_jit.lower(generator.params, state, n_steps).compile()
+      memory = compiled.memory_analysis()
+      compile_s = time.perf_counter() - t0
+      times = []
+      for repeat in range(self.args.repeats + 1):
+        state = random_state(generator, batch, prompt, new, cfg, jax.random.key(repeat))
+        jax.block_until_ready(state)
+        t = time.perf_counter()
+        state = compiled(generator.params, state, n_steps)
+        jax.block_until_ready(state)
+        if repeat:  # The first run warms up.
+          times.append(time.perf_counter() - t)
+      assert int(state.position) == prompt + new
+      del state
+    except Exception as e:  # XLA reports allocation failures as several exception types.
+      if not is_oom(e):
+        raise
+      self.record(model=name, kind="decode", batch=batch, prompt=prompt, status="oom")
+      return time.perf_counter() - t0, 0.0
+    seconds = statistics.median(times)
+    peak = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes - \
+        memory.alias_size_in_bytes
+    self.record(model=name, kind="decode", batch=batch, prompt=prompt, status="ok", new_tokens=new,
+                tokens_per_s=batch * new / seconds, ms_per_token=1e3 * seconds / new, seconds=seconds,
+                times=times, peak_bytes=peak, cache_bytes=cache_bytes, weights_bytes=weights, compile_s=compile_s)
+    return time.perf_counter() - t0, compile_s
+
+  def end_to_end_point(self, name, generator, cfg, batch, prompt):
+    t0 = time.perf_counter()
+    new = self.args.new_tokens
+    prompts = jax.random.randint(jax.random.key(7), (batch, prompt), 0, cfg.vocab_size).tolist()
+    times = []
+    try:
+      for repeat in range(self.args.repeats + 1):
+        t = time.perf_counter()
+        out = generator.generate(prompts, new)
+        if repeat:
+          times.append(time.perf_counter() - t)
+      assert all(len(row) == new for row in out)
+    except Exception as e:
+      if not is_oom(e):
+        raise
+      self.record(model=name, kind="end_to_end", batch=batch, prompt=prompt, status="oom")
+      return time.perf_counter() - t0
+    seconds = statistics.median(times)
+    self.record(model=name, kind="end_to_end", batch=batch, prompt=prompt, status="ok", new_tokens=new,
+                tokens_per_s=batch * new / seconds, seconds=seconds, times=times)
+    return time.perf_counter() - t0
+
+  def run_model(self, name, deadline):
+    cfg = model_config(name, self.args.quick)
+    generator = generate.Generator(lm.build(cfg), vocab_size=cfg.vocab_size,
+                                   length_multiple=self.args.length_multiple, prefill_tokens=self.args.prefill_tokens)
+    weights = nbytes(generator.params)
+    target_batch, target_prompt = self.args.target
+    points = [("decode", target_batch, target_prompt)]
+    points += [("decode", target_batch, p) for p in self.args.prompts if p != target_prompt]
+    if name in self.args.end_to_end:
+      points.append(("end_to_end", target_batch, target_prompt))
+    points += [("decode", b, target_prompt) for b in self.args.batches if b != target_batch]
+    compiled_shapes, first_cost, first_run_cost = set(), None, 0.0
+    for kind, batch, prompt in points:
+      # The first point (the paper's comparison) runs whenever the whole budget allows; the others
+      # must fit in this model's share, judged by what the first one cost: all of it for a point
+      # that compiles a new decoding loop, its runs alone for one that reuses a compiled loop
+      # (a recurrent model at another prompt length).
+      shapes = (kind, batch, str(jax.tree.map(lambda x: x.shape, cache_shape(generator, batch, prompt,
+                                                                              self.args.new_tokens))))
+      estimate = first_run_cost if shapes in compiled_shapes else first_cost or 0.0
+      limit = self.start + self.args.time_budget if first_cost is None else deadline
+      if time.perf_counter() + estimate > limit:
+        self.record(model=name, kind=kind, batch=batch, prompt=prompt, status="skipped (time budget)")
+        continue
+      if kind == "decode":
+        cost, compile_s = self.decode_point(name, generator, cfg, weights, batch, prompt)
+      else:
+        cost, compile_s = self.end_to_end_point(name, generator, cfg, batch, prompt), 0.0
+      compiled_shapes.add(shapes)
+      if first_cost is None:
+        first_cost, first_run_cost = cost, cost - compile_s
+    del generator
+    gc.collect()
+    jax.clear_caches()
+
+  def run(self):
+    shares = [MODELS[name][2] for name in self.args.models]
+    done = 0.0
+    for name, share in zip(self.args.models, shares):
+      done += share / sum(shares)
+      print(f"[{self.elapsed():.0f}s] {name}", flush=True)
+      self.run_model(name, self.start + done * self.args.time_budget)
+    self.save()
+
+
+def weights_bytes(name: str) -> int:
+  """Bytes of a model's decoding weights (Generator.params), computed from shapes alone."""
+  cfg = model_config(name, quick=False)
+  return nbytes(jax.eval_shape(lambda: nnx.state(generate.inference_model(lm.build(cfg)))))
+
+
+def largest_batches(results, prompt):
+  """{model: largest batch in CAPACITY and how it was found} from measured decode memory at `prompt`.
+
+  Memory is linear in batch: with two measured batches the line through them, with one the line
+  through it and the weights (which charges the batch-independent temporaries to the sequences,
+  so it errs low).
+  """
+  out = {}
+  for name in dict.fromkeys(r["model"] for r in results):
+    measured = sorted((r["batch"], r["peak_bytes"], r.get("weights_bytes")) for r in results
+                      if r["model"] == name and r["kind"] == "decode" and r["prompt"] == prompt and r["status"] == "ok")
+    if len(measured) >= 2:
+      (b1, m1, _), (b2, m2, _) = measured[-2:]
+      basis = f"batches {b1} and {b2}"
+    elif measured:
+      (b2, m2, weights), (b1, m1) = measured[0], (0, None)
+      m1 = weights if weights is not None else weights_bytes(name)
+      basis = f"batch {b2} and the weights"
+    else:
+      continue
+    per_sequence = (m2 - m1) / (b2 - b1)
+    fixed = m2 - b2 * per_sequence
+    out[name] = {"largest_batch": int((CAPACITY - fixed) // per_sequence), "bytes_per_sequence": per_sequence,
+                 "fixed_bytes": fixed, "from": basis}
+  return out
+
+
+def write_report(path, data, command):
+  results = data["results"]
+  ok = [r for r in results if r["status"] == "ok"]
+  target_batch, target_prompt = data["args"]["target"]
+  lines = [f"Device: {data['device']} ({data['backend']}). Command: `{command}`", ""]
+  lines += ["| model | batch | prompt | decode tokens/s | ms / token | peak memory (GB) |", "|---|---|---|---|---|---|"]
+  for r in results:
+    if r["kind"] != "decode":
+      continue
+    if r["status"] != "ok":
+      lines.append(f"| {r['model']} | {r['batch']} | {r['prompt']} | {r['status']} | | |")
+      continue
+    lines.append(f"| {r['model']} | {r['batch']} | {r['prompt']} | {r['tokens_per_s']:,.0f} | {r['ms_per_token']:.2f} "
+                 f"| {r['peak_bytes'] / 1e9:.1f} |")
+  e2e = [r for r in ok if r["kind"] == "end_to_end"]
+  if e2e:
+    lines += ["", f"End to end (prefill + {data['args']['new_tokens']} new tokens):", "",
+              "| model | batch | prompt | tokens/s | seconds |", "|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['batch']} | {r['prompt']} | {r['tokens_per_s']:,.0f} | {r['seconds']:.3f} |" for r in e2e]
+
+  def find(model, kind, batch, prompt):
+    return next((r for r in ok if (r["model"], r["kind"], r["batch"], r["prompt"]) == (model, kind, batch, prompt)), None)
+
+  lines += ["", "Targets:", ""]
+  for kind in ("decode", "end_to_end"):
+    mamba, gpt = find("mamba-370m", kind, target_batch, target_prompt), find("gpt-350m", kind, target_batch, target_prompt)
+    if mamba and gpt:
+      ratio = mamba["tokens_per_s"] / gpt["tokens_per_s"]
+      lines.append(f"- {kind.replace('_', ' ')} at batch {target_batch}, prompt {target_prompt}: mamba-370m / gpt-350m "
+                   f"= {ratio:.2f}x (target >= 5x: {'met' if ratio >= 5 else 'NOT met'})")
+  for name in (m for m in dict.fromkeys(r["model"] for r in results) if m.startswith("mamba")):
+    prompts = sorted(r["prompt"] for r in ok if r["model"] == name and r["kind"] == "decode"
+                     and r["batch"] == target_batch)
+    if len(prompts) < 2:
+      lines.append(f"- {name} per-token latency against prompt length: not measured")
+      continue
+    lo, hi = (find(name, "decode", target_batch, p)["ms_per_token"] for p in (prompts[0], prompts[-1]))
+    change = hi / lo - 1
+    lines.append(f"- {name} per-token latency at batch {target_batch}, prompt {prompts[0]} -> {prompts[-1]}: "
+                 f"{lo:.3f} -> {hi:.3f} ms ({change:+.1%}; target within 10%: {'met' if abs(change) <= 0.1 else 'NOT met'})")
+  largest = data.get("largest_batch", {})
+  if largest:
+    lines += ["", f"Largest batch in {CAPACITY / 1e9:.0f} GB at prompt {target_prompt} (+{data['args']['new_tokens']} "
+              "new tokens), computed from the measured decode memory, linear in batch:", "",
+              "| model | largest batch | MB per sequence | from the memory at |", "|---|---|---|---|"]
+    lines += [f"| {m} | {v['largest_batch']:,} | {v['bytes_per_sequence'] / 1e6:.2f} | {v['from']} |"
+              for m, v in largest.items()]
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return "\n".join(lines)
+
+
+def plot(out_dir, data):
+  import matplotlib  # Only on the machines that plot: it is not a dependency of the package.
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  ok = [r for r in data["results"] if r["status"] == "ok" and r["kind"] == "decode"]
+  target_batch, target_prompt = data["args"]["target"]
+  for file, x_key, fixed_key, fixed, y_key, y_label, log_y in (
+      ("generate_throughput.png", "batch", "prompt", target_prompt, "tokens_per_s", "decode tokens/s", True),
+      ("generate_latency.png", "prompt", "batch", target_batch, "ms_per_token", "ms per token", False)):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r["model"] for r in ok):
+      points = sorted((r[x_key], r[y_key]) for r in ok if r["model"] == name and r[fixed_key] == fixed)
+      if points:
+        ax.plot(*zip(*points), marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    if log_y:
+      ax.set_yscale("log")
+    ax.set_xlabel("batch size" if x_key == "batch" else "prompt length (decode position)")
+    ax.set_ylabel(y_label)
+    ax.set_title(f"{y_label} at {fixed_key} {fixed}, {data['device']}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, file), dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  parser.add_argument("--models", default=",".join(MODELS))
+  parser.add_argument("--batches", default="1,16,64,256")
+  parser.add_argument("--prompts", default="512,2048,8192")
+  parser.add_argument("--target", default="64,2048", help="batch,prompt of the comparison and the sweeps' fixed value")
+  parser.add_argument("--new_tokens", type=int, default=128)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--end_to_end", default="mamba-370m,gpt-350m", help="models also timed with prefill")
+  parser.add_argument("--time_budget", type=float, default=3600.0, help="seconds for all points")
+  parser.add_argument("--length_multiple", type=int, default=64)
+  parser.add_argument("--prefill_tokens", type=int, default=16384)
+  parser.add_argument("--out_dir", default="docs")
+  parser.add_argument("--no_plots", action="store_true")
+  parser.add_argument("--quick", action="store_true", help="tiny models and sizes: a smoke test for a CPU")
+  parser.add_argument("--report_from", help="a bench_generate.json: rewrite its table (and plots) without measuring")
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.batches, args.prompts, args.target, args.new_tokens, args.repeats = "1,4,8", "16,64", "4,64", 8, 1
+  args.models = [m for m in args.models.split(",") if m]
+  unknown = [m for m in args.models if m not in MODELS]
+  if unknown:
+    parser.error(f"unknown --models {unknown}; known: {', '.join(MODELS)}")
+  args.batches = [int(b) for b in args.batches.split(",")]
+  args.prompts = [int(p) for p in args.prompts.split(",")]
+  args.target = [int(x) for x in args.target.split(",")]
+  args.end_to_end = [m for m in args.end_to_end.split(",") if m]
+  os.makedirs(args.out_dir, exist_ok=True)
+
+  # Compiled programs go to a disk cache, so that a shape timed by the decode loop and again end to
+  # end compiles once.
+  jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="bench_generate_jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  if args.report_from:
+    data = json.load(open(args.report_from))
+    # A file from before commands were recorded in it: the run that wrote docs/ used these flags.
+    data.setdefault("command", f"python scripts/bench_generate.py --out_dir docs --time_budget "
+                               f"{data['args']['time_budget']:g} --repeats {data['args']['repeats']}")
+  else:
+    bench = Bench(args)
+    bench.run()
+    data = json.load(open(os.path.join(args.out_dir, "bench_generate.json")))
+    command = "python scripts/bench_generate.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    data["command"] = command.strip()
+  data["largest_batch"] = largest_batches(data["results"], data["args"]["target"][1])
+  with open(os.path.join(args.out_dir, "bench_generate.json"), "w") as f:
+    json.dump(data, f, indent=1)
+  print(write_report(os.path.join(args.out_dir, "generation_table.md"), data, data["command"]))
+  if not args.no_plots:
+    plot(args.out_dir, data)
+  print(f"wrote {args.out_dir}")
+
+
+if __name__ == "__main__":
+  main()
