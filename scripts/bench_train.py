@@ -15,11 +15,10 @@ compilation cache (JAX_COMPILATION_CACHE_DIR, a temporary folder unless set), an
 a time, each loading its executable from the cache: the wall time of a many-config run is then
 about that of its slowest compile plus the timed steps. `compile s` is then the load time.
 
-A config's step is
-seqmodels.trainer.Trainer.train_step, the function train.py runs (forward, backward, clipping,
-AdamW, the state donated), compiled ahead of time on abstract inputs (`compile s`, also reported),
-given a state initialized on the host CPU, then run `--warmup` times and timed `--steps` times on random token batches, each step
-synchronized; the step time is the median. Columns:
+A config's step is seqmodels.trainer.Trainer.train_step, the function train.py runs (forward,
+backward, clipping, AdamW, the state donated), compiled ahead of time on abstract inputs (`compile
+s`), given a state initialized on the host CPU, then run `--warmup` times and timed `--steps` times
+on random token batches, each step synchronized; the step time is the median. Columns:
 
   tok/s/dev  batch_size x seq_len / median step time / devices on the mesh
   MFU        tok/s/dev x flops_per_token / the device's peak bf16 FLOP/s, as defined in
@@ -29,7 +28,7 @@ synchronized; the step time is the median. Columns:
   peak GB    device.memory_stats()['peak_bytes_in_use'] (GPU/TPU), the largest over the local
              devices; on CPU, XLA's compiled estimate (arguments + outputs + temporaries)
 
---profile DIR also traces 3 more steps with jax.profiler into DIR/<config>/ (open it in Perfetto
+--profile DIR also traces 3 more steps with jax.profiler into DIR/<index>_<config>/ (open it in Perfetto
 or TensorBoard) and prints the top device ops by time, grouped into matmul, attention, scan and
 other (scan: ops under the models' "scan" named scopes in the compiled HLO).
 """
@@ -76,10 +75,10 @@ def main(argv=None) -> int:
   if args.compile_jobs > 1:
     precompile(runs, args.compile_jobs)
   rows = []
-  for spec, run_overrides in runs:
+  for index, (spec, run_overrides) in enumerate(runs):
     print(f"== {spec} {' '.join(run_overrides)}", file=sys.stderr, flush=True)
     command = [*worker_command(spec, run_overrides), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--profile", args.profile]
+               "--profile", args.profile and os.path.join(args.profile, f"{index:02d}_{safe_name(spec)}")]
     proc = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     row = json.loads(lines[-1][len(RESULT_PREFIX):]) if lines else {"config": spec, "error": f"exit {proc.returncode}"}
@@ -155,11 +154,12 @@ def run_worker(args, overrides) -> int:
   step_fn = trainer.train_step.lower(trainer.abstract_state, abstract_batch).compile()
   compile_s = time.perf_counter() - start
   print(f"compiled in {compile_s:.1f} s; {stats['params']:,} params", file=sys.stderr, flush=True)
-  if args.compile_only:
-    return 0
   # Initialized on the host: XLA's GPU compile of the random init takes minutes (3 for gpt 350m).
   with jax.default_device(jax.devices("cpu")[0]):
-    state = jax.jit(trainer._init_state)()
+    init = jax.jit(trainer._init_state).lower().compile()
+    if args.compile_only:
+      return 0
+    state = init()
   state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, trainer.abstract_state))
 
   def run(n, timed):
@@ -199,7 +199,7 @@ def run_worker(args, overrides) -> int:
   if not np.isfinite(result["final_loss"]):
     result["error"] = f"loss is {result['final_loss']}"
   if args.profile:
-    result["profile"] = profile(step_fn, state, batches, trainer, os.path.join(args.profile, safe_name(spec)))
+    result["profile"] = profile(step_fn, state, batches, trainer, args.profile)
   print(RESULT_PREFIX + json.dumps(result))
   return 0
 
