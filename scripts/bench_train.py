@@ -261,12 +261,15 @@ def profile(step_fn, state, batches, trainer, directory, steps=3):
 
 
 def op_scopes(hlo_text):
-  """HLO instruction name -> the jax name stack (op_name metadata) it was lowered from."""
+  """HLO instruction name -> the jax name stack (op_name metadata) it was lowered from.
+
+  Each name is also entered as the GPU kernel is named after it ('.' and '-' become '_').
+  """
   scopes = {}
   for line in hlo_text.splitlines():
     match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*op_name=\"([^\"]*)\"", line)
     if match:
-      scopes[match.group(1)] = match.group(2)
+      scopes[match.group(1)] = scopes[re.sub(r"[.\-]", "_", match.group(1))] = match.group(2)
   return scopes
 
 
@@ -298,7 +301,7 @@ def summarize_trace(path, hlo_text, steps):
       continue
     op_args = e.get("args", {})
     hlo_op = op_args.get("hlo_op") or e["name"]
-    scope = op_args.get("long_name", "") + " " + scopes.get(hlo_op, scopes.get(hlo_op.replace("_", "."), ""))
+    scope = op_args.get("long_name", "") + " " + scopes.get(hlo_op, "")
     category = categorize(e["name"], scope)
     key = (e["name"][:80], category)
     by_op[key] = by_op.get(key, 0.0) + e["dur"] / steps / 1e3
