@@ -261,15 +261,28 @@ def profile(step_fn, state, batches, trainer, directory, steps=3):
 
 
 def op_scopes(hlo_text):
-  """HLO instruction name -> the jax name stack (op_name metadata) it was lowered from.
+  """HLO instruction name -> the jax name stacks (op_name metadata) of it and of the ops it fuses.
 
-  Each name is also entered as the GPU kernel is named after it ('.' and '-' become '_').
+  A fusion's own metadata is its root op's, so the ops inside it are read too. Each name is also
+  entered as the GPU kernel is named after it ('.' and '-' become '_').
   """
-  scopes = {}
+  computation_ops, instructions, current = {}, [], None
   for line in hlo_text.splitlines():
-    match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*op_name=\"([^\"]*)\"", line)
-    if match:
-      scopes[match.group(1)] = scopes[re.sub(r"[.\-]", "_", match.group(1))] = match.group(2)
+    header = re.match(r"(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if header:
+      current = header.group(1)
+      continue
+    match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line)
+    if not match:
+      continue
+    op_name = re.search(r'op_name="([^"]*)"', line)
+    op_name = op_name.group(1) if op_name else ""
+    computation_ops.setdefault(current, []).append(op_name)
+    instructions.append((match.group(1), op_name, re.findall(r"calls=%?([\w.\-]+)", line)))
+  scopes = {}
+  for name, op_name, calls in instructions:
+    scope = " ".join([op_name, *(op for called in calls for op in computation_ops.get(called, []))])
+    scopes[name] = scopes[re.sub(r"[.\-]", "_", name)] = scope
   return scopes
 
 
@@ -278,12 +291,13 @@ ATTENTION_KERNELS = re.compile(r"cudnn|fmha|flash|attention", re.I)
 
 
 def categorize(name, scope):
+  """attention, matmul (by kernel name), scan (an op under a "scan" scope in it), or other."""
   if ATTENTION_KERNELS.search(name) or "dot_product_attention" in scope:
     return "attention"
-  if re.search(r"(^|[/(])scan([/)]|$)", scope):
-    return "scan"
   if MATMUL_KERNELS.search(name):
     return "matmul"
+  if re.search(r"(^|[/(])scan([/)]|$)", scope):
+    return "scan"
   return "other"
 
 
@@ -300,8 +314,8 @@ def summarize_trace(path, hlo_text, steps):
     if e.get("ph") != "X" or e.get("pid") not in device_pids:
       continue
     op_args = e.get("args", {})
-    hlo_op = op_args.get("hlo_op") or e["name"]
-    scope = op_args.get("long_name", "") + " " + scopes.get(hlo_op, "")
+    # Under CUDA graphs hlo_op names the command buffer; the kernel is then named after its fusion.
+    scope = scopes.get(op_args.get("hlo_op", ""), "") + " " + scopes.get(e["name"], "")
     category = categorize(e["name"], scope)
     key = (e["name"][:80], category)
     by_op[key] = by_op.get(key, 0.0) + e["dur"] / steps / 1e3

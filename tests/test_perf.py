@@ -166,11 +166,21 @@ def test_mfu_formula_and_peak_table():
 
 
 def test_profile_summary_groups_device_ops():
-  hlo = ('  %fusion.7 = f32[8] fusion(f32[8] %p), metadata={op_name="jit(_train_step)/transpose(jvp(scan))/mul"}\n'
-         '  %custom-call.2 = bf16[8,8] custom-call(), metadata={op_name="jit(_train_step)/dot_general"}\n')
+  # A fusion carries its root op's name stack; the scan op inside it decides its category.
+  hlo = ('%fused_concatenate.7 (param_0: f32[8]) -> f32[16] {\n'
+         '  %param_0 = f32[8] parameter(0)\n'
+         '  %mul.1 = f32[8] multiply(%param_0, %param_0), metadata={op_name="jit(_train_step)/transpose(jvp(scan))/mul"}\n'
+         '  ROOT %concatenate.1 = f32[16] concatenate(%mul.1, %param_0), metadata={op_name="jit(_train_step)/concatenate"}\n'
+         '}\n\n'
+         'ENTRY %main.9 (p: f32[8]) -> f32[16] {\n'
+         '  %input_concatenate_fusion.7 = f32[16] fusion(f32[8] %p), kind=kInput, calls=%fused_concatenate.7, '
+         'metadata={op_name="jit(_train_step)/concatenate"}\n'
+         '  %custom-call.2 = bf16[8,8] custom-call(), metadata={op_name="jit(_train_step)/dot_general"}\n'
+         '}\n')
   events = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
             {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}},
-            {"ph": "X", "pid": 1, "name": "loop_fusion", "dur": 3000.0, "args": {"hlo_op": "fusion.7"}},
+            {"ph": "X", "pid": 1, "name": "input_concatenate_fusion_7", "dur": 3000.0,
+             "args": {"hlo_op": "command_buffer_1"}},
             {"ph": "X", "pid": 1, "name": "sm90_xmma_gemm_bf16", "dur": 1000.0, "args": {"hlo_op": "custom-call.2"}},
             {"ph": "X", "pid": 1, "name": "cudnn_generated_fort_native_sdpa", "dur": 500.0, "args": {}},
             {"ph": "X", "pid": 2, "name": "host work", "dur": 9000.0, "args": {}}]
@@ -180,7 +190,7 @@ def test_profile_summary_groups_device_ops():
   summary = bench_train.summarize_trace(path, hlo, steps=1)
   os.remove(path)
   assert summary["ms_by_category"] == {"scan": 3.0, "matmul": 1.0, "attention": 0.5}
-  assert summary["top_ops"][0] == {"name": "loop_fusion", "category": "scan", "ms": 3.0}
+  assert summary["top_ops"][0] == {"name": "input_concatenate_fusion_7", "category": "scan", "ms": 3.0}
 
 
 def test_bench_train_times_the_train_step(tmp_path):
