@@ -116,7 +116,8 @@ def precompile(runs, jobs):
 def print_table(rows):
   devices = sorted({f"{r['devices']} x {r['device']}" for r in rows if "device" in r})
   print(f"device: {', '.join(devices)}")
-  print(f"{'params':>8} {'batch':>9} {'tok/s/dev':>10} {'step ms':>8} {'MFU':>6} {'peak GB':>8} {'compile s':>9}  config")
+  print(f"{'params':>8} {'batch':>9} {'tok/s/dev':>10} {'step ms':>8} {'MFU':>6} {'peak GB':>8} {'compile s':>9}"
+        "  config")
   for r in rows:
     if "error" in r:
       print(f"{'':>8} error: {r['error'][:100]}  {r['config']}")

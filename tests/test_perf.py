@@ -169,8 +169,10 @@ def test_profile_summary_groups_device_ops():
   # A fusion carries its root op's name stack; the scan op inside it decides its category.
   hlo = ('%fused_concatenate.7 (param_0: f32[8]) -> f32[16] {\n'
          '  %param_0 = f32[8] parameter(0)\n'
-         '  %mul.1 = f32[8] multiply(%param_0, %param_0), metadata={op_name="jit(_train_step)/transpose(jvp(scan))/mul"}\n'
-         '  ROOT %concatenate.1 = f32[16] concatenate(%mul.1, %param_0), metadata={op_name="jit(_train_step)/concatenate"}\n'
+         '  %mul.1 = f32[8] multiply(%param_0, %param_0), '
+         'metadata={op_name="jit(_train_step)/transpose(jvp(scan))/mul"}\n'
+         '  ROOT %concatenate.1 = f32[16] concatenate(%mul.1, %param_0), '
+         'metadata={op_name="jit(_train_step)/concatenate"}\n'
          '}\n\n'
          'ENTRY %main.9 (p: f32[8]) -> f32[16] {\n'
          '  %input_concatenate_fusion.7 = f32[16] fusion(f32[8] %p), kind=kInput, calls=%fused_concatenate.7, '
