@@ -18,6 +18,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.total_steps = 1000
   config.batch_size = 16  # Global, in sequences.
   config.seq_len = 256
+  # Gradient accumulation: each step splits the batch into this many sequential microbatches (same
+  # update as the whole batch, less activation memory). batch_size must divide evenly over them.
+  config.microbatches = 1
 
   # What the model learns: "causal_lm" (the next token), "mlm" (BERT's masked tokens, for
   # bidirectional encoders; the mask id is the tokenizer's vocab size, so model.vocab_size must
@@ -109,4 +112,13 @@ def model_defaults() -> ml_collections.ConfigDict:
   model.position_embedding = "none"  # Or "learned", with max_positions rows.
   model.max_positions = 0
   model.dtype = "float32"  # Compute dtype; parameters are always float32. "bfloat16" on GPU/TPU.
+  # Activation memory (seqmodels/layers.py REMAT_POLICIES): "none" keeps every activation for the
+  # backward pass, "block" recomputes each block from its input, "save_dots" keeps only the weight
+  # matmuls' outputs. Same function and checkpoints; a resumed run may change it.
+  model.remat = "none"
+  # Run the identical blocks as one lax.scan over stacked parameters: compiles one block instead of
+  # n_layer. The stacked parameters are a different checkpoint layout from the unscanned list, so a
+  # run keeps the value it started with. Not for dense_mamba, dense_retnet and the parallel/compressing
+  # GPT-2 variants, whose layers differ.
+  model.scan_layers = False
   return model

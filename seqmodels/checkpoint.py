@@ -36,6 +36,10 @@ def read_config(workdir: str):
   return config_lib.from_json_file(path)
 
 
+# Model keys that change how the step computes, not the parameters a checkpoint holds.
+LAYOUT_FREE_KEYS = {"remat"}
+
+
 def check_same_model(workdir: str, config) -> None:
   """Refuses to resume a workdir whose checkpoints belong to another architecture or shape."""
   path = config_path(workdir)
@@ -45,7 +49,7 @@ def check_same_model(workdir: str, config) -> None:
     saved = json.load(f).get("model", {})
   wanted = json.loads(config_lib.to_json(config))["model"]
   diffs = [f"model.{k}: {saved.get(k)!r} there, {wanted.get(k)!r} here"
-           for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+           for k in sorted((set(saved) | set(wanted)) - LAYOUT_FREE_KEYS) if saved.get(k) != wanted.get(k)]
   if diffs:
     raise UserError(f"--workdir {workdir} holds a checkpoint of another model ({'; '.join(diffs)}); "
                     "use a new --workdir or the config it was trained with")

@@ -135,6 +135,7 @@ class DenseMambaBlock(MambaBlock):
 class DenseMamba(layers.BlockStack):
   """The block stack, threading each layer's scan record to the next dense_m layers."""
   block_class = DenseMambaBlock
+  scannable = False  # Layer l holds min(l, m) gates and reads the records of the layers below.
 
   def __init__(self, cfg, *, dtype, rngs):
     super().__init__(cfg, dtype=dtype, rngs=rngs)
@@ -142,9 +143,10 @@ class DenseMamba(layers.BlockStack):
 
   def __call__(self, u, cache=None):
     records, new_cache = [], []
+    step = layers.checkpointed(lambda blk, *args: blk(*args), self.remat)
     for i, blk in enumerate(self.blocks):
       prev = records[-self.dense_m:][::-1]
-      u, record, blk_cache = blk(u, prev, None if cache is None else cache[i])
+      u, record, blk_cache = step(blk, u, prev, None if cache is None else cache[i])
       records.append(record)
       new_cache.append(blk_cache)
     return u, (None if cache is None else new_cache)

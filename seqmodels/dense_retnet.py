@@ -140,6 +140,7 @@ class DenseRetNetBlock(nnx.Module):
 
 class DenseRetNet(layers.BlockStack):
   block_class = DenseRetNetBlock
+  scannable = False  # Layer l holds gates for min(l, m) earlier layers and reads their keys and values.
 
   def __init__(self, cfg, *, dtype, rngs):
     super().__init__(cfg, dtype=dtype, rngs=rngs)
@@ -147,8 +148,9 @@ class DenseRetNet(layers.BlockStack):
 
   def __call__(self, u, cache=None):
     previous, new_cache = [], []
+    step = layers.checkpointed(lambda blk, *args: blk(*args), self.remat)
     for i, blk in enumerate(self.blocks):
-      u, raw, blk_cache = blk(u, previous, None if cache is None else cache[i])
+      u, raw, blk_cache = step(blk, u, previous, None if cache is None else cache[i])
       previous = [raw, *previous][:self.dense_layers]
       new_cache.append(blk_cache)
     return u, (None if cache is None else new_cache)

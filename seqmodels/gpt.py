@@ -6,8 +6,9 @@ Per block:
     u = u + W_down (silu(W_gate x) * W_up x),                   x = norm(u)
 
 Weights start N(0, 0.02); the two projections that write into the residual stream are scaled by
-1/sqrt(2 n_layer) so its variance does not grow with depth. Attention goes through
-`jax.nn.dot_product_attention`, so cuDNN's flash attention serves on GPU.
+1/sqrt(2 n_layer) so its variance does not grow with depth. Training attention goes through
+`jax.nn.dot_product_attention`, asking for cuDNN's flash attention on GPU with bf16 inputs (JAX's
+default there is XLA's attention, which writes out the full score matrix).
 
 Decoding keeps a preallocated KV cache of `max_length` positions per layer; a forward over L new
 tokens writes them at the cache position and attends to everything written so far (the unwritten
@@ -31,6 +32,15 @@ def ffn_dim(cfg) -> int:
   if cfg.ffn_dim > 0:
     return cfg.ffn_dim
   return 256 * math.ceil(8 * cfg.d_model / 3 / 256)
+
+
+def attention_implementation(q):
+  """cuDNN's fused flash attention where it runs (GPU, 16-bit inputs, head dim a multiple of 8 up to
+  128), else None: XLA's, which materializes the (batch, heads, length, length) scores.
+  """
+  fused = (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+           and q.shape[-1] <= 128 and q.shape[-1] % 8 == 0)
+  return "cudnn" if fused else None
 
 
 class CausalSelfAttention(nnx.Module):
@@ -62,7 +72,7 @@ class CausalSelfAttention(nnx.Module):
       q = layers.rotary(q, positions, self.rope_theta)
       k = layers.rotary(k, positions, self.rope_theta)
     if cache is None:
-      o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+      o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=attention_implementation(q))
     else:
       heads_major = lambda a: jnp.swapaxes(a.astype(self.dtype), 1, 2)
       k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], heads_major(k), start, axis=2)

@@ -97,6 +97,7 @@ class ParallelGPT(nnx.Module):
     # Decoding (prefill and step) runs one tower when set; training always runs both.
     self.one_tower_inference = cfg.one_tower_inference
     self.out_dim = d
+    self.remat = cfg.get("remat", "none")
 
   @classmethod
   def check_config(cls, cfg):
@@ -128,7 +129,7 @@ class ParallelGPT(nnx.Module):
     return nnx.cond(jax.nn.sigmoid(self.mix[...]) >= 0.5, branch(0), branch(1), self, u, cache)
 
   def _tower(self, i, u, cache):
-    return layers.run_blocks(self.towers[i], self.proj[i](u).astype(jnp.float32), cache)
+    return layers.run_blocks(self.towers[i], self.proj[i](u).astype(jnp.float32), cache, self.remat)
 
   def extra_flops_per_token(self, seq_len):
     return sum(blk.extra_flops_per_token(seq_len) for tower in self.towers for blk in tower)
@@ -155,6 +156,7 @@ class CompressingGPT(nnx.Module):
     self.reducers = nnx.List([self.reducer(widths[s], widths[s + 1], dtype=dtype, rngs=rngs)
                               for s in range(len(widths) - 1)])
     self.out_dim = widths[-1]
+    self.remat = cfg.get("remat", "none")
 
   @classmethod
   def check_config(cls, cfg):
@@ -180,7 +182,7 @@ class CompressingGPT(nnx.Module):
   def __call__(self, u, cache=None):
     new_cache = []
     for s, (stage, reducer) in enumerate(zip(self.stages, self.reducers)):
-      u, stage_cache = layers.run_blocks(stage, u, None if cache is None else cache[s])
+      u, stage_cache = layers.run_blocks(stage, u, None if cache is None else cache[s], self.remat)
       u = reducer(u).astype(jnp.float32)
       new_cache.append(stage_cache)
     return u, (None if cache is None else new_cache)

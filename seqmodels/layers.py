@@ -91,11 +91,21 @@ class BlockStack(nnx.Module):
   A block is an nnx.Module with Block(cfg, layer_index, *, dtype, rngs), block(u, cache=None) ->
   (u, cache), block.init_cache(batch, max_length), block.extra_flops_per_token(seq_len) and
   Block.check_config(cfg).
+
+  With model.scan_layers the blocks' parameters are stacked along a leading layer axis and the
+  layers run as one lax.scan, so XLA compiles one block instead of n_layer; the stacked layout is a
+  different checkpoint from the list of blocks. model.remat picks what the backward pass recomputes
+  (see REMAT_POLICIES).
   """
   block_class: type
+  scannable = True  # False where layers differ or read each other's states (the dense models).
 
   def __init__(self, cfg, *, dtype, rngs):
-    self.blocks = nnx.List([self.block_class(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.n_layer)])
+    blocks = [self.block_class(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.n_layer)]
+    self.scan_layers = bool(cfg.get("scan_layers", False))
+    self.remat = cfg.get("remat", "none")
+    self.n_layer = cfg.n_layer
+    self.blocks = stack_modules(blocks) if self.scan_layers else nnx.List(blocks)
     self.out_dim = cfg.d_model
 
   @classmethod
@@ -105,20 +115,99 @@ class BlockStack(nnx.Module):
     cls.block_class.check_config(cfg)
 
   def init_cache(self, batch, max_length):
+    if self.scan_layers:
+      one = self.blocks.init_cache(batch, max_length)
+      return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.n_layer, *x.shape)), one)
     return [blk.init_cache(batch, max_length) for blk in self.blocks]
 
   def __call__(self, u, cache=None):
-    return run_blocks(self.blocks, u, cache)
+    if cache is None:
+      u, _ = self.map_layers(lambda blk, u, _: (blk(u)[0], None), u)
+      return u, None
+    return self.map_layers(lambda blk, u, layer_cache: blk(u, layer_cache), u, cache)
+
+  def map_layers(self, fn, u, per_layer=None):
+    """Threads u through fn(block, u, per_layer[i]) -> (u, out_i) over the layers, under model.remat.
+
+    per_layer and the outputs are lists of per-layer entries, or pytrees stacked on a leading layer
+    axis with model.scan_layers; per_layer=None gives every layer None.
+    """
+    step = checkpointed(fn, self.remat, prevent_cse=not self.scan_layers)
+    if not self.scan_layers:
+      outs = []
+      for i, blk in enumerate(self.blocks):
+        u, out = step(blk, u, None if per_layer is None else per_layer[i])
+        outs.append(out)
+      return u, outs
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def body(u, layer):
+      params, x = layer
+      return step(nnx.merge(graphdef, params), u, x)
+    return jax.lax.scan(body, u, (stacked, per_layer), length=self.n_layer)
 
   def extra_flops_per_token(self, seq_len):
+    if self.scan_layers:
+      return self.n_layer * self.blocks.extra_flops_per_token(seq_len)
     return sum(blk.extra_flops_per_token(seq_len) for blk in self.blocks)
 
 
-def run_blocks(blocks, u, cache=None):
+def stack_modules(modules):
+  """One module of modules[0]'s structure whose variables stack all the modules' on a leading axis.
+
+  Each variable is marked `stacked_layers` so that per-layer rules (weight decay on matrices only)
+  look past the layer axis.
+  """
+  graphdef, _ = nnx.split(modules[0])
+  stacked = nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(m) for m in modules)))
+  for _, node in nnx.iter_graph(stacked):
+    if isinstance(node, nnx.Variable):
+      node.set_metadata(stacked_layers=True)
+  return stacked
+
+
+# What the backward pass keeps from each block's forward (model.remat); the rest it recomputes.
+# "block" keeps only the block's input, "save_dots" also the outputs of its weight matmuls (not of
+# attention's batched score matmuls), trading memory for about one extra forward of compute.
+REMAT_POLICIES = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_layer_options(cfg, backbone) -> None:
+  """Raises UserError for a model.remat or model.scan_layers the backbone class cannot run."""
+  remat = cfg.get("remat", "none")
+  if remat not in REMAT_POLICIES:
+    raise UserError(f"model.remat must be one of {', '.join(REMAT_POLICIES)}, got '{remat}'")
+  if cfg.get("scan_layers", False) and not getattr(backbone, "scannable", False):
+    raise UserError(f"model.architecture '{cfg.architecture}' cannot scan its layers (they differ in shape or "
+                    "read each other's states); set --config.model.scan_layers=false")
+
+
+def checkpointed(fn, remat: str, *, prevent_cse: bool = True):
+  """fn(module, *args) with the module's activations recomputed in the backward pass per `remat`.
+
+  prevent_cse=False is only safe (and faster) inside lax.scan, which XLA cannot CSE across.
+  """
+  if remat == "none":
+    return fn
+  policy = REMAT_POLICIES[remat]
+
+  def wrapped(module, *args):
+    graphdef, state = nnx.split(module)
+    return jax.checkpoint(lambda state, *args: fn(nnx.merge(graphdef, state), *args), policy=policy,
+                          prevent_cse=prevent_cse)(state, *args)
+  return wrapped
+
+
+def run_blocks(blocks, u, cache=None, remat="none"):
   """Runs blocks in order, each continuing from its entry of the cache list (None: training form)."""
+  step = checkpointed(lambda blk, u, blk_cache: blk(u, blk_cache), remat)
   new_cache = []
   for i, blk in enumerate(blocks):
-    u, blk_cache = blk(u, None if cache is None else cache[i])
+    u, blk_cache = step(blk, u, None if cache is None else cache[i])
     new_cache.append(blk_cache)
   return u, (None if cache is None else new_cache)
 

@@ -297,8 +297,7 @@ class LionEncoder(layers.BlockStack):
   def encode(self, u, mask=None):
     """The final hidden states (batch, length, d_model), float32; mask: 1 for tokens, 0 for padding."""
     u = self.embed_norm(u).astype(jnp.float32)
-    for blk in self.blocks:
-      u = blk(u, mask)
+    u, _ = self.map_layers(lambda blk, u, _: (blk(u, mask), None), u)
     return u
 
   def __call__(self, u, cache=None):

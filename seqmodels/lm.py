@@ -56,6 +56,7 @@ def backbone_class(architecture: str):
 def check_config(cfg) -> None:
   """Raises UserError for a model config that cannot be built, before any device work."""
   backbone_class(cfg.architecture).check_config(cfg)
+  layers.check_layer_options(cfg, backbone_class(cfg.architecture))
   if cfg.position_embedding not in ("none", "learned"):
     raise UserError(f"model.position_embedding must be 'none' or 'learned', got '{cfg.position_embedding}'")
   if cfg.position_embedding == "learned" and cfg.max_positions <= 0:
@@ -86,8 +87,11 @@ class LanguageModel(nnx.Module):
 
   def __call__(self, tokens):
     """tokens: int (batch, length) -> float32 logits (batch, length, padded vocab)."""
-    logits, _ = self._forward(tokens, None)
-    return logits
+    return self.training_logits(tokens).astype(jnp.float32)
+
+  def training_logits(self, tokens):
+    """The logits in the compute dtype, as the head's matmul writes them (for losses.cross_entropy)."""
+    return self._forward(tokens, None)[0]
 
   def init_cache(self, batch: int, max_length: int = 0):
     """Decoding state for `batch` sequences; attention blocks preallocate `max_length` positions."""
@@ -113,10 +117,10 @@ class LanguageModel(nnx.Module):
       u = u + self.positions(start + jnp.arange(tokens.shape[1])).astype(jnp.float32)
     u, backbone_cache = self.backbone(u, None if cache is None else cache["backbone"])
     x = self.norm_f(u[:, -1:] if last_only else u)
-    logits = (self.embed.attend(x) if self.head is None else self.head(x)).astype(jnp.float32)
+    logits = self.embed.attend(x) if self.head is None else self.head(x)
     if cache is None:
       return logits, None
-    return logits, {"pos": start + tokens.shape[1], "backbone": backbone_cache}
+    return logits.astype(jnp.float32), {"pos": start + tokens.shape[1], "backbone": backbone_cache}
 
   def extra_flops_per_token(self, seq_len: int) -> int:
     return self.backbone.extra_flops_per_token(seq_len)

@@ -101,9 +101,10 @@ class MambaMixer(nnx.Module):
 
   def __call__(self, u, cache=None):
     x, dt, A, B, C, z, conv_state = self.scan_inputs(u, None if cache is None else cache["conv"])
-    scan = selective_scan(x, dt, A, B, C, self.D[...], z=z, dt_bias=self.dt_bias[...], dt_softplus=True,
-                          h0=None if cache is None else cache["ssm"], return_state=cache is not None,
-                          impl=self.scan_impl)
+    with jax.named_scope("scan"):  # Profiles (scripts/bench_train.py) attribute its ops to the scan.
+      scan = selective_scan(x, dt, A, B, C, self.D[...], z=z, dt_bias=self.dt_bias[...], dt_softplus=True,
+                            h0=None if cache is None else cache["ssm"], return_state=cache is not None,
+                            impl=self.scan_impl)
     if cache is None:
       return self.out_proj(scan), None
     y, ssm_state = scan

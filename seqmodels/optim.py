@@ -25,7 +25,9 @@ def learning_rate_schedule(config) -> optax.Schedule:
 
 def weight_decay_mask(params: nnx.State):
   def decayed(variable):
-    return jnp.ndim(variable.get_value()) >= 2 and not isinstance(variable, NoWeightDecay)
+    # A scanned layer stack (model.scan_layers) adds a leading layer axis that is no matrix dimension.
+    rank = jnp.ndim(variable.get_value()) - bool(variable.get_metadata().get("stacked_layers"))
+    return rank >= 2 and not isinstance(variable, NoWeightDecay)
   return jax.tree.map(decayed, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 

@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from seqmodels import checkpoint, data, layers, lion, lm, optim, sharding, zero_shot
+from seqmodels import accumulate, checkpoint, data, layers, lion, lm, losses, optim, sharding, throughput, zero_shot
 from seqmodels import config as config_lib
 from seqmodels.errors import UserError
 from seqmodels.metrics import MetricsWriter
@@ -76,6 +76,7 @@ class Trainer:
     if config.batch_size % sharding.batch_divisor(self.mesh):
       raise UserError(f"batch_size {config.batch_size} is not divisible by the {sharding.batch_divisor(self.mesh)} "
                       "devices on the mesh's batch axes; pick a multiple")
+    accumulate.check_microbatches(config.batch_size, config.get("microbatches", 1), sharding.batch_divisor(self.mesh))
     replicated = sharding.replicated(self.mesh)
     self.abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                                        jax.eval_shape(self._init_state))
@@ -101,20 +102,16 @@ class Trainer:
     if self.config.objective == "classification":
       logits = model(batch["inputs"], batch["mask"])
     else:
-      logits = model(batch["inputs"])
+      logits = model.training_logits(batch["inputs"])
     targets = batch["targets"]
     weights = batch.get("weights", jnp.ones(targets.shape, jnp.float32))
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    nll = losses.cross_entropy(logits, targets)
     correct = jnp.argmax(logits, axis=-1) == targets
     return {"loss": jnp.sum(nll * weights), "correct": jnp.sum(correct * weights), "count": jnp.sum(weights)}
 
-  def _loss(self, params, batch):
-    sums = self._sums(params, batch)
-    count = jnp.maximum(sums["count"], 1.0)  # A masked-LM batch could, rarely, mask nothing.
-    return sums["loss"] / count, sums["correct"] / count
-
   def _train_step(self, state, batch):
-    (loss, accuracy), grads = jax.value_and_grad(self._loss, has_aux=True)(state["params"], batch)
+    loss, accuracy, grads = accumulate.loss_and_grads(self._sums, state["params"], batch,
+                                                      self.config.get("microbatches", 1))
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
@@ -144,6 +141,12 @@ class Trainer:
                       "fine-tune with the model.* keys it was trained with")
     state["params"]["encoder"] = jax.device_put(encoder, sharding.replicated(self.mesh))
     return state
+
+
+def utilization(tokens_per_sec: float, flops_per_token: float, mesh) -> dict:
+  """{"mfu": model FLOPs utilization} (seqmodels/throughput.py), or {} on devices of unknown peak."""
+  mfu = throughput.mfu(tokens_per_sec / mesh.size, flops_per_token, mesh.devices.flat[0])
+  return {} if mfu is None else {"mfu": mfu}
 
 
 def _same_shapes(a, b) -> bool:
@@ -207,8 +210,9 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
   checkpoint.write_config(workdir, cfg)
 
   log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else (lambda _: None)
+  stats = describe(cfg)
   if start == 0:
-    log(f"{summary}; params: {describe(cfg)['params']:,}")
+    log(f"{summary}; params: {stats['params']:,}")
   else:
     log(f"resuming {workdir} from step {start}")
 
@@ -240,6 +244,7 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
             "lr": float(trainer.schedule(step - 1)),
             "tokens_per_sec": len(fetched) * cfg.batch_size * cfg.seq_len / elapsed,
         }
+        record.update(utilization(record["tokens_per_sec"], stats["flops_per_token"], trainer.mesh))
         if not math.isfinite(record["loss"]):
           raise FloatingPointError(f"loss is {record['loss']} at step {step}; lower learning_rate or check the data")
         if validate_now:
@@ -250,7 +255,9 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
                                       batch_size=cfg.batch_size, progress=False)
           record.update({f"eval/{task}/{k}": v for task, r in scores.items() for k, v in r.items() if k != "n"})
         metrics.write(step, record)
-        bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "val_loss") if k in record}, refresh=False)
+        bar.set_postfix({**{k: f"{record[k]:.4f}" for k in ("loss", "val_loss") if k in record},
+                         "tok/s": f"{record['tokens_per_sec']:,.0f}",
+                         **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {})}, refresh=False)
         pending, interval_start = [], time.perf_counter()
       if step % cfg.checkpoint_every == 0 and step < end:
         ckpt.save(step, state, train_iter)

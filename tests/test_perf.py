@@ -1,0 +1,211 @@
+"""Memory and speed options that must not change the numbers: microbatches, remat, layer scan,
+the bf16-logit cross-entropy; and the MFU arithmetic and the benchmark script."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import REPO, tiny_config
+from seqmodels import accumulate, lm, losses, optim, throughput, trainer
+from seqmodels.errors import UserError
+
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+import bench_train  # noqa: E402
+
+
+def _batch(config, seed=0):
+  tokens = np.random.default_rng(seed).integers(0, 250, (config.batch_size, config.seq_len + 1)).astype(np.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+
+def test_microbatches_give_the_full_batch_update():
+  results = {}
+  for microbatches in (1, 4):
+    config = tiny_config("gpt", microbatches=microbatches, learning_rate=1e-2, warmup_steps=0)
+    t = trainer.Trainer(config, "unused")
+    state = t.init_state()
+    _, _, grads = jax.jit(lambda params, batch: accumulate.loss_and_grads(t._sums, params, batch, microbatches))(
+        state["params"], _batch(config))
+    state, metrics = t.train_step(state, _batch(config))
+    results[microbatches] = jax.device_get((grads, state["params"], metrics))
+  (grads_1, params_1, metrics_1), (grads_4, params_4, metrics_4) = results[1], results[4]
+  np.testing.assert_allclose(metrics_4["loss"], metrics_1["loss"], rtol=1e-6)
+  np.testing.assert_allclose(metrics_4["grad_norm"], metrics_1["grad_norm"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads_1), jax.tree.leaves(grads_4), strict=True):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-8)
+  # Adam's first step is lr * g / (|g| + eps): for the few near-zero gradients it turns their
+  # summation-order rounding into a visible share of lr.
+  for a, b in zip(jax.tree.leaves(params_1), jax.tree.leaves(params_4), strict=True):
+    np.testing.assert_allclose(b, a, atol=5e-3 * config.learning_rate)
+
+
+def test_microbatches_must_divide_the_batch():
+  with pytest.raises(UserError, match="does not split into 3 microbatches"):
+    trainer.Trainer(tiny_config("gpt", microbatches=3), "unused")
+
+
+def _loss_and_grads(model_cfg, tokens):
+  model = lm.build(model_cfg, seed=0)
+  graphdef, params = nnx.split(model)
+
+  def loss(params):
+    logits = nnx.merge(graphdef, params)(tokens)
+    return jnp.mean(losses.cross_entropy(logits[:, :-1], tokens[:, 1:]))
+  value, grads = jax.jit(jax.value_and_grad(loss))(params)
+  return value, nnx.to_pure_dict(grads)
+
+
+def _stack_blocks(grads):
+  """The unscanned gradient tree with its list of blocks stacked as the scanned layout holds them."""
+  blocks = grads["backbone"]["blocks"]
+  stacked = jax.tree.map(lambda *xs: np.stack(xs), *(blocks[i] for i in sorted(blocks)))
+  return {**grads, "backbone": {**grads["backbone"], "blocks": stacked}}
+
+
+@pytest.mark.parametrize("arch,options", [
+    ("gpt", {"scan_layers": True}),
+    ("gpt", {"remat": "save_dots"}),
+    ("mamba", {"scan_layers": True, "remat": "block"}),
+    ("retnet", {"remat": "block"}),
+    ("lion_lit", {"scan_layers": True, "remat": "save_dots"}),
+])
+def test_remat_and_layer_scan_keep_loss_and_gradients(arch, options):
+  model_cfg = tiny_config(arch).model
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 250, (2, 24)))
+  plain_loss, plain_grads = _loss_and_grads(model_cfg, tokens)
+  cfg = model_cfg.copy_and_resolve_references()
+  cfg.update(options)
+  loss, grads = _loss_and_grads(cfg, tokens)
+  expected = _stack_blocks(plain_grads) if options.get("scan_layers") else plain_grads
+  np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
+  for (path, g), e in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_allclose(g, e, rtol=2e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+
+
+def test_scanned_layers_decode_like_the_parallel_forward():
+  cfg = tiny_config("gpt").model
+  cfg.scan_layers = True
+  model = lm.build(cfg)
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 250, (2, 9)))
+  logits, cache = model.prefill(tokens[:, :5], model.init_cache(2, max_length=9))
+  steps = []
+  for t in range(5, 9):
+    step_logits, cache = model.step(tokens[:, t], cache)
+    steps.append(step_logits)
+  full = model(tokens)
+  np.testing.assert_allclose(logits, full[:, :5], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jnp.stack(steps, axis=1), full[:, 5:], rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_layers_decay_only_matrices():
+  cfg = tiny_config("mamba").model
+  cfg.scan_layers = True
+  mask = optim.weight_decay_mask(nnx.state(lm.abstract(cfg), nnx.Param))
+  mixer = mask["backbone"]["blocks"]["mixer"]
+  assert mixer["in_proj"]["kernel"] and mixer["out_proj"]["kernel"]
+  assert not mixer["conv1d"]["bias"] and not mixer["D"] and not mixer["A_log"] and not mixer["dt_bias"]
+  assert not mask["backbone"]["blocks"]["norm"]["scale"]
+
+
+@pytest.mark.parametrize("arch", ["dense_mamba", "conv_gpt"])
+def test_unscannable_architectures_are_refused(arch):
+  cfg = tiny_config(arch).model
+  cfg.scan_layers = True
+  with pytest.raises(UserError, match="cannot scan its layers"):
+    lm.check_config(cfg)
+
+
+def test_unknown_remat_policy_is_refused():
+  cfg = tiny_config("mamba").model
+  cfg.remat = "everything"
+  with pytest.raises(UserError, match="model.remat must be one of none, block, save_dots"):
+    lm.check_config(cfg)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cross_entropy_matches_a_float64_reference(dtype):
+  rng = np.random.default_rng(3)
+  logits = jnp.asarray(rng.normal(size=(3, 5, 37)) * 4, dtype)
+  targets = jnp.asarray(rng.integers(0, 37, (3, 5)))
+  weights = rng.uniform(size=(3, 5))
+  wide = np.asarray(logits.astype(jnp.float32), np.float64)
+  log_probs = wide - np.log(np.sum(np.exp(wide - wide.max(-1, keepdims=True)), -1, keepdims=True)) \
+      - wide.max(-1, keepdims=True)
+  nll = -np.take_along_axis(log_probs, np.asarray(targets)[..., None], -1)[..., 0]
+  grad = weights[..., None] * (np.exp(log_probs) - np.eye(37)[np.asarray(targets)])
+
+  loss, dlogits = jax.value_and_grad(lambda x: jnp.sum(losses.cross_entropy(x, targets) * weights))(logits)
+  assert dlogits.dtype == dtype
+  np.testing.assert_allclose(loss, np.sum(nll * weights), rtol=1e-6)
+  tolerance = 1e-6 if dtype == jnp.float32 else 4e-3  # The gradient is rounded to the logits' dtype.
+  np.testing.assert_allclose(np.asarray(dlogits, np.float64), grad, atol=tolerance)
+
+
+def test_mfu_formula_and_peak_table():
+  class Device:
+    device_kind = "NVIDIA H100 80GB HBM3"
+  assert throughput.peak_flops(Device) == 989e12
+  Device.device_kind = "NVIDIA H100 PCIe"
+  assert throughput.peak_flops(Device) == 756e12
+  Device.device_kind = "cpu"
+  assert throughput.mfu(1e5, 1e9, Device) is None
+  Device.device_kind = "NVIDIA H200"
+  assert throughput.mfu(100_000, 1.978e9, Device) == pytest.approx(0.2)
+  # flops_per_token is 6 x matmul params + the blocks' extra work (here attention's 6 L d per layer).
+  cfg = tiny_config("gpt").model
+  model = lm.abstract(cfg)
+  assert lm.flops_per_token(model, 128) == 6 * lm.matmul_params(model) + cfg.n_layer * 6 * 128 * cfg.d_model
+
+
+def test_profile_summary_groups_device_ops():
+  # A fusion carries its root op's name stack; the scan op inside it decides its category.
+  hlo = ('%fused_concatenate.7 (param_0: f32[8]) -> f32[16] {\n'
+         '  %param_0 = f32[8] parameter(0)\n'
+         '  %mul.1 = f32[8] multiply(%param_0, %param_0), '
+         'metadata={op_name="jit(_train_step)/transpose(jvp(scan))/mul"}\n'
+         '  ROOT %concatenate.1 = f32[16] concatenate(%mul.1, %param_0), '
+         'metadata={op_name="jit(_train_step)/concatenate"}\n'
+         '}\n\n'
+         'ENTRY %main.9 (p: f32[8]) -> f32[16] {\n'
+         '  %input_concatenate_fusion.7 = f32[16] fusion(f32[8] %p), kind=kInput, calls=%fused_concatenate.7, '
+         'metadata={op_name="jit(_train_step)/concatenate"}\n'
+         '  %custom-call.2 = bf16[8,8] custom-call(), metadata={op_name="jit(_train_step)/dot_general"}\n'
+         '}\n')
+  events = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}},
+            {"ph": "X", "pid": 1, "name": "input_concatenate_fusion_7", "dur": 3000.0,
+             "args": {"hlo_op": "command_buffer_1"}},
+            {"ph": "X", "pid": 1, "name": "sm90_xmma_gemm_bf16", "dur": 1000.0, "args": {"hlo_op": "custom-call.2"}},
+            {"ph": "X", "pid": 1, "name": "cudnn_generated_fort_native_sdpa", "dur": 500.0, "args": {}},
+            {"ph": "X", "pid": 2, "name": "host work", "dur": 9000.0, "args": {}}]
+  path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"trace_{os.getpid()}.json.gz")
+  with gzip.open(path, "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  summary = bench_train.summarize_trace(path, hlo, steps=1)
+  os.remove(path)
+  assert summary["ms_by_category"] == {"scan": 3.0, "matmul": 1.0, "attention": 0.5}
+  assert summary["top_ops"][0] == {"name": "input_concatenate_fusion_7", "category": "scan", "ms": 3.0}
+
+
+def test_bench_train_times_the_train_step(tmp_path):
+  out = tmp_path / "bench.jsonl"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "scripts", "bench_train.py"), "--config", "configs/gpt.py:tiny",
+       "--config", "configs/mamba.py:tiny --config.model.scan_layers=true", "--steps", "2", "--warmup", "1",
+       "--json", str(out), "--config.model.n_layer=1", "--config.model.d_model=32", "--config.seq_len=16",
+       "--config.batch_size=4", "--config.mesh.data=1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = [json.loads(line) for line in open(out)]
+  assert [r["config"] for r in rows] == ["configs/gpt.py:tiny", "configs/mamba.py:tiny --config.model.scan_layers=true"]
+  for r in rows:
+    assert r["tokens_per_sec_per_device"] == pytest.approx(4 * 16 / (r["step_ms"] / 1e3))
+    assert np.isfinite(r["final_loss"]) and r["peak_gb"] > 0 and r["mfu"] is None  # No CPU peak rate.
+  assert "tok/s/dev" in proc.stdout and "configs/mamba.py:tiny" in proc.stdout
