@@ -40,6 +40,7 @@ RESERVED_KEYS = ("config", "name", "after")
 STATUS_FILE = "sweep_status.json"
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXIT_INTERRUPTED = 75  # train.py's code for "stopped by a signal after saving a checkpoint".
+STOP_GRACE_S = 30  # How long a stopped sweep waits for a job to save its checkpoint before killing it.
 
 
 @dataclasses.dataclass
@@ -344,7 +345,12 @@ def execute(runs: list[Run], sweep: Sweep, *, parallel: int = 1, devices=None, l
     log("interrupted: waiting for the running jobs to save their checkpoints")
     for _, job in running.values():
       job.process.send_signal(signal.SIGTERM)  # Ctrl-C reached them already; a SIGTERM to the sweep did not.
-      job.process.wait()
+    for _, job in running.values():
+      try:
+        job.process.wait(timeout=STOP_GRACE_S)
+      except subprocess.TimeoutExpired:  # Stuck, e.g. compiling: its last checkpoint is where it resumes.
+        job.process.kill()
+        job.process.wait()
       outcome[job.run.name] = job.poll() or {"status": "interrupted"}
     raise
   return outcome
