@@ -62,7 +62,9 @@ def main(argv=None) -> int:
     parser.error(str(e))
 
   # This process only reads configs and counts parameters from shapes; the GPUs are the children's.
-  os.environ["JAX_PLATFORMS"] = "cpu"
+  # Set through jax.config, not the environment, which the children inherit.
+  import jax
+  jax.config.update("jax_platforms", "cpu")
   from seqmodels import sweep as sweep_lib, sweep_report
   from seqmodels.errors import UserError
   try:

@@ -261,11 +261,12 @@ class _Job:
       return None
     if code == 0:
       status = {"status": "done", "wall_s": self.wall, "eval_wall_s": self.eval_wall}
-    elif code == EXIT_INTERRUPTED or code < 0:
+    elif code in (EXIT_INTERRUPTED, -signal.SIGTERM, -signal.SIGINT, -signal.SIGKILL):
       status = {"status": "interrupted", "wall_s": self.wall, "stage": self.stage}
     else:
+      died = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
       status = {"status": "failed", "wall_s": self.wall, "stage": self.stage, "exit_code": code,
-                "error": last_line(self.stderr_path) or f"exit code {code}"}
+                "error": last_line(self.stderr_path) if code > 0 and last_line(self.stderr_path) else died}
     write_status(self.run.workdir, status)
     return status
 

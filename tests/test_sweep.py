@@ -1,6 +1,7 @@
 """Sweeps (scripts/sweep.py): definitions, names and paths, skip, resume, failure isolation and reports."""
 
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -152,6 +153,17 @@ def test_sweep_skips_resumes_isolates_failures_and_reports(tmp_path):
   assert second.returncode == 0, second.stderr
   assert "seed=0: finished earlier, skipped" in second.stdout and "seed=1: finished earlier, skipped" in second.stdout
   assert os.path.getmtime(runs[0].workdir + "/metrics.jsonl") == mtime
+
+
+def test_cli_leaves_the_environment_of_the_runs_alone(tmp_path, monkeypatch):
+  """The sweep process keeps itself on the CPU without telling its train.py children to do the same."""
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  spec = importlib.util.spec_from_file_location("sweep_cli", SCRIPT)
+  cli = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cli)
+  path = write_sweep(tmp_path, SWEEP_FILE.format(text="t.txt", base=GPT_TINY))
+  assert cli.main(["--sweep", path, "--root", str(tmp_path), "--dry_run"]) == 0
+  assert "JAX_PLATFORMS" not in os.environ
 
 
 def test_report_without_matplotlib_says_so(tmp_path, monkeypatch):

@@ -20,7 +20,9 @@ Bidirectional encoders at 8 x 512 (25.7M non-embedding): LION-LIT, LION-D, LION-
 attention, configs/bert.py), each MLM-pretrained on the same tokens at 5e-4, then fine-tuned on BoolQ
 for one epoch (92 steps of 32 x 512) from that checkpoint.
 
-`tiny` is the same sweep with 2-layer models of width 32 and a few steps, for checking on a CPU.
+`quick` is the same at half the tokens (64 steps, 0.52M tokens), LAMBADA's first 500 items and no
+BoolQ: what one GPU call of this project's budget holds (docs/results.md). `tiny` is the same sweep
+with 2-layer models of width 32 and a few steps, for checking on a CPU.
 """
 
 import os
@@ -64,22 +66,27 @@ def heldout_text(max_chars: int | None = None) -> str:
   return target
 
 
+VARIANTS = ("full", "quick", "tiny")
+
+
 def get_sweep(arg=None):
-  tiny = arg == "tiny"
-  if arg not in (None, "tiny"):
-    raise UserError(f"unknown variant '{arg}' of configs/sweeps/architectures.py; known: tiny (no variant: full)")
-  width, steps, batch, seq_len = (32, 6, 4, 64) if tiny else (512, 128, 16, 512)
+  variant = arg or "full"
+  if variant not in VARIANTS:
+    raise UserError(f"unknown variant '{arg}' of configs/sweeps/architectures.py; known: {', '.join(VARIANTS)}")
+  tiny = variant == "tiny"
+  width, batch, seq_len = (32, 4, 64) if tiny else (512, 16, 512)
+  steps = {"full": 128, "quick": 64, "tiny": 6}[variant]
   common = {
       "seq_len": seq_len, "batch_size": batch, "total_steps": steps, "learning_rate": 1e-3,
       "warmup_steps": max(1, steps // 10), "min_lr_ratio": 0.1, "weight_decay": 0.1, "beta2": 0.95,
-      "log_every": 2 if tiny else 8, "val_every": steps // 2 if tiny else 32, "val_batches": 2 if tiny else 16,
-      "checkpoint_every": steps // 2 if tiny else 64, "keep_checkpoints": 1, "mesh.data": 1,
+      "log_every": 2 if tiny else 8, "val_every": steps // 2, "val_batches": 2 if tiny else 16,
+      "checkpoint_every": steps // 2, "keep_checkpoints": 1, "mesh.data": 1,
       "data.train_files": (os.path.join(DATA, "tinystories", "tinystories_train_prefix_lowercased.txt"),),
       "data.val_files": (), "data.val_fraction": 0.1,
       "data.tokenizer": os.path.join(DATA, "gpt2_tokenizer"),
       "model.vocab_size": 50304, "model.d_model": width, "model.dtype": "float32" if tiny else "bfloat16",
   }
-  runs = []
+  causal = []
   for name, (config, n_layer, n_head) in CAUSAL.items():
     for seed in (0, 1) if name in TWO_SEEDS else (0,):
       run = {"name": f"{name}-s{seed}", "config": f"configs/{config}.py:tiny", **common, "seed": seed,
@@ -88,25 +95,27 @@ def get_sweep(arg=None):
         run["model.n_head"] = 2 if tiny else n_head
       if seed == 1:
         run["after"] = f"{name}-s0"  # One run of a model at a time keeps the GPU's memory apart.
-      runs.append(run)
-  # The slowest models go first, so the cheap ones fill the GPU around them.
-  runs.sort(key=lambda r: not r["name"].startswith(("dense_mamba", "mamba")))
+      causal.append(run)
+  mlm, boolq = [], []
   for name in ENCODERS:
-    mlm = {"name": f"{name}-mlm", "config": f"configs/{name}.py:tiny", **common, "seed": 0,
-           "learning_rate": 5e-4, "beta2": 0.999, "weight_decay": 0.01,
-           "model.n_layer": 2 if tiny else 8, "model.n_head": 2 if tiny else 8,
-           "model.max_positions": seq_len}
-    boolq = {"name": f"{name}-boolq", "config": f"configs/{name}.py:tiny_boolq", "after": f"{name}-mlm",
-             "seed": 0, "init_from": f"{{sweep_dir}}/{name}-mlm", "data.tokenizer": common["data.tokenizer"],
-             "data.train_files": (os.path.join(DATA, "boolq", "boolq_llmfoundry.jsonl"),),
-             "model.vocab_size": 50304, "model.d_model": width, "model.dtype": common["model.dtype"],
-             "model.n_layer": mlm["model.n_layer"], "model.n_head": mlm["model.n_head"],
-             "model.max_positions": seq_len, "seq_len": seq_len, "learning_rate": 1e-4,
-             "total_steps": 4 if tiny else 92, "warmup_steps": 1 if tiny else 9,
-             "val_every": 2 if tiny else 46, "checkpoint_every": 4 if tiny else 92, "keep_checkpoints": 1,
-             "mesh.data": 1}
-    runs += [mlm, boolq]
+    mlm.append({"name": f"{name}-mlm", "config": f"configs/{name}.py:tiny", **common, "seed": 0,
+                "learning_rate": 5e-4, "beta2": 0.999, "weight_decay": 0.01,
+                "model.n_layer": 2 if tiny else 8, "model.n_head": 2 if tiny else 8, "model.max_positions": seq_len})
+    boolq.append({
+        "name": f"{name}-boolq", "config": f"configs/{name}.py:tiny_boolq", "after": f"{name}-mlm", "seed": 0,
+        "init_from": f"{{sweep_dir}}/{name}-mlm", "data.tokenizer": common["data.tokenizer"],
+        "data.train_files": (os.path.join(DATA, "boolq", "boolq_llmfoundry.jsonl"),),
+        "model.vocab_size": 50304, "model.d_model": width, "model.dtype": common["model.dtype"],
+        "model.n_layer": mlm[-1]["model.n_layer"], "model.n_head": mlm[-1]["model.n_head"],
+        "model.max_positions": seq_len, "seq_len": seq_len, "learning_rate": 1e-4,
+        "total_steps": 4 if tiny else 92, "warmup_steps": 1 if tiny else 9, "val_every": 2 if tiny else 46,
+        "checkpoint_every": 4 if tiny else 92, "keep_checkpoints": 1, "mesh.data": 1})
+  # First every model once, the slowest (the Mamba family) leading so the cheap ones fill the GPU around
+  # them; then the second seeds; BoolQ last.
+  first = sorted((r for r in causal if r["seed"] == 0), key=lambda r: "mamba" not in r["name"])
+  runs = first + mlm + [r for r in causal if r["seed"] == 1] + ([] if variant == "quick" else boolq)
+  limit = {"full": (), "quick": ("--limit", "500"), "tiny": ("--limit", "8")}[variant]
   eval_args = ("--text", heldout_text(4000 if tiny else None), "--tasks", "lambada_openai", "--data_dir", DATA,
-               "--batch_size", "8" if tiny else "64", *(("--limit", "8") if tiny else ()))
-  return Sweep("architectures-tiny" if tiny else "architectures", base="configs/gpt.py:tiny", runs=runs,
-               eval_args=eval_args)
+               "--batch_size", "8" if tiny else "64", *limit)
+  return Sweep("architectures" if variant == "full" else f"architectures-{variant}", base="configs/gpt.py:tiny",
+               runs=runs, eval_args=eval_args)
