@@ -343,6 +343,9 @@ def execute(runs: list[Run], sweep: Sweep, *, parallel: int = 1, devices=None, l
                                     for _, j in running.values()))
       time.sleep(0.2)
   except KeyboardInterrupt:
+    # `timeout` and a terminal signal the sweep's whole process group, which reaches it more than once.
+    for stop in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(stop, signal.SIG_IGN)
     log("interrupted: waiting for the running jobs to save their checkpoints")
     for _, job in running.values():
       job.process.send_signal(signal.SIGTERM)  # Ctrl-C reached them already; a SIGTERM to the sweep did not.

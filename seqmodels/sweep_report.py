@@ -86,7 +86,9 @@ def _eval_columns(workdir: str, step: int | None) -> dict:
 def collect(run: Run) -> dict:
   """The results row of one run."""
   status = read_status(run.workdir)
-  row = {"run": run.name, "status": status.get("status", "not started"), "error": status.get("error", ""),
+  # A run that logged steps but never recorded an end was stopped before the sweep could record it.
+  unrecorded = "interrupted" if os.path.isfile(os.path.join(run.workdir, "metrics.jsonl")) else "not started"
+  row = {"run": run.name, "status": status.get("status", unrecorded), "error": status.get("error", ""),
          "overrides": " ".join(f"{k}={format_value(v)}" for k, v in run.overrides.items()),
          "wall_s": status.get("wall_s")}
   if not os.path.isfile(checkpoint.config_path(run.workdir)):
@@ -200,11 +202,13 @@ def write_plots(sweep_dir: str, runs: list[Run], rows: list[dict], log=print) ->
                                    ("seconds", "training wall-clock (s)", "loss_vs_time.png")):
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, curve in curves.items():
+      # The training loss as a line, the (sparser) validation losses as dots of the same colour.
+      (line,) = ax.plot([p[x_key] for p in curve], [p["loss"] for p in curve], linewidth=1, label=name)
       points = [(p[x_key], p["val_loss"]) for p in curve if p["val_loss"] is not None]
       if points:
-        ax.plot(*zip(*points), marker="o", markersize=3, label=name)
+        ax.plot(*zip(*points), "o", markersize=4, color=line.get_color())
     ax.set_xlabel(x_label)
-    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_ylabel("loss (nats/token): training (line), validation (dots)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -4,8 +4,10 @@ import csv
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -164,6 +166,31 @@ def test_cli_leaves_the_environment_of_the_runs_alone(tmp_path, monkeypatch):
   path = write_sweep(tmp_path, SWEEP_FILE.format(text="t.txt", base=GPT_TINY))
   assert cli.main(["--sweep", path, "--root", str(tmp_path), "--dry_run"]) == 0
   assert "JAX_PLATFORMS" not in os.environ
+
+
+def test_signals_to_the_process_group_stop_the_sweep_cleanly(tmp_path):
+  """`timeout` and Ctrl-C signal the whole group, the sweep more than once: it still waits for its
+  runs to checkpoint, records them as interrupted and writes the report."""
+  path = write_sweep(tmp_path, f'''
+from seqmodels.sweep import Sweep
+def get_sweep(arg=None):
+  return Sweep("long", base={GPT_TINY!r}, runs=[{{"name": "base", "model.n_layer": 1, "model.d_model": 16, "model.n_head": 2,
+      "seq_len": 32, "batch_size": 4, "total_steps": 100000, "log_every": 1, "mesh.data": 1}}])
+''')
+  metrics = tmp_path / "runs" / "long" / "base" / "metrics.jsonl"
+  sweep = subprocess.Popen([sys.executable, SCRIPT, "--sweep", path, "--root", "runs"], cwd=tmp_path,
+                           env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE, text=True,
+                           start_new_session=True)
+  deadline = time.time() + 300
+  while not (metrics.exists() and metrics.read_text()) and time.time() < deadline:
+    time.sleep(0.5)
+  for _ in range(2):
+    os.killpg(sweep.pid, signal.SIGTERM)
+    time.sleep(0.2)
+  assert sweep.wait(timeout=120) == 75
+  assert sweep_lib.read_status(str(tmp_path / "runs" / "long" / "base"))["status"] == "interrupted"
+  with open(tmp_path / "runs" / "long" / "results.csv") as f:
+    assert next(csv.DictReader(f))["status"] == "interrupted"
 
 
 def test_report_without_matplotlib_says_so(tmp_path, monkeypatch):
