@@ -12,7 +12,7 @@ blocks per Transformer block, as in the Mamba paper), retnet 8 layers with 2 hea
 in the paper), dense_retnet 14 layers (no FFN: 7 d^2 per block), gpt (Transformer++), gpt2,
 parallel_gpt 8 layers with 8 heads, and linear_gpt and conv_gpt at GPT-2's shape, which is their
 point: 8.5M non-embedding parameters. Every run: 128 steps of 16 x 512 tokens (1.05M tokens), AdamW
-at 1e-3 (warmup 13 steps, cosine to 1e-4), bf16 compute; seeds 0 and 1 on the key pairs. After
+at 1e-3 (warmup 12 steps, cosine to 1e-4), bf16 compute; seeds 0 and 1 on the key pairs. After
 training, eval.py scores the lower-cased TinyStories validation split (held-out text perplexity and
 bits per byte) and LAMBADA.
 
