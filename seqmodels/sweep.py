@@ -240,8 +240,7 @@ class _Job:
     self.stderr_path = os.path.join(self.run.workdir, f"{self.stage}.stderr")
     self.stderr = open(self.stderr_path, "w")
     self.started = time.perf_counter()
-    self.process = subprocess.Popen(command, stdout=self.stdout, stderr=self.stderr, env=self.env,
-                                    start_new_session=False)
+    self.process = subprocess.Popen(command, stdout=self.stdout, stderr=self.stderr, env=self.env)
 
   def poll(self) -> dict | None:
     """None while running; otherwise the run's final status (which is also written to its workdir)."""
@@ -275,7 +274,8 @@ def execute(runs: list[Run], sweep: Sweep, *, parallel: int = 1, devices=None, l
   """Trains (and evaluates) every unfinished run, `parallel` at a time; returns {name: status}.
 
   Slot i runs its jobs with CUDA_VISIBLE_DEVICES=devices[i % len(devices)] (devices None: no
-  pinning). Ctrl-C stops the children after their checkpoints, and returns.
+  pinning). On Ctrl-C (KeyboardInterrupt) it stops the running jobs, lets them save their
+  checkpoints, records them as interrupted and raises the KeyboardInterrupt again.
   """
   total = len(runs)
   outcome = {}
