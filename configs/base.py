@@ -51,6 +51,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.eval_limit = 200
   config.eval_data_dir = ""
 
+  # Weights & Biases logging beside metrics.jsonl and TensorBoard (needs `pip install wandb`). The run is
+  # named after its workdir and grouped by the workdir's parent folder (a sweep's name) unless group is set.
+  config.wandb = ml_collections.ConfigDict()
+  config.wandb.enabled = False
+  config.wandb.project = "seqmodels"
+  config.wandb.group = ""
+
   config.data = ml_collections.ConfigDict()
   config.data.train_files = (EMBEDDED_CORPUS,)
   config.data.val_files = ()  # Empty: hold out the last val_fraction of the training tokens.

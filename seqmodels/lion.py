@@ -44,6 +44,9 @@ and finally BERT's MLM-head transform gelu(W_t x); the wrapper's final norm is t
 LayerNorm and its tied embedding the decoder. `SequenceClassifier` instead pools the encoder's
 output for a linear classification head.
 
+The same encoder with softmax attention, softmax(Q K^T / sqrt(dk)) V over all tokens (padding keys
+masked), is BERT itself: architecture "bert", the baseline the LION paper compares against.
+
 LION models are encoders: every output sees the whole sequence, so there is no causal decoding;
 `init_cache` (and so the wrapper's `prefill`/`step`) raises a UserError.
 """
@@ -224,6 +227,10 @@ class LionAttention(nnx.Module):
     batch, length, _ = x.shape
     qkv = self.qkv(x).reshape(batch, length, 3 * self.n_head, self.head_dim).astype(jnp.float32)
     q, k, v = jnp.split(qkv, 3, axis=2)
+    if self.variant == "bert":
+      key_mask = None if mask is None else mask.astype(bool)[:, None, None, :]
+      y = jax.nn.dot_product_attention(q, k, v, mask=key_mask)
+      return self.out(y.reshape(batch, length, -1).astype(self.dtype))
     q, k = _feature_map(q, self.variant), _feature_map(k, self.variant)
     log_lambda = self.log_decay(x)
     if mask is not None:

@@ -44,6 +44,7 @@ ARCHITECTURES = {
     "lion_lit": LionEncoder,
     "lion_d": LionEncoder,
     "lion_s": LionEncoder,
+    "bert": LionEncoder,  # The same encoder with softmax attention (seqmodels/lion.py).
 }
 
 

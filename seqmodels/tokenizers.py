@@ -1,7 +1,8 @@
 """Tokenizers: a byte-level one that needs no files, and any Hugging Face `tokenizer.json`.
 
 `load_tokenizer(spec)` is the single entry point. `spec` is "byte", "gpt-neox" (the GPT-NeoX-20B
-tokenizer shipped in seqmodels/assets), or a path to a `tokenizer.json`.
+tokenizer shipped in seqmodels/assets), a path to a `tokenizer.json`, or a folder holding a byte-level
+BPE as `vocab.json` and `merges.txt` (GPT-2's layout, e.g. shared/data/gpt2_tokenizer).
 """
 
 import os
@@ -61,7 +62,7 @@ class HFTokenizer:
 
   def __init__(self, path: str):
     try:
-      self._tokenizer = hf_tokenizers.Tokenizer.from_file(path)
+      self._tokenizer = _byte_level_bpe(path) if os.path.isdir(path) else hf_tokenizers.Tokenizer.from_file(path)
     except Exception as e:  # The Rust side raises a bare Exception for any parse error.
       raise UserError(
           f"could not load tokenizer '{path}' ({e}) (data.tokenizer); pass a valid tokenizer.json, "
@@ -95,15 +96,28 @@ class HFTokenizer:
     return len(text.encode("utf-8"))
 
 
+def _byte_level_bpe(folder: str) -> hf_tokenizers.Tokenizer:
+  """GPT-2's tokenizer from its vocab.json and merges.txt: byte-level BPE, no prefix space."""
+  files = [os.path.join(folder, name) for name in ("vocab.json", "merges.txt")]
+  tokenizer = hf_tokenizers.Tokenizer(hf_tokenizers.models.BPE.from_file(*files))
+  tokenizer.pre_tokenizer = hf_tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.decoder = hf_tokenizers.decoders.ByteLevel()
+  eos = [token for token in _EOS_CANDIDATES if tokenizer.token_to_id(token) is not None]
+  tokenizer.add_special_tokens(eos)  # Already in the vocabulary; marked special so decoding drops them.
+  return tokenizer
+
+
 def load_tokenizer(spec: str) -> Tokenizer:
-  """Returns the tokenizer named by `spec`: "byte", "gpt-neox", or a path to a tokenizer.json."""
+  """Returns the tokenizer named by `spec`: "byte", "gpt-neox", a tokenizer.json, or a vocab.json +
+  merges.txt folder."""
   if spec == "byte":
     return ByteTokenizer()
   path = GPT_NEOX_PATH if spec == "gpt-neox" else os.path.expanduser(spec)
-  if not os.path.isfile(path):
+  is_bpe_folder = all(os.path.isfile(os.path.join(path, f)) for f in ("vocab.json", "merges.txt"))
+  if not (os.path.isfile(path) or is_bpe_folder):
     raise UserError(
-        f"tokenizer file '{path}' not found (data.tokenizer); pass an existing tokenizer.json, "
-        "'gpt-neox' or 'byte' via --config.data.tokenizer=...")
+        f"tokenizer '{path}' not found (data.tokenizer); pass an existing tokenizer.json, a folder with "
+        "vocab.json and merges.txt, 'gpt-neox' or 'byte' via --config.data.tokenizer=...")
   return HFTokenizer(path)
 
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from seqmodels import accumulate, checkpoint, data, layers, lion, lm, losses, optim, sharding, throughput, zero_shot
 from seqmodels import config as config_lib
 from seqmodels.errors import UserError
-from seqmodels.metrics import MetricsWriter
+from seqmodels.metrics import MetricsWriter, check_wandb, peak_memory_gb
 from seqmodels.tokenizers import load_tokenizer, mask_token_id
 
 OBJECTIVES = ("causal_lm", "mlm", "classification")
@@ -165,6 +165,7 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
     raise UserError(f"seq_len {cfg.seq_len} exceeds model.max_positions {cfg.model.max_positions} of the learned "
                     f"position table; lower --config.seq_len or raise --config.model.max_positions")
   check_objective(cfg)
+  check_wandb(cfg.wandb)
   checkpoint.check_same_model(workdir, cfg)
   tokenizer = load_tokenizer(cfg.data.tokenizer)
   # A masked LM adds the mask token, id tokenizer.vocab_size, after the tokenizer's own.
@@ -219,7 +220,7 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
   stop_signal = []
   previous_handlers = {s: signal.signal(s, lambda signum, _: stop_signal.append(signum))
                        for s in (signal.SIGTERM, signal.SIGINT)}
-  metrics = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+  metrics = MetricsWriter(workdir, enabled=jax.process_index() == 0, config=cfg)
   end = cfg.total_steps if max_steps is None else min(cfg.total_steps, start + max_steps)
   bar = tqdm(total=cfg.total_steps, initial=start, unit="step", dynamic_ncols=True, disable=not progress,
              mininterval=1.0)
@@ -245,6 +246,9 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
             "tokens_per_sec": len(fetched) * cfg.batch_size * cfg.seq_len / elapsed,
         }
         record.update(utilization(record["tokens_per_sec"], stats["flops_per_token"], trainer.mesh))
+        peak = peak_memory_gb()
+        if peak is not None:
+          record["peak_memory_gb"] = peak
         if not math.isfinite(record["loss"]):
           raise FloatingPointError(f"loss is {record['loss']} at step {step}; lower learning_rate or check the data")
         if validate_now:
