@@ -2,11 +2,12 @@
 
 The train state is a plain pytree {"step", "params", "opt_state"}; the step function is pure, so
 the same state and batches give bitwise the same result, and a resumed run equals an uninterrupted
-one. SIGTERM and SIGINT finish the current step, save a checkpoint and return.
+one. SIGTERM and SIGINT finish the current step, save a checkpoint and return. A step with a
+non-finite loss or gradient leaves the parameters and optimizer state as they were
+(seqmodels/nonfinite.py says what happens next).
 """
 
 import dataclasses
-import math
 import signal
 import sys
 import time
@@ -18,7 +19,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from seqmodels import checkpoint, data, layers, lion, lm, optim, sharding, zero_shot
+from seqmodels import checkpoint, data, faults, layers, lion, lm, nonfinite, optim, sharding, zero_shot
 from seqmodels import config as config_lib
 from seqmodels.errors import UserError
 from seqmodels.metrics import MetricsWriter
@@ -115,10 +116,14 @@ class Trainer:
 
   def _train_step(self, state, batch):
     (loss, accuracy), grads = jax.value_and_grad(self._loss, has_aux=True)(state["params"], batch)
+    loss, grads = faults.poison_nonfinite(state["step"], loss, grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, opt_state = nonfinite.keep_if_finite(finite, (params, opt_state), (state["params"], state["opt_state"]))
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
-    return new_state, {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
+    return new_state, {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm, "nonfinite": ~finite}
 
   def validate(self, params, val_batches) -> dict:
     """val_loss and val_accuracy over all scored positions (or records) of the validation batches."""
@@ -151,10 +156,12 @@ def _same_shapes(a, b) -> bool:
       x.shape == y.shape and x.dtype == y.dtype for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def train(config, workdir: str, *, max_steps: int | None = None, progress: bool = True) -> TrainResult:
+def train(config, workdir: str, *, max_steps: int | None = None, progress: bool = True,
+          override_config: bool = False) -> TrainResult:
   """Trains (or resumes) the run in `workdir` up to config.total_steps.
 
   `max_steps` stops this call after that many steps, with a checkpoint, as a preemption would.
+  `override_config` resumes a workdir whose saved config differs from `config` (the model must match).
   """
   cfg = config
   lm.check_config(cfg.model)
@@ -162,7 +169,10 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
     raise UserError(f"seq_len {cfg.seq_len} exceeds model.max_positions {cfg.model.max_positions} of the learned "
                     f"position table; lower --config.seq_len or raise --config.model.max_positions")
   check_objective(cfg)
+  config_lib.check_training(cfg, jax.device_count())
   checkpoint.check_same_model(workdir, cfg)
+  overridden = checkpoint.check_same_run(workdir, cfg, override_config)
+  log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else (lambda _: None)
   tokenizer = load_tokenizer(cfg.data.tokenizer)
   # A masked LM adds the mask token, id tokenizer.vocab_size, after the tokenizer's own.
   needed = tokenizer.vocab_size + (cfg.objective == "mlm")
@@ -183,7 +193,10 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
     if cfg.objective == "mlm":
       mlm = data.MaskedLM(mask_id=mask_token_id(tokenizer), vocab_size=tokenizer.vocab_size,
                           rate=cfg.data.mask_rate)
-    train_tokens, val_tokens = data.load_splits(cfg.data, tokenizer, seq_len=cfg.seq_len)
+    data_report = data.DataReport()
+    train_tokens, val_tokens = data.load_splits(cfg.data, tokenizer, seq_len=cfg.seq_len, report=data_report)
+    for line in data_report.lines():
+      log(line)
     val_batches = data.make_eval_batches(val_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                                          max_batches=cfg.val_batches, mlm=mlm, seed=cfg.seed)
     train_iter = data.make_train_iterator(train_tokens, seq_len=cfg.seq_len, global_batch_size=cfg.batch_size,
@@ -197,16 +210,15 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
     eval_tasks = zero_shot.load_tasks(cfg.eval_tasks, cfg.eval_data_dir, cfg.eval_limit)
   trainer = Trainer(cfg, workdir)
   ckpt = checkpoint.Checkpointer(workdir, keep=cfg.keep_checkpoints)
-  start = ckpt.latest_step()
+  start, state = ckpt.restore_latest(trainer.abstract_state, train_iter, log)
   if start is None:
     state, start = trainer.init_state(), 0
     if cfg.init_from:
       state = trainer.load_encoder(state, cfg.init_from)
-  else:
-    state = ckpt.restore(start, trainer.abstract_state, train_iter)
   checkpoint.write_config(workdir, cfg)
 
-  log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else (lambda _: None)
+  if overridden:
+    log(f"--override_config: continuing {workdir} with {'; '.join(overridden)}")
   if start == 0:
     log(f"{summary}; params: {describe(cfg)['params']:,}")
   else:
@@ -219,6 +231,8 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
   end = cfg.total_steps if max_steps is None else min(cfg.total_steps, start + max_steps)
   bar = tqdm(total=cfg.total_steps, initial=start, unit="step", dynamic_ncols=True, disable=not progress,
              mininterval=1.0)
+  guard = nonfinite.NonfiniteGuard(cfg.nonfinite_policy, cfg.max_nonfinite_steps)
+  last_checkpoint = lambda: None if ckpt.latest_step() is None else ckpt.step_dir(ckpt.latest_step())
   val_metrics, step = {}, start
   pending, interval_start = [], time.perf_counter()
   try:
@@ -228,20 +242,24 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
       step += 1
       pending.append(step_metrics)
       bar.update(1)
+      ckpt.poll()
       validate_now = step % cfg.val_every == 0 or step == cfg.total_steps
       eval_now = bool(eval_tasks) and step % cfg.eval_every == 0
-      if step % cfg.log_every == 0 or validate_now or eval_now or step == end:
+      save_now = step % cfg.checkpoint_every == 0 and step < end
+      # Also before every checkpoint and stop, so that no non-finite step goes unseen into a checkpoint.
+      if step % cfg.log_every == 0 or validate_now or eval_now or step == end or save_now or stop_signal:
         fetched = jax.device_get(pending)
         elapsed = time.perf_counter() - interval_start
+        skipped = guard.observe([m["nonfinite"] for m in fetched], step - len(fetched) + 1, last_checkpoint())
+        finite = [m for m in fetched if not m["nonfinite"]] or fetched
         record = {
-            "loss": float(np.mean([m["loss"] for m in fetched])),
-            "accuracy": float(np.mean([m["accuracy"] for m in fetched])),
-            "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
+            "loss": float(np.mean([m["loss"] for m in finite])),
+            "accuracy": float(np.mean([m["accuracy"] for m in finite])),
+            "grad_norm": float(np.mean([m["grad_norm"] for m in finite])),
             "lr": float(trainer.schedule(step - 1)),
             "tokens_per_sec": len(fetched) * cfg.batch_size * cfg.seq_len / elapsed,
+            "nonfinite_steps": skipped,
         }
-        if not math.isfinite(record["loss"]):
-          raise FloatingPointError(f"loss is {record['loss']} at step {step}; lower learning_rate or check the data")
         if validate_now:
           val_metrics = trainer.validate(state["params"], val_batches)
           record.update(val_metrics)
@@ -252,9 +270,10 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
         metrics.write(step, record)
         bar.set_postfix({k: f"{record[k]:.4f}" for k in ("loss", "val_loss") if k in record}, refresh=False)
         pending, interval_start = [], time.perf_counter()
-      if step % cfg.checkpoint_every == 0 and step < end:
+      if save_now:
         ckpt.save(step, state, train_iter)
     if ckpt.latest_step() != step:
+      guard.observe(jax.device_get([m["nonfinite"] for m in pending]), step - len(pending) + 1, last_checkpoint())
       ckpt.save(step, state, train_iter)
   finally:
     bar.close()
