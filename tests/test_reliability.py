@@ -176,13 +176,15 @@ def test_kill_during_an_async_checkpoint_write_resumes_exactly(reference, tmp_pa
   env = {**os.environ, "SEQMODELS_FAULTS": "stall_write_at=8", "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
   proc = subprocess.Popen([sys.executable, "train.py", *CLI_RUN, "--workdir", workdir], cwd=REPO, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  deadline = time.time() + 240
-  while not glob.glob(os.path.join(workdir, "checkpoints", "8.orbax-checkpoint-tmp*", "state*")):
-    assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
-    time.sleep(0.1)
-  time.sleep(0.5)
-  proc.send_signal(signal.SIGKILL)
-  proc.communicate(timeout=60)
+  try:
+    deadline = time.time() + 240
+    while not glob.glob(os.path.join(workdir, "checkpoints", "8.orbax-checkpoint-tmp*", "state*")):
+      assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
+      time.sleep(0.1)
+    time.sleep(0.5)
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
   # The half-written checkpoint is left as Orbax's temporary directory, never as step 8.
   assert [s for s in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" not in s] == ["4"]
   out = subprocess.run([sys.executable, "train.py", *CLI_RUN, "--workdir", workdir], cwd=REPO, capture_output=True,
@@ -316,3 +318,13 @@ def test_no_load_path_can_execute_code():
         assert (os.path.basename(path), name) in allowed_exec, f"{path}: {name}"
       if owner == "yaml" and name == "load":
         raise AssertionError(f"{path}: yaml.load; use yaml.safe_load")
+
+
+def test_chaos_script_recovers_from_every_injected_fault(tmp_path):
+  """The CI version of scripts/chaos.py: a kill mid-write and a corrupted checkpoint (seed 1)."""
+  out = subprocess.run([sys.executable, "scripts/chaos.py", "--trials", "2", "--seed", "1", "--workdir",
+                        str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout + out.stderr
+  assert "2 faults injected, 2 recovered exactly, 0 lost data" in out.stdout
+  assert "kill_mid_write" in out.stdout and "corrupt" in out.stdout
+  assert "chaos: trial 2/2" in out.stderr  # Progress.
