@@ -3,7 +3,7 @@
 SEQMODELS_FAULTS holds ';'-separated faults, each `name=value`:
 
   nonfinite_at=S[,S...]  the loss and gradients of train steps S (numbered like the logs: the
-                         step that produces checkpoint S) are NaN, inside the jitted step
+                         step that produces checkpoint S; at most 8) are NaN, inside the jitted step
   write_error_at=S       every file write of the checkpoint of step S fails with ENOSPC ("No space
                          left on device"), as a full disk would
   stall_write_at=S       the first file write of the checkpoint of step S blocks forever, leaving a
@@ -20,7 +20,6 @@ import os
 import re
 import threading
 
-import jax
 import jax.numpy as jnp
 
 ENV = "SEQMODELS_FAULTS"
@@ -38,14 +37,22 @@ def active() -> dict[str, tuple[int, ...]]:
   return faults
 
 
-def poison_nonfinite(step, loss, grads):
-  """loss and grads, made NaN at the steps in nonfinite_at; `step` is the state's step before the update."""
-  steps = active().get("nonfinite_at")
-  if not steps:
-    return loss, grads
-  bad = jnp.isin(step + 1, jnp.asarray(steps))
-  poison = lambda x: jnp.where(bad, jnp.nan, x)
-  return poison(loss), jax.tree.map(poison, grads)
+MAX_NONFINITE_STEPS = 8
+
+
+def nonfinite_factor(step):
+  """NaN at the steps in nonfinite_at, else 1.0; `step` is the state's step before the update.
+
+  The train step multiplies its loss by this factor before differentiating, so a fault makes the
+  loss and, through the chain rule, the gradients NaN. The factor is part of every train step,
+  faults or not (the step table is padded to a fixed size), so a run with faults computes its
+  other steps with the same compiled program, bitwise like a run without: x * 1.0 is exact.
+  """
+  steps = active().get("nonfinite_at", ())
+  if len(steps) > MAX_NONFINITE_STEPS:
+    raise ValueError(f"{ENV}: nonfinite_at takes at most {MAX_NONFINITE_STEPS} steps")
+  table = jnp.asarray(steps + (-1,) * (MAX_NONFINITE_STEPS - len(steps)), jnp.int32)
+  return jnp.where(jnp.isin(step + 1, table), jnp.nan, 1.0)
 
 
 _install_lock = threading.Lock()
