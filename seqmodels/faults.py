@@ -11,8 +11,8 @@ SEQMODELS_FAULTS holds ';'-separated faults, each `name=value`:
 
 The write faults patch the Python file layer Orbax writes its metadata through (etils.epath), for
 paths inside the step's temporary directory only; array data goes through TensorStore, so a fault
-strikes after the arrays and before the commit, the window a real crash would hit. Nothing here
-runs, and nothing is patched, when the variable is unset.
+strikes after the arrays and before the commit, the window a real crash would hit. With the
+variable unset nothing is patched, and the train step's fault factor is 1.0 at every step.
 """
 
 import errno
@@ -21,6 +21,8 @@ import re
 import threading
 
 import jax.numpy as jnp
+
+from seqmodels.errors import UserError
 
 ENV = "SEQMODELS_FAULTS"
 KNOWN = ("nonfinite_at", "write_error_at", "stall_write_at")
@@ -32,7 +34,7 @@ def active() -> dict[str, tuple[int, ...]]:
   for item in filter(None, (s.strip() for s in os.environ.get(ENV, "").split(";"))):
     name, _, value = item.partition("=")
     if name not in KNOWN or not re.fullmatch(r"\d+(,\d+)*", value):
-      raise ValueError(f"{ENV}: bad fault {item!r}; expected one of {', '.join(KNOWN)} as name=STEP[,STEP...]")
+      raise UserError(f"{ENV}: bad fault {item!r}; expected one of {', '.join(KNOWN)} as name=STEP[,STEP...]")
     faults[name] = tuple(int(s) for s in value.split(","))
   return faults
 
@@ -50,7 +52,7 @@ def nonfinite_factor(step):
   """
   steps = active().get("nonfinite_at", ())
   if len(steps) > MAX_NONFINITE_STEPS:
-    raise ValueError(f"{ENV}: nonfinite_at takes at most {MAX_NONFINITE_STEPS} steps")
+    raise UserError(f"{ENV}: nonfinite_at takes at most {MAX_NONFINITE_STEPS} steps")
   table = jnp.asarray(steps + (-1,) * (MAX_NONFINITE_STEPS - len(steps)), jnp.int32)
   return jnp.where(jnp.isin(step + 1, table), jnp.nan, 1.0)
 
