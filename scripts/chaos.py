@@ -151,7 +151,8 @@ class Trial:
     self.expect(code == 0, f"rerun exited {code}: {stderr.strip().splitlines()[-1:]}")
     self.resumed = resumed_from(stderr)
     self.expect(self.resumed == newest, f"resumed from step {self.resumed}, newest complete checkpoint was {newest}")
-    self.expect(broken is None or f"checkpoints/{broken} is unusable (" in stderr, "the corrupt checkpoint was not reported")
+    self.expect(broken is None or f"checkpoints/{broken} is unusable (" in stderr,
+                "the corrupt checkpoint was not reported")
     self.check_end(self.reference(faults))
 
   def check_end(self, reference) -> None:
@@ -239,7 +240,8 @@ class Trial:
     code, stderr = self.job.run(self.workdir, f"nonfinite_at={step}", "--config.nonfinite_policy=halt")
     self.detail = f"NaN at step {step}, halt"
     good = max(complete_steps(self.workdir), default=0)
-    named = f"last good checkpoint is {os.path.abspath(self.workdir)}/checkpoints/{good}" if good else "no checkpoint yet"
+    named = (f"last good checkpoint is {os.path.abspath(self.workdir)}/checkpoints/{good}" if good
+             else "no checkpoint yet")
     self.expect(code == 1 and f"not finite at step {step}" in stderr and named in stderr,
                 f"no clear halt (exit {code}): {stderr.strip().splitlines()[-1:]}")
     self.expect(good < step, f"checkpoint {good} was written after the NaN at step {step}")

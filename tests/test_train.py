@@ -120,8 +120,8 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
   signalled = time.time()
   _, stderr = proc.communicate(timeout=120)
   assert proc.returncode == 75, stderr
-  # The bound: the current step plus one checkpoint write (milliseconds each here), with room for a busy CI.
-  assert time.time() - signalled < 30
+  # The bound: the current step plus one checkpoint write (milliseconds each here), with room for a busy CI machine.
+  assert time.time() - signalled < 60
   assert "stopped by SIGTERM" in stderr
   steps = ocp.utils.checkpoint_steps(str(workdir / "checkpoints"))
   assert len(steps) == 1 and steps[0] >= 3
