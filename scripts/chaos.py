@@ -7,7 +7,7 @@ points (times, steps, files, bytes) drawn from a generator seeded by (seed, t). 
 job (train.py on configs/mamba.py:tiny, shrunk to 24 steps of 4 x 16 tokens, a checkpoint every 4
 steps, the last 2 kept) in subprocesses:
 
-  sigkill         SIGKILL at a random moment, 1 to 3 times, then a rerun to the end
+  sigkill         SIGKILL at a random moment of training, 1 to 3 times, then a rerun to the end
   kill_mid_write  SIGKILL while the checkpoint of a random step is half written (stall_write_at)
   corrupt         SIGKILL once two checkpoints are complete, then truncate, flip a byte in or delete
                   a file, delete an item, or delete the manifest of the newest one; then a rerun
@@ -77,6 +77,13 @@ class Job:
       raise
     return proc.returncode, stderr
 
+  def start_training(self, workdir: str, faults: str = "") -> subprocess.Popen:
+    """A run, returned once it logs its first training steps (start-up and compilation are over)."""
+    logged = logged_steps(workdir)
+    proc = self.start(workdir, faults)
+    wait_for(lambda: logged_steps(workdir) > logged, proc)
+    return proc
+
 
 def kill(proc: subprocess.Popen) -> str:
   proc.send_signal(signal.SIGKILL)
@@ -92,6 +99,14 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) ->
       return True
     time.sleep(0.05)
   return condition()
+
+
+def logged_steps(workdir: str) -> int:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    return f.read().count("\n")
 
 
 def complete_steps(workdir: str) -> list[int]:
@@ -129,9 +144,10 @@ def bitwise_equal(a, b) -> bool:
 class Trial:
   """One fault and its checks; `problems` lists every guarantee it broke."""
 
-  def __init__(self, job: Job, workdir: str, rng: np.random.Generator, run_seconds: float, reference):
-    """`reference(faults)` is the final state of an uninterrupted run with those faults."""
-    self.job, self.workdir, self.rng, self.run_seconds, self.reference = job, workdir, rng, run_seconds, reference
+  def __init__(self, job: Job, workdir: str, rng: np.random.Generator, train_seconds: float, reference):
+    """`reference(faults)` is the final state of an uninterrupted run with those faults; `train_seconds`
+    how long its training took after the first logged steps, the window kills are drawn from."""
+    self.job, self.workdir, self.rng, self.train_seconds, self.reference = job, workdir, rng, train_seconds, reference
     self.problems, self.detail, self.resumed = [], "", None
 
   def expect(self, ok: bool, problem: str) -> None:
@@ -168,18 +184,21 @@ class Trial:
 
   def sigkill(self):
     kills = int(self.rng.integers(1, 4))
-    self.detail = f"{kills} kill(s) at " + ", ".join(
-        f"{self.kill_after(self.rng.uniform(0.2, 1.0) * self.run_seconds):.1f}s" for _ in range(kills))
+    self.detail = f"{kills} kill(s) at " + ", ".join(self.kill_during_training() for _ in range(kills))
     self.rerun()
 
-  def kill_after(self, seconds: float) -> float:
+  def kill_during_training(self, faults: str = "") -> str:
+    """Kills a run at a random moment of its training; says when, in seconds after its first logged steps."""
     newest = max(complete_steps(self.workdir), default=0)
-    proc = self.job.start(self.workdir)
+    proc = self.job.start_training(self.workdir, faults)
+    seconds = self.rng.uniform(0.0, self.train_seconds)
     wait_for(lambda: False, proc, seconds)
-    stderr = kill(proc) if proc.poll() is None else proc.communicate()[1]
-    if "resuming" in stderr or "params:" in stderr:  # Killed after it chose where to start.
-      self.expect(resumed_from(stderr) == newest, f"a killed run resumed from {resumed_from(stderr)}, not {newest}")
-    return seconds
+    if proc.poll() is not None:
+      proc.communicate()
+      return f"{seconds:.2f}s (finished first)"
+    stderr = kill(proc)
+    self.expect(resumed_from(stderr) == newest, f"a killed run resumed from {resumed_from(stderr)}, not {newest}")
+    return f"{seconds:.2f}s (step {max(complete_steps(self.workdir), default=0)} complete)"
 
   def kill_mid_write(self):
     step = self.random_step()
@@ -249,12 +268,7 @@ class Trial:
 
   def nan_skip(self):
     step = int(self.rng.choice(NAN_SKIP_STEPS))
-    seconds = self.rng.uniform(0.2, 1.0) * self.run_seconds
-    proc = self.job.start(self.workdir, f"nonfinite_at={step}")
-    wait_for(lambda: False, proc, seconds)
-    if proc.poll() is None:
-      kill(proc)
-    self.detail = f"NaN at step {step}, skip; killed at {seconds:.1f}s"
+    self.detail = f"NaN at step {step}, skip; killed at {self.kill_during_training(f'nonfinite_at={step}')}"
     self.rerun(f"nonfinite_at={step}")
     with open(os.path.join(self.workdir, "metrics.jsonl")) as f:
       self.expect('"nonfinite_steps": 1' in f.read(), "the skipped step is not in the metrics")
@@ -279,15 +293,17 @@ def main(argv=None) -> int:
     if faults not in references:
       workdir = os.path.join(root, f"reference{len(references)}")
       shutil.rmtree(workdir, ignore_errors=True)
+      proc = job.start_training(workdir, faults)
       begun = time.time()
-      code, stderr = job.run(workdir, faults)
-      if code != 0:
-        raise SystemExit(f"chaos: the reference run failed (exit {code}):\n{stderr}")
+      _, stderr = proc.communicate(timeout=RUN_TIMEOUT)
+      if proc.returncode != 0:
+        raise SystemExit(f"chaos: the reference run failed (exit {proc.returncode}):\n{stderr}")
       references[faults] = (final_state(workdir), time.time() - begun)
-      print(f"chaos: reference run {faults or 'without faults'}: {references[faults][1]:.1f}s", file=sys.stderr)
+      print(f"chaos: reference run {faults or 'without faults'}: trained for {references[faults][1]:.1f}s after "
+            "its first logged steps", file=sys.stderr)
     return references[faults]
 
-  run_seconds = reference()[1]
+  train_seconds = reference()[1]
   rows = []
   for trial in range(args.trials):
     rng = np.random.default_rng([args.seed, trial])
@@ -295,7 +311,7 @@ def main(argv=None) -> int:
     workdir = os.path.join(root, f"trial{trial}")
     shutil.rmtree(workdir, ignore_errors=True)
     begun = time.time()
-    check = Trial(job, workdir, rng, run_seconds, lambda faults: reference(faults)[0])
+    check = Trial(job, workdir, rng, train_seconds, lambda faults: reference(faults)[0])
     try:
       getattr(check, fault)()
     except subprocess.TimeoutExpired as e:
