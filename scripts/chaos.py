@@ -146,7 +146,8 @@ class Trial:
 
   def __init__(self, job: Job, workdir: str, rng: np.random.Generator, train_seconds: float, reference):
     """`reference(faults)` is the final state of an uninterrupted run with those faults; `train_seconds`
-    how long its training took after the first logged steps, the window kills are drawn from."""
+    the time it took from its first logged steps to its last checkpoint before the end, the window
+    kills are drawn from."""
     self.job, self.workdir, self.rng, self.train_seconds, self.reference = job, workdir, rng, train_seconds, reference
     self.problems, self.detail, self.resumed = [], "", None
 
@@ -295,12 +296,15 @@ def main(argv=None) -> int:
       shutil.rmtree(workdir, ignore_errors=True)
       proc = job.start_training(workdir, faults)
       begun = time.time()
+      # Kills are drawn from the time it takes to reach the last checkpoint before the end.
+      wait_for(lambda: TOTAL_STEPS - CHECKPOINT_EVERY in complete_steps(workdir), proc)
+      seconds = time.time() - begun
       _, stderr = proc.communicate(timeout=RUN_TIMEOUT)
       if proc.returncode != 0:
         raise SystemExit(f"chaos: the reference run failed (exit {proc.returncode}):\n{stderr}")
-      references[faults] = (final_state(workdir), time.time() - begun)
-      print(f"chaos: reference run {faults or 'without faults'}: trained for {references[faults][1]:.1f}s after "
-            "its first logged steps", file=sys.stderr)
+      references[faults] = (final_state(workdir), seconds)
+      print(f"chaos: reference run {faults or 'without faults'}: {seconds:.1f}s from its first logged steps to "
+            f"checkpoint {TOTAL_STEPS - CHECKPOINT_EVERY}", file=sys.stderr)
     return references[faults]
 
   train_seconds = reference()[1]
