@@ -7,9 +7,14 @@
 --workdir       run directory (default runs/<config>_<variant>): config.json, metrics.jsonl,
                 tensorboard/ and checkpoints/. Running the same command again resumes from it.
 --dry_run       print the resolved config, `params: N` and `flops_per_token: F`, and exit.
+--override_config  resume a --workdir whose saved config.json differs from this config (in more than
+                the keys a resume may change, such as log_every or checkpoint_every); the model
+                itself must match its checkpoints.
 
-Exit codes: 0 done; 1 bad input (a one-line error says what to fix); 75 stopped by SIGTERM or
-SIGINT after saving a checkpoint (rerun to resume).
+Exit codes: 0 done; 1 an error with a one-line message saying what to fix (bad input, a failed
+checkpoint write, a non-finite loss under nonfinite_policy); 75 stopped by SIGTERM or SIGINT after
+saving a checkpoint (rerun to resume). A run killed outright resumes from its last complete
+checkpoint when rerun.
 """
 
 import argparse
@@ -32,6 +37,8 @@ def main(argv=None) -> int:
   parser.add_argument("--config", required=True, help="config file and variant, e.g. configs/mamba.py:tiny")
   parser.add_argument("--workdir", help="run directory; rerunning with the same one resumes")
   parser.add_argument("--dry_run", action="store_true", help="print the config, params and flops, then exit")
+  parser.add_argument("--override_config", action="store_true",
+                      help="resume a --workdir whose saved config differs from this one")
   args, rest = parser.parse_known_args(argv)
 
   from seqmodels import config as config_lib, trainer  # Heavy imports after --help.
@@ -44,7 +51,7 @@ def main(argv=None) -> int:
       print(f"params: {stats['params']}")
       print(f"flops_per_token: {stats['flops_per_token']}")
       return 0
-    result = trainer.train(config, args.workdir or default_workdir(args.config))
+    result = trainer.train(config, args.workdir or default_workdir(args.config), override_config=args.override_config)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_BAD_INPUT

@@ -43,6 +43,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.val_batches = 8
   config.checkpoint_every = 200
   config.keep_checkpoints = 3
+  # A step whose loss or gradients are NaN or Inf never updates the model or optimizer state:
+  # "skip" drops it and halts after max_nonfinite_steps in a row, "halt" stops at the first.
+  config.nonfinite_policy = "skip"
+  config.max_nonfinite_steps = 8
 
   # Zero-shot tasks (seqmodels/zero_shot.py) scored every eval_every steps (0: never) on the first
   # eval_limit items of each, read from eval_data_dir ("": $SEQMODELS_DATA); logged as eval/<task>/<metric>.

@@ -10,6 +10,7 @@ import ast
 import difflib
 import importlib.util
 import json
+import math
 import os
 
 import ml_collections
@@ -111,6 +112,23 @@ def _parse_like(current, text: str):
   if isinstance(current, ml_collections.ConfigDict):
     raise ValueError("a whole section cannot be set; set its keys one by one")
   return ast.literal_eval(text)
+
+
+def check_training(config, n_devices: int) -> None:
+  """Raises UserError for training settings that cannot work, before any data is read or device used."""
+  from seqmodels import nonfinite, sharding
+  for key in ("total_steps", "batch_size", "seq_len", "log_every", "val_every", "checkpoint_every",
+              "keep_checkpoints", "max_nonfinite_steps"):
+    if config[key] < 1:
+      raise UserError(f"{key} is {config[key]} but must be at least 1; pass --config.{key}=N with N >= 1")
+  if config.nonfinite_policy not in nonfinite.POLICIES:
+    raise UserError(f"nonfinite_policy must be one of {', '.join(nonfinite.POLICIES)}, got "
+                    f"'{config.nonfinite_policy}'; pass --config.nonfinite_policy=skip or halt")
+  shape = dict(zip(sharding.AXES, sharding.mesh_shape(config.mesh, n_devices)))
+  batch_devices = math.prod(shape[axis] for axis in sharding.BATCH_AXES)
+  if config.batch_size % batch_devices:
+    raise UserError(f"batch_size {config.batch_size} is not divisible by the {batch_devices} devices on the mesh's "
+                    "batch axes; pick a multiple")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -9,6 +9,8 @@ Training batches come from a grain pipeline whose whole state is one integer per
 checkpoints exactly; validation batches are a fixed list in stream order.
 """
 
+import codecs
+import collections
 import dataclasses
 import glob
 import json
@@ -21,6 +23,48 @@ import numpy as np
 
 from seqmodels.errors import UserError
 from seqmodels.tokenizers import Tokenizer
+
+class DataReport:
+  """What reading the data had to repair: invalid UTF-8 bytes and empty documents, per file."""
+
+  def __init__(self):
+    self.invalid_utf8_bytes = collections.Counter()
+    self.empty_documents = collections.Counter()
+
+  def lines(self) -> list[str]:
+    """One log line per kind of repair, naming the files."""
+    lines = []
+    for counter, what in ((self.invalid_utf8_bytes, "invalid UTF-8 bytes replaced by U+FFFD"),
+                          (self.empty_documents, "empty documents skipped")):
+      if counter:
+        where = ", ".join(f"{path} ({n})" for path, n in sorted(counter.items()))
+        lines.append(f"data: {sum(counter.values())} {what}: {where}")
+    return lines
+
+
+# Bytes that are not UTF-8 become U+FFFD, as errors="replace" does, and are counted here, so a
+# corpus in the wrong encoding shows up in the log instead of silently training on replacement marks.
+_invalid_utf8 = [0]
+
+
+def _count_and_replace(error: UnicodeDecodeError):
+  _invalid_utf8[0] += error.end - error.start
+  return "\ufffd", error.end
+
+
+codecs.register_error("seqmodels.count_and_replace", _count_and_replace)
+
+
+def _open_text(path: str, config_key: str):
+  try:
+    return open(path, encoding="utf-8", errors="seqmodels.count_and_replace")
+  except FileNotFoundError:
+    raise UserError(f"data file '{path}' disappeared while the data was being read ({config_key}); restore it "
+                    f"or remove it from --config.{config_key}=..., then rerun") from None
+  except OSError as e:
+    raise UserError(f"data file '{path}' could not be read ({e.strerror}); fix it or remove it from "
+                    f"--config.{config_key}=...") from None
+
 
 # Documents handed to the tokenizer at once: large enough for its thread pool, small enough that
 # a big JSONL corpus is never held as text all at once.
@@ -56,9 +100,9 @@ def _expand_paths(paths: Sequence[str] | str, config_key: str) -> list[str]:
   return files
 
 
-def _jsonl_records(path: str, text_field: str) -> Iterator[tuple[int, dict]]:
+def _jsonl_records(path: str, text_field: str, config_key: str = "data.train_files") -> Iterator[tuple[int, dict]]:
   """Yields (line number, record) for each JSON object with a string `text_field` in `path`."""
-  with open(path, encoding="utf-8", errors="replace") as f:
+  with _open_text(path, config_key) as f:
     for line_number, line in enumerate(f, start=1):
       if not line.strip():
         continue
@@ -75,29 +119,37 @@ def _jsonl_records(path: str, text_field: str) -> Iterator[tuple[int, dict]]:
       yield line_number, record
 
 
-def _read_jsonl(path: str, text_field: str) -> Iterator[str]:
-  for _, record in _jsonl_records(path, text_field):
-    yield record[text_field]
-
-
 def read_documents(
-    paths: Sequence[str] | str, *, text_field: str = "text", config_key: str = "data.train_files"
+    paths: Sequence[str] | str, *, text_field: str = "text", config_key: str = "data.train_files",
+    report: DataReport | None = None,
 ) -> Iterator[str]:
   """Yields the documents in `paths` (files or globs, relative to the working directory).
 
   A `.jsonl` file holds one JSON object per line whose `text_field` is a document; any other file
-  is one document. Bytes that are not UTF-8 become U+FFFD rather than failing the run. All paths
-  are checked before this returns; `config_key` names the setting in error messages.
+  is one document. Bytes that are not UTF-8 become U+FFFD rather than failing the run, and are
+  counted in `report` with the empty documents. All paths are checked before this returns, and a
+  file that disappears before it is read is a UserError; `config_key` names the setting in errors.
   """
   files = _expand_paths(paths, config_key)
+  report = report or DataReport()
+
+  def file_documents(path):
+    if path.endswith(".jsonl"):
+      for _, record in _jsonl_records(path, text_field, config_key):
+        yield record[text_field]
+    else:
+      with _open_text(path, config_key) as f:
+        yield f.read()
 
   def documents():
     for path in files:
-      if path.endswith(".jsonl"):
-        yield from _read_jsonl(path, text_field)
-      else:
-        with open(path, encoding="utf-8", errors="replace") as f:
-          yield f.read()
+      invalid_before = _invalid_utf8[0]
+      for doc in file_documents(path):
+        if not doc:
+          report.empty_documents[path] += 1
+        yield doc
+      if _invalid_utf8[0] > invalid_before:
+        report.invalid_utf8_bytes[path] += _invalid_utf8[0] - invalid_before
 
   return documents()
 
@@ -144,20 +196,22 @@ def _check_length(tokens: np.ndarray, seq_len: int, what: str, fix: str) -> None
 
 
 def load_splits(
-    data_config, tokenizer: Tokenizer, *, seq_len: int
+    data_config, tokenizer: Tokenizer, *, seq_len: int, report: DataReport | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
   """Returns the (train, validation) token streams described by `data_config`.
 
   With `val_files` set, they are the validation corpus. Otherwise the last `val_fraction` of the
-  training stream is held out, as nanoGPT does, so the two splits share no token.
+  training stream is held out, as nanoGPT does, so the two splits share no token. `report`
+  collects what reading repaired (see read_documents).
   """
   train = tokenize_documents(
-      read_documents(data_config.train_files, text_field=data_config.text_field),
+      read_documents(data_config.train_files, text_field=data_config.text_field, report=report),
       tokenizer, config_key="data.train_files")
   if data_config.val_files:
     val = tokenize_documents(
         read_documents(
-            data_config.val_files, text_field=data_config.text_field, config_key="data.val_files"),
+            data_config.val_files, text_field=data_config.text_field, config_key="data.val_files",
+            report=report),
         tokenizer, config_key="data.val_files")
     _check_length(
         val, seq_len, "validation corpus", "add text to data.val_files or use a smaller seq_len")
@@ -331,7 +385,7 @@ def read_classification(
   """
   texts, labels = [], []
   for path in _expand_paths(paths, config_key):
-    for line_number, record in _jsonl_records(path, text_field):
+    for line_number, record in _jsonl_records(path, text_field, config_key):
       label = record.get(label_field)
       if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_classes:
         raise UserError(

@@ -35,7 +35,7 @@ def load(workdir: str, step: int | None = None) -> LoadedModel:
   config = checkpoint.read_config(workdir)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints)
   try:
-    steps = ckpt.manager.all_steps()
+    steps = ckpt.complete_steps()
     if not steps:
       raise UserError(f"no checkpoint in {ckpt.directory}; train first with train.py --workdir {workdir}")
     if step is None:

@@ -40,6 +40,7 @@ from flax import nnx, traverse_util
 from configs import mamba as mamba_configs
 from seqmodels import layers, lm
 from seqmodels.errors import UserError
+from seqmodels.paths import safe_join
 from seqmodels.mamba import dt_rank
 
 SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
@@ -134,17 +135,6 @@ def read_torch_bin(path: str) -> dict:
           if isinstance(t, torch.Tensor)}
 
 
-def _inside(directory: str, name: str) -> str:
-  """directory/name, refusing a name that leads out of the directory.
-
-  The check is on the name, not on resolved links: the Hugging Face cache links a snapshot's files
-  to blobs elsewhere, and those must still load.
-  """
-  if not isinstance(name, str) or os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == "..":
-    raise UserError(f"checkpoint {directory} names a weight file {name!r} outside its directory; refusing to read it")
-  return os.path.join(directory, name)
-
-
 def read_weights(directory: str) -> dict:
   """All tensors of a checkpoint directory, from its single or sharded weight files."""
   present = [name for name in WEIGHT_FILES if os.path.isfile(os.path.join(directory, name))]
@@ -161,7 +151,7 @@ def read_weights(directory: str) -> dict:
     files = sorted(set(weight_map.values()))
   tensors = {}
   for file in files:
-    path = _inside(directory, file)
+    path = safe_join(directory, file, what="weight file")
     if not os.path.isfile(path):
       raise UserError(f"checkpoint {directory} lacks its weight file {file}; re-download the checkpoint")
     tensors.update(read_safetensors(path) if file.endswith(".safetensors") else read_torch_bin(path))

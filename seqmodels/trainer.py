@@ -2,11 +2,12 @@
 
 The train state is a plain pytree {"step", "params", "opt_state"}; the step function is pure, so
 the same state and batches give bitwise the same result, and a resumed run equals an uninterrupted
-one. SIGTERM and SIGINT finish the current step, save a checkpoint and return.
+one. SIGTERM and SIGINT finish the current step, save a checkpoint and return. A step with a
+non-finite loss or gradient leaves the parameters and optimizer state as they were
+(seqmodels/nonfinite.py says what happens next).
 """
 
 import dataclasses
-import math
 import signal
 import sys
 import time
@@ -18,7 +19,8 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from seqmodels import accumulate, checkpoint, data, layers, lion, lm, losses, optim, sharding, throughput, zero_shot
+from seqmodels import (accumulate, checkpoint, data, faults, layers, lion, lm, losses, nonfinite, optim, sharding,
+                       throughput, zero_shot)
 from seqmodels import config as config_lib
 from seqmodels.errors import UserError
 from seqmodels.metrics import MetricsWriter, check_wandb, peak_memory_gb
@@ -110,12 +112,20 @@ class Trainer:
     return {"loss": jnp.sum(nll * weights), "correct": jnp.sum(correct * weights), "count": jnp.sum(weights)}
 
   def _train_step(self, state, batch):
-    loss, accuracy, grads = accumulate.loss_and_grads(self._sums, state["params"], batch,
-                                                      self.config.get("microbatches", 1))
+    factor = faults.nonfinite_factor(state["step"])  # 1.0 unless a fault is injected.
+
+    def sums(params, piece):
+      piece_sums = self._sums(params, piece)
+      return {**piece_sums, "loss": piece_sums["loss"] * factor}
+
+    loss, accuracy, grads = accumulate.loss_and_grads(sums, state["params"], batch, self.config.get("microbatches", 1))
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, opt_state = nonfinite.keep_if_finite(finite, (params, opt_state), (state["params"], state["opt_state"]))
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
-    return new_state, {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
+    return new_state, {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm, "nonfinite": ~finite}
 
   def validate(self, params, val_batches) -> dict:
     """val_loss and val_accuracy over all scored positions (or records) of the validation batches."""
@@ -154,10 +164,12 @@ def _same_shapes(a, b) -> bool:
       x.shape == y.shape and x.dtype == y.dtype for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def train(config, workdir: str, *, max_steps: int | None = None, progress: bool = True) -> TrainResult:
+def train(config, workdir: str, *, max_steps: int | None = None, progress: bool = True,
+          override_config: bool = False) -> TrainResult:
   """Trains (or resumes) the run in `workdir` up to config.total_steps.
 
   `max_steps` stops this call after that many steps, with a checkpoint, as a preemption would.
+  `override_config` resumes a workdir whose saved config differs from `config` (the model must match).
   """
   cfg = config
   lm.check_config(cfg.model)
@@ -166,7 +178,10 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
                     f"position table; lower --config.seq_len or raise --config.model.max_positions")
   check_objective(cfg)
   check_wandb(cfg.wandb)
+  config_lib.check_training(cfg, jax.device_count())
   checkpoint.check_same_model(workdir, cfg)
+  overridden = checkpoint.check_same_run(workdir, cfg, override_config)
+  log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else (lambda _: None)
   tokenizer = load_tokenizer(cfg.data.tokenizer)
   # A masked LM adds the mask token, id tokenizer.vocab_size, after the tokenizer's own.
   needed = tokenizer.vocab_size + (cfg.objective == "mlm")
@@ -187,7 +202,10 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
     if cfg.objective == "mlm":
       mlm = data.MaskedLM(mask_id=mask_token_id(tokenizer), vocab_size=tokenizer.vocab_size,
                           rate=cfg.data.mask_rate)
-    train_tokens, val_tokens = data.load_splits(cfg.data, tokenizer, seq_len=cfg.seq_len)
+    data_report = data.DataReport()
+    train_tokens, val_tokens = data.load_splits(cfg.data, tokenizer, seq_len=cfg.seq_len, report=data_report)
+    for line in data_report.lines():
+      log(line)
     val_batches = data.make_eval_batches(val_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                                          max_batches=cfg.val_batches, mlm=mlm, seed=cfg.seed)
     train_iter = data.make_train_iterator(train_tokens, seq_len=cfg.seq_len, global_batch_size=cfg.batch_size,
@@ -201,17 +219,16 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
     eval_tasks = zero_shot.load_tasks(cfg.eval_tasks, cfg.eval_data_dir, cfg.eval_limit)
   trainer = Trainer(cfg, workdir)
   ckpt = checkpoint.Checkpointer(workdir, keep=cfg.keep_checkpoints)
-  start = ckpt.latest_step()
+  start, state = ckpt.restore_latest(trainer.abstract_state, train_iter, log)
   if start is None:
     state, start = trainer.init_state(), 0
     if cfg.init_from:
       state = trainer.load_encoder(state, cfg.init_from)
-  else:
-    state = ckpt.restore(start, trainer.abstract_state, train_iter)
   checkpoint.write_config(workdir, cfg)
 
-  log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else (lambda _: None)
   stats = describe(cfg)
+  if overridden:
+    log(f"--override_config: continuing {workdir} with {'; '.join(overridden)}")
   if start == 0:
     log(f"{summary}; params: {stats['params']:,}")
   else:
@@ -224,6 +241,8 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
   end = cfg.total_steps if max_steps is None else min(cfg.total_steps, start + max_steps)
   bar = tqdm(total=cfg.total_steps, initial=start, unit="step", dynamic_ncols=True, disable=not progress,
              mininterval=1.0)
+  guard = nonfinite.NonfiniteGuard(cfg.nonfinite_policy, cfg.max_nonfinite_steps)
+  last_checkpoint = lambda: None if ckpt.latest_step() is None else ckpt.step_dir(ckpt.latest_step())
   val_metrics, step = {}, start
   pending, interval_start = [], time.perf_counter()
   try:
@@ -233,24 +252,28 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
       step += 1
       pending.append(step_metrics)
       bar.update(1)
+      ckpt.poll()
       validate_now = step % cfg.val_every == 0 or step == cfg.total_steps
       eval_now = bool(eval_tasks) and step % cfg.eval_every == 0
-      if step % cfg.log_every == 0 or validate_now or eval_now or step == end:
+      save_now = step % cfg.checkpoint_every == 0 and step < end
+      # Also before every checkpoint and stop, so that no non-finite step goes unseen into a checkpoint.
+      if step % cfg.log_every == 0 or validate_now or eval_now or step == end or save_now or stop_signal:
         fetched = jax.device_get(pending)
         elapsed = time.perf_counter() - interval_start
+        skipped = guard.observe([m["nonfinite"] for m in fetched], step - len(fetched) + 1, last_checkpoint())
+        finite = [m for m in fetched if not m["nonfinite"]] or fetched
         record = {
-            "loss": float(np.mean([m["loss"] for m in fetched])),
-            "accuracy": float(np.mean([m["accuracy"] for m in fetched])),
-            "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
+            "loss": float(np.mean([m["loss"] for m in finite])),
+            "accuracy": float(np.mean([m["accuracy"] for m in finite])),
+            "grad_norm": float(np.mean([m["grad_norm"] for m in finite])),
             "lr": float(trainer.schedule(step - 1)),
             "tokens_per_sec": len(fetched) * cfg.batch_size * cfg.seq_len / elapsed,
+            "nonfinite_steps": skipped,
         }
         record.update(utilization(record["tokens_per_sec"], stats["flops_per_token"], trainer.mesh))
         peak = peak_memory_gb()
         if peak is not None:
           record["peak_memory_gb"] = peak
-        if not math.isfinite(record["loss"]):
-          raise FloatingPointError(f"loss is {record['loss']} at step {step}; lower learning_rate or check the data")
         if validate_now:
           val_metrics = trainer.validate(state["params"], val_batches)
           record.update(val_metrics)
@@ -263,9 +286,10 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
                          "tok/s": f"{record['tokens_per_sec']:,.0f}",
                          **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {})}, refresh=False)
         pending, interval_start = [], time.perf_counter()
-      if step % cfg.checkpoint_every == 0 and step < end:
+      if save_now:
         ckpt.save(step, state, train_iter)
     if ckpt.latest_step() != step:
+      guard.observe(jax.device_get([m["nonfinite"] for m in pending]), step - len(pending) + 1, last_checkpoint())
       ckpt.save(step, state, train_iter)
   finally:
     bar.close()

@@ -134,9 +134,43 @@ def test_empty_corpus(tmp_path):
     data.tokenize_documents(data.read_documents([empty]), ByteTokenizer())
 
 
-def test_non_utf8_bytes_are_replaced(tmp_path):
-  path = _write(tmp_path / "latin1.txt", b"caf\xe9!")
-  assert list(data.read_documents([path])) == ["caf\ufffd!"]
+def test_non_utf8_bytes_are_replaced_and_counted(tmp_path):
+  path = _write(tmp_path / "latin1.txt", b"caf\xe9! na\xefve \xff\xfe")
+  jsonl = _write(tmp_path / "docs.jsonl", b'{"text": "ok"}\n{"text": "bad \x80"}\n')
+  clean = _write(tmp_path / "clean.txt", "caf\u00e9 \ufffd")  # A real U+FFFD is text, not an error.
+  report = data.DataReport()
+  docs = list(data.read_documents([path, jsonl, clean], report=report))
+  assert docs == ["caf\ufffd! na\ufffdve \ufffd\ufffd", "ok", "bad \ufffd", "caf\u00e9 \ufffd"]
+  assert report.invalid_utf8_bytes == {path: 4, jsonl: 1}
+  assert report.lines() == [f"data: 5 invalid UTF-8 bytes replaced by U+FFFD: {jsonl} (1), {path} (4)"]
+
+
+def test_empty_files_are_skipped_and_reported(tmp_path):
+  empty = _write(tmp_path / "a_empty.txt", "")
+  text = _write(tmp_path / "b.txt", "hi")
+  empty_jsonl = _write(tmp_path / "c.jsonl", "")
+  report = data.DataReport()
+  tokens = data.tokenize_documents(data.read_documents([empty, text, empty_jsonl], report=report), ByteTokenizer())
+  np.testing.assert_array_equal(tokens, [104, 105, 256])
+  assert report.lines() == [f"data: 1 empty documents skipped: {empty} (1)"]
+
+
+def test_a_file_that_disappears_while_reading_is_a_clear_error(tmp_path):
+  first = _write(tmp_path / "a.txt", "first")
+  second = _write(tmp_path / "b.txt", "second")
+  docs = data.read_documents([first, second])  # Both exist when the paths are checked.
+  assert next(docs) == "first"
+  os.remove(second)
+  with pytest.raises(UserError, match=f"data file '{second}' disappeared while the data was being read"):
+    next(docs)
+
+
+def test_a_document_longer_than_the_context_spans_windows():
+  tokens = data.tokenize_documents(["x" * 50], ByteTokenizer())  # 51 tokens with EOS, seq_len 8.
+  windows = data.PackedWindows(tokens, seq_len=8)
+  assert len(windows) == 6
+  inputs = np.concatenate([windows[i]["inputs"] for i in range(len(windows))])
+  np.testing.assert_array_equal(inputs, tokens[:48])  # Every token is used; only the ragged tail is cut.
 
 
 # Tokenizing and packing.

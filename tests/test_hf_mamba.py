@@ -132,10 +132,11 @@ def test_imported_workdir_evaluates_resumes_and_exports(imported_run, tmp_path):
   _assert_reference_logits(loaded.model)
 
   # train.py with the printed flags resumes from step 0; at learning rate 0 the weights stay put.
+  # The changed learning rate and length make it another config, hence override_config.
   spec = command[command.index("train.py") + 1].removeprefix("--config=")
   overrides = [a for a in command if a.startswith("--config.")] + ["--config.learning_rate=0.0",
                                                                    "--config.total_steps=1"]
-  result = trainer.train(trainer.resolved_config(spec, overrides), workdir, progress=False)
+  result = trainer.train(trainer.resolved_config(spec, overrides), workdir, progress=False, override_config=True)
   assert result.step == 1
   loaded = evaluate.load(workdir, 1)
   _assert_reference_logits(loaded.model)

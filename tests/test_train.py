@@ -117,16 +117,22 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
     assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
     time.sleep(0.2)
   proc.send_signal(signal.SIGTERM)
+  signalled = time.time()
   _, stderr = proc.communicate(timeout=120)
   assert proc.returncode == 75, stderr
+  # The bound: the current step plus one checkpoint write (milliseconds each here), with room for a busy CI machine.
+  assert time.time() - signalled < 60
   assert "stopped by SIGTERM" in stderr
   steps = ocp.utils.checkpoint_steps(str(workdir / "checkpoints"))
   assert len(steps) == 1 and steps[0] >= 3
 
+  # A shorter run than the saved config's is another config: it resumes only with --override_config.
   out = _run_cli(*args[:-7], "--config.model.d_model=32", "--config.model.n_layer=1", "--config.seq_len=32",
-                 f"--config.total_steps={steps[0] + 2}", "--config.log_every=1", "--config.mesh.data=1")
+                 f"--config.total_steps={steps[0] + 2}", "--config.log_every=1", "--config.mesh.data=1",
+                 "--override_config")
   assert out.returncode == 0, out.stderr
   assert f"resuming {workdir} from step {steps[0]}" in out.stderr
+  assert f"--override_config: continuing {workdir} with total_steps: 100000 there, {steps[0] + 2} here" in out.stderr
 
 
 def test_data_parallel_mesh_matches_one_device(tmp_path):
