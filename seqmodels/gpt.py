@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from seqmodels import layers
+from seqmodels import layers, sharding
 from seqmodels.errors import UserError
 
 
@@ -41,8 +41,8 @@ class CausalSelfAttention(nnx.Module):
     self.rope_theta = rope_theta
     self.dtype = dtype
     init = layers.normal_init(0.02)
-    self.qkv = layers.linear(d, 3 * d, dtype=dtype, rngs=rngs, kernel_init=init)
-    self.out = layers.linear(d, d, dtype=dtype, rngs=rngs,
+    self.qkv = layers.linear(d, 3 * d, axes=("embed", "heads"), dtype=dtype, rngs=rngs, kernel_init=init)
+    self.out = layers.linear(d, d, axes=("heads", "embed"), dtype=dtype, rngs=rngs,
                              kernel_init=layers.scaled(init, 1 / math.sqrt(2 * n_layer)))
 
   def init_cache(self, batch, max_length):
@@ -59,7 +59,7 @@ class CausalSelfAttention(nnx.Module):
       q = layers.rotary(q, positions, self.rope_theta)
       k = layers.rotary(k, positions, self.rope_theta)
     if cache is None:
-      o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+      o = sharding.causal_attention(q, k, v)
     else:
       k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(self.dtype), start, axis=1)
       v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(self.dtype), start, axis=1)
@@ -74,9 +74,9 @@ class SwiGLU(nnx.Module):
   def __init__(self, cfg, *, dtype, rngs):
     d, hidden = cfg.d_model, ffn_dim(cfg)
     init = layers.normal_init(0.02)
-    self.gate = layers.linear(d, hidden, dtype=dtype, rngs=rngs, kernel_init=init)
-    self.up = layers.linear(d, hidden, dtype=dtype, rngs=rngs, kernel_init=init)
-    self.down = layers.linear(hidden, d, dtype=dtype, rngs=rngs,
+    self.gate = layers.linear(d, hidden, axes=("embed", "mlp"), dtype=dtype, rngs=rngs, kernel_init=init)
+    self.up = layers.linear(d, hidden, axes=("embed", "mlp"), dtype=dtype, rngs=rngs, kernel_init=init)
+    self.down = layers.linear(hidden, d, axes=("mlp", "embed"), dtype=dtype, rngs=rngs,
                               kernel_init=layers.scaled(init, 1 / math.sqrt(2 * cfg.n_layer)))
 
   def __call__(self, x):
