@@ -76,6 +76,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.mesh.data = -1
   config.mesh.fsdp = 1
   config.mesh.tensor = 1
+
+  # Multi-host runs (README "Several GPUs and hosts"): every process gets the same config but its own
+  # process_id, with coordinator_address = "host:port" of process 0; or auto_detect lets JAX find
+  # them (SLURM, Open MPI, Kubernetes, JAX_COORDINATOR_ADDRESS...). Neither: one process.
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.coordinator_address = ""
+  config.distributed.num_processes = 1
+  config.distributed.process_id = 0
+  config.distributed.auto_detect = False
   return config
 
 

@@ -33,10 +33,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels import selective_scan
 from seqmodels import layers
 from seqmodels.errors import UserError
 from seqmodels.mamba import MambaBlock, MambaMixer
+from seqmodels.sharding import selective_scan
 
 
 def gate_hidden(cfg) -> int:
@@ -58,8 +58,8 @@ class SelectionGate(nnx.Module):
   """g(u) = silu(W2 silu(W1 u)): one gate per SSM channel, from the layer's normalized input."""
 
   def __init__(self, d_in, hidden, d_out, *, dtype, rngs):
-    self.fc1 = layers.linear(d_in, hidden, dtype=dtype, rngs=rngs)
-    self.fc2 = layers.linear(hidden, d_out, dtype=dtype, rngs=rngs)
+    self.fc1 = layers.linear(d_in, hidden, axes=("embed", None), dtype=dtype, rngs=rngs)
+    self.fc2 = layers.linear(hidden, d_out, axes=(None, "inner"), dtype=dtype, rngs=rngs)
 
   def __call__(self, u):
     return jax.nn.silu(self.fc2(jax.nn.silu(self.fc1(u))))

@@ -43,8 +43,8 @@ class SelectiveGate(nnx.Module):
   """G_i(x) = W_2 silu(W_1 x): d -> d/32 -> width."""
 
   def __init__(self, d, width, *, dtype, rngs):
-    self.fc1 = layers.linear(d, d // 32, dtype=dtype, rngs=rngs, kernel_init=INIT)
-    self.fc2 = layers.linear(d // 32, width, dtype=dtype, rngs=rngs, kernel_init=INIT)
+    self.fc1 = layers.linear(d, d // 32, axes=("embed", None), dtype=dtype, rngs=rngs, kernel_init=INIT)
+    self.fc2 = layers.linear(d // 32, width, axes=(None, "heads"), dtype=dtype, rngs=rngs, kernel_init=INIT)
 
   def __call__(self, x):
     return self.fc2(jax.nn.silu(self.fc1(x)))
@@ -58,18 +58,19 @@ class DenseGauRetention(nnx.Module):
     self.n_head = cfg.n_head
     self.key_dim, self.value_dim = self.qk_width // cfg.n_head, self.v_width // cfg.n_head
     self.form, self.chunk_size, self.rope_theta = cfg.retention_form, cfg.chunk_size, cfg.rope_theta
-    self.q_proj = layers.linear(d, self.qk_width, dtype=dtype, rngs=rngs, kernel_init=INIT)
-    self.k_proj = layers.linear(d, self.qk_width, dtype=dtype, rngs=rngs, kernel_init=INIT)
-    self.to_hidden = layers.linear(d, 2 * self.v_width, dtype=dtype, rngs=rngs, kernel_init=INIT)
+    self.q_proj = layers.linear(d, self.qk_width, axes=("embed", "heads"), dtype=dtype, rngs=rngs, kernel_init=INIT)
+    self.k_proj = layers.linear(d, self.qk_width, axes=("embed", "heads"), dtype=dtype, rngs=rngs, kernel_init=INIT)
+    self.to_hidden = layers.linear(d, 2 * self.v_width, axes=("embed", "heads"), dtype=dtype, rngs=rngs,
+                                   kernel_init=INIT)
     n_dense = min(layer_index, cfg.dense_layers)
     self.k_gates = nnx.List([SelectiveGate(d, self.qk_width, dtype=dtype, rngs=rngs) for _ in range(n_dense)])
     self.v_gates = nnx.List([SelectiveGate(d, self.v_width, dtype=dtype, rngs=rngs) for _ in range(n_dense)])
     # Only layers with dense inputs normalize k and v.
-    self.k_norm = layers.RMSNorm(self.qk_width, eps=cfg.norm_eps, dtype=dtype) if n_dense else None
-    self.v_norm = layers.RMSNorm(self.v_width, eps=cfg.norm_eps, dtype=dtype) if n_dense else None
+    self.k_norm = layers.RMSNorm(self.qk_width, eps=cfg.norm_eps, dtype=dtype, axis="heads") if n_dense else None
+    self.v_norm = layers.RMSNorm(self.v_width, eps=cfg.norm_eps, dtype=dtype, axis="heads") if n_dense else None
     # One RMSNorm weight of a head's width, shared by the heads.
-    self.group_norm = layers.RMSNorm(self.value_dim, eps=cfg.norm_eps, dtype=dtype)
-    self.to_out = layers.linear(self.v_width, d, dtype=dtype, rngs=rngs, kernel_init=INIT)
+    self.group_norm = layers.RMSNorm(self.value_dim, eps=cfg.norm_eps, dtype=dtype, axis=None)
+    self.to_out = layers.linear(self.v_width, d, axes=("heads", "embed"), dtype=dtype, rngs=rngs, kernel_init=INIT)
 
   def project(self, x, previous):
     """q, the densely connected k and v, the gate g, and this layer's raw (k, v) for later layers.

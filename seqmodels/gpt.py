@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from seqmodels import layers
+from seqmodels import layers, sharding
 from seqmodels.errors import UserError
 
 
@@ -54,8 +54,8 @@ class CausalSelfAttention(nnx.Module):
     self.rope_theta = rope_theta
     self.dtype = dtype
     init = layers.normal_init(0.02)
-    self.qkv = layers.linear(d, 3 * d, dtype=dtype, rngs=rngs, kernel_init=init)
-    self.out = layers.linear(d, d, dtype=dtype, rngs=rngs,
+    self.qkv = layers.linear(d, 3 * d, axes=("embed", "heads"), dtype=dtype, rngs=rngs, kernel_init=init)
+    self.out = layers.linear(d, d, axes=("heads", "embed"), dtype=dtype, rngs=rngs,
                              kernel_init=layers.scaled(init, 1 / math.sqrt(2 * n_layer)))
 
   def init_cache(self, batch, max_length):
@@ -72,7 +72,7 @@ class CausalSelfAttention(nnx.Module):
       q = layers.rotary(q, positions, self.rope_theta)
       k = layers.rotary(k, positions, self.rope_theta)
     if cache is None:
-      o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=attention_implementation(q))
+      o = sharding.causal_attention(q, k, v, implementation=attention_implementation(q))
     else:
       heads_major = lambda a: jnp.swapaxes(a.astype(self.dtype), 1, 2)
       k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], heads_major(k), start, axis=2)
@@ -100,9 +100,9 @@ class SwiGLU(nnx.Module):
   def __init__(self, cfg, *, dtype, rngs):
     d, hidden = cfg.d_model, ffn_dim(cfg)
     init = layers.normal_init(0.02)
-    self.gate = layers.linear(d, hidden, dtype=dtype, rngs=rngs, kernel_init=init)
-    self.up = layers.linear(d, hidden, dtype=dtype, rngs=rngs, kernel_init=init)
-    self.down = layers.linear(hidden, d, dtype=dtype, rngs=rngs,
+    self.gate = layers.linear(d, hidden, axes=("embed", "mlp"), dtype=dtype, rngs=rngs, kernel_init=init)
+    self.up = layers.linear(d, hidden, axes=("embed", "mlp"), dtype=dtype, rngs=rngs, kernel_init=init)
+    self.down = layers.linear(hidden, d, axes=("mlp", "embed"), dtype=dtype, rngs=rngs,
                               kernel_init=layers.scaled(init, 1 / math.sqrt(2 * cfg.n_layer)))
 
   def __call__(self, x):

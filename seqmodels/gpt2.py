@@ -51,8 +51,8 @@ class GeluMLP(nnx.Module):
 
   def __init__(self, d, n_layer, *, dtype, rngs):
     init = layers.normal_init(0.02)
-    self.fc = layers.linear(d, 4 * d, dtype=dtype, rngs=rngs, kernel_init=init)
-    self.proj = layers.linear(4 * d, d, dtype=dtype, rngs=rngs,
+    self.fc = layers.linear(d, 4 * d, axes=("embed", "mlp"), dtype=dtype, rngs=rngs, kernel_init=init)
+    self.proj = layers.linear(4 * d, d, axes=("mlp", "embed"), dtype=dtype, rngs=rngs,
                               kernel_init=layers.scaled(init, 1 / math.sqrt(2 * n_layer)))
 
   def __call__(self, x):
@@ -89,11 +89,11 @@ class ParallelGPT(nnx.Module):
   def __init__(self, cfg, *, dtype, rngs):
     d = cfg.d_model
     init = layers.normal_init(0.02)
-    self.proj = nnx.List([layers.linear(d, d, use_bias=True, dtype=dtype, rngs=rngs, kernel_init=init)
-                          for _ in range(2)])
+    self.proj = nnx.List([layers.linear(d, d, axes=("embed", None), use_bias=True, dtype=dtype, rngs=rngs,
+                                        kernel_init=init) for _ in range(2)])
     self.towers = nnx.List([nnx.List([GPT2Block(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.n_layer // 2)])
                             for _ in range(2)])
-    self.mix = nnx.Param(jnp.asarray(0.5, jnp.float32))
+    self.mix = nnx.Param(jnp.asarray(0.5, jnp.float32), **layers.logical_axes())
     # Decoding (prefill and step) runs one tower when set; training always runs both.
     self.one_tower_inference = cfg.one_tower_inference
     self.out_dim = d
@@ -195,7 +195,8 @@ class LinearGPT(CompressingGPT):
 
   @staticmethod
   def reducer(d_in, d_out, *, dtype, rngs):
-    return layers.linear(d_in, d_out, use_bias=True, dtype=dtype, rngs=rngs, kernel_init=layers.normal_init(0.02))
+    return layers.linear(d_in, d_out, axes=("embed", None), use_bias=True, dtype=dtype, rngs=rngs,
+                         kernel_init=layers.normal_init(0.02))
 
 
 class ConvGPT(CompressingGPT):
@@ -205,4 +206,5 @@ class ConvGPT(CompressingGPT):
     """Conv1d(d_in, d_out, kernel_size=1) over time, channels last, with PyTorch's default init."""
     return nnx.Conv(d_in, d_out, kernel_size=(1,), use_bias=True, dtype=dtype, param_dtype=jnp.float32,
                     kernel_init=layers.torch_default_init,
-                    bias_init=layers.symmetric_uniform(1 / math.sqrt(d_in)), rngs=rngs)
+                    bias_init=layers.symmetric_uniform(1 / math.sqrt(d_in)), rngs=rngs,
+                    kernel_metadata=layers.logical_axes(None, "embed", None), bias_metadata=layers.logical_axes(None))

@@ -1,6 +1,10 @@
 """Building blocks shared by the architectures: norms, projections, rotary embeddings, inits.
 
 Parameters are always float32; `dtype` is the compute dtype. Norm statistics are taken in float32.
+Every parameter names the logical axis of each of its dimensions (`logical_axes`): "embed" (the
+residual width), "vocab", "heads" (heads x head dim, flattened or not), "mlp" (an MLP's hidden
+width), "inner" (Mamba's expanded channels), or None. seqmodels/sharding.py alone decides which mesh
+axes those names map to.
 """
 
 import math
@@ -9,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from seqmodels import sharding
 from seqmodels.errors import UserError
 
 # PyTorch's nn.Linear / nn.Conv1d default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)). The Mamba reference
@@ -33,20 +38,30 @@ class NoWeightDecay(nnx.Param):
   """A parameter that the optimizer must not decay, whatever its rank (Mamba's A_log and D)."""
 
 
+def logical_axes(*names):
+  """Variable metadata naming the logical axis of each dimension (flax's out_sharding annotation).
+
+  Eager sharding is off: the names are not mesh axes, and sharding.py places the arrays itself.
+  """
+  return {"out_sharding": names, "eager_sharding": False}
+
+
 def compute_dtype(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def linear(d_in, d_out, *, dtype, rngs, use_bias=False, kernel_init=torch_default_init):
+def linear(d_in, d_out, *, axes, dtype, rngs, use_bias=False, kernel_init=torch_default_init):
+  """A float32 Linear whose kernel's (input, output) dimensions have the logical names `axes`."""
   return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                    kernel_init=kernel_init, bias_init=nnx.initializers.zeros, rngs=rngs)
+                    kernel_init=kernel_init, bias_init=nnx.initializers.zeros, rngs=rngs,
+                    kernel_metadata=logical_axes(*axes), bias_metadata=logical_axes(axes[1]))
 
 
 class RMSNorm(nnx.Module):
   """y = x / rms(x) * scale, computed in float32 and returned in the compute dtype."""
 
-  def __init__(self, dim: int, *, eps: float, dtype):
-    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+  def __init__(self, dim: int, *, eps: float, dtype, axis="embed"):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), **logical_axes(axis))
     self.eps = eps
     self.dtype = dtype
 
@@ -59,9 +74,9 @@ class RMSNorm(nnx.Module):
 class LayerNorm(nnx.Module):
   """(x - mean) / std * scale + bias, computed in float32 and returned in the compute dtype."""
 
-  def __init__(self, dim: int, *, eps: float, dtype):
-    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
-    self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+  def __init__(self, dim: int, *, eps: float, dtype, axis="embed"):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), **logical_axes(axis))
+    self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32), **logical_axes(axis))
     self.eps = eps
     self.dtype = dtype
 
@@ -207,7 +222,7 @@ def run_blocks(blocks, u, cache=None, remat="none"):
   step = checkpointed(lambda blk, u, blk_cache: blk(u, blk_cache), remat)
   new_cache = []
   for i, blk in enumerate(blocks):
-    u, blk_cache = step(blk, u, None if cache is None else cache[i])
+    u, blk_cache = step(blk, sharding.constrain(u, "batch", "length", "embed"), None if cache is None else cache[i])
     new_cache.append(blk_cache)
   return u, (None if cache is None else new_cache)
 

@@ -56,8 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kernels import linear_attention
 from seqmodels import layers
+from seqmodels.sharding import linear_attention
 from seqmodels.errors import UserError
 
 LION_FORMS = ("full", "chunked", "rnn")
@@ -200,12 +200,13 @@ class LionAttention(nnx.Module):
     self.form, self.chunk_size = cfg.lion_form, cfg.chunk_size
     self.dtype = dtype
     init = layers.normal_init(0.02)
-    self.qkv = layers.linear(d, 3 * d, dtype=dtype, rngs=rngs, use_bias=True, kernel_init=init)
-    self.out = layers.linear(d, d, dtype=dtype, rngs=rngs, use_bias=True, kernel_init=init)
+    self.qkv = layers.linear(d, 3 * d, axes=("embed", "heads"), dtype=dtype, rngs=rngs, use_bias=True, kernel_init=init)
+    self.out = layers.linear(d, d, axes=("heads", "embed"), dtype=dtype, rngs=rngs, use_bias=True, kernel_init=init)
     if self.variant == "lion_d":
-      self.decay_logit = nnx.Param(_decay_logit_init(cfg.n_head))
+      self.decay_logit = nnx.Param(_decay_logit_init(cfg.n_head), **layers.logical_axes("heads"))
     if self.variant == "lion_s":
-      self.decay_proj = layers.linear(d, cfg.n_head, dtype=dtype, rngs=rngs, use_bias=True, kernel_init=init)
+      self.decay_proj = layers.linear(d, cfg.n_head, axes=("embed", "heads"), dtype=dtype, rngs=rngs, use_bias=True,
+                                      kernel_init=init)
 
   def log_decay(self, x):
     """log lambda: None, (heads,) or (batch, length, heads), float32."""
@@ -248,8 +249,10 @@ class FeedForward(nnx.Module):
   def __init__(self, cfg, *, dtype, rngs):
     hidden = cfg.ffn_dim or 4 * cfg.d_model
     init = layers.normal_init(0.02)
-    self.fc1 = layers.linear(cfg.d_model, hidden, dtype=dtype, rngs=rngs, use_bias=True, kernel_init=init)
-    self.fc2 = layers.linear(hidden, cfg.d_model, dtype=dtype, rngs=rngs, use_bias=True, kernel_init=init)
+    self.fc1 = layers.linear(cfg.d_model, hidden, axes=("embed", "mlp"), dtype=dtype, rngs=rngs, use_bias=True,
+                             kernel_init=init)
+    self.fc2 = layers.linear(hidden, cfg.d_model, axes=("mlp", "embed"), dtype=dtype, rngs=rngs, use_bias=True,
+                             kernel_init=init)
 
   def __call__(self, x):
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
@@ -292,8 +295,8 @@ class LionEncoder(layers.BlockStack):
   def __init__(self, cfg, *, dtype, rngs):
     super().__init__(cfg, dtype=dtype, rngs=rngs)
     self.embed_norm = layers.make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
-    self.mlm_transform = layers.linear(cfg.d_model, cfg.d_model, dtype=dtype, rngs=rngs, use_bias=True,
-                                       kernel_init=layers.normal_init(0.02))
+    self.mlm_transform = layers.linear(cfg.d_model, cfg.d_model, axes=("embed", None), dtype=dtype, rngs=rngs,
+                                       use_bias=True, kernel_init=layers.normal_init(0.02))
     self.architecture = cfg.architecture
 
   def init_cache(self, batch, max_length):
@@ -319,8 +322,8 @@ class SequenceClassifier(nnx.Module):
 
   def __init__(self, encoder, num_classes: int, *, dtype, rngs):
     self.encoder = encoder
-    self.head = layers.linear(encoder.backbone.out_dim, num_classes, dtype=dtype, rngs=rngs, use_bias=True,
-                              kernel_init=layers.normal_init(0.02))
+    self.head = layers.linear(encoder.backbone.out_dim, num_classes, axes=("embed", None), dtype=dtype, rngs=rngs,
+                              use_bias=True, kernel_init=layers.normal_init(0.02))
 
   def __call__(self, tokens, mask):
     """tokens: int (batch, length); mask: (batch, length), 1 for tokens then 0 for padding.

@@ -73,17 +73,19 @@ class LanguageModel(nnx.Module):
     self.vocab_size = layers.pad_vocab(cfg.vocab_size, cfg.pad_vocab_multiple)
     init = layers.normal_init(0.02)
     self.embed = nnx.Embed(self.vocab_size, cfg.d_model, dtype=dtype, param_dtype=jnp.float32,
-                           embedding_init=init, rngs=rngs)
+                           embedding_init=init, rngs=rngs, embedding_metadata=layers.logical_axes("vocab", "embed"))
     # One assignment: NNX makes an attribute first set to None static, so it could not hold the table.
     self.positions = nnx.Embed(cfg.max_positions, cfg.d_model, dtype=dtype, param_dtype=jnp.float32,
-                               embedding_init=init, rngs=rngs) if cfg.position_embedding == "learned" else None
+                               embedding_init=init, rngs=rngs, embedding_metadata=layers.logical_axes(None, "embed")
+                               ) if cfg.position_embedding == "learned" else None
     self.backbone = backbone_class(cfg.architecture)(cfg, dtype=dtype, rngs=rngs)
     out_dim = self.backbone.out_dim
     self.norm_f = layers.make_norm(cfg.norm, out_dim, eps=cfg.norm_eps, dtype=dtype)
     if cfg.tie_embeddings and out_dim != cfg.d_model:
       raise UserError(f"model.tie_embeddings needs the backbone to end at d_model={cfg.d_model}, "
                       f"but it ends at {out_dim}; set --config.model.tie_embeddings=false")
-    self.head = None if cfg.tie_embeddings else layers.linear(out_dim, self.vocab_size, dtype=dtype, rngs=rngs,
+    self.head = None if cfg.tie_embeddings else layers.linear(out_dim, self.vocab_size, axes=("embed", "vocab"),
+                                                               dtype=dtype, rngs=rngs,
                                                                kernel_init=init)
 
   def __call__(self, tokens):

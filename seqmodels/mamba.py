@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels import selective_scan
 from seqmodels import layers
+from seqmodels.sharding import selective_scan
 from seqmodels.errors import UserError
 
 
@@ -43,8 +43,10 @@ class CausalDepthwiseConv(nnx.Module):
 
   def __init__(self, channels, width, *, rngs):
     bound = 1.0 / math.sqrt(width)  # PyTorch's Conv1d default for a depthwise kernel (fan_in = width).
-    self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (width, channels), jnp.float32, -bound, bound))
-    self.bias = nnx.Param(jax.random.uniform(rngs.params(), (channels,), jnp.float32, -bound, bound))
+    self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (width, channels), jnp.float32, -bound, bound),
+                            **layers.logical_axes(None, "inner"))
+    self.bias = nnx.Param(jax.random.uniform(rngs.params(), (channels,), jnp.float32, -bound, bound),
+                          **layers.logical_axes("inner"))
     self.width = width
 
   def __call__(self, x, state):
@@ -66,17 +68,19 @@ class MambaMixer(nnx.Module):
     self.scan_impl = cfg.scan_impl
     self.dtype = dtype
 
-    self.in_proj = layers.linear(d, 2 * d_inner, dtype=dtype, rngs=rngs)
+    self.in_proj = layers.linear(d, 2 * d_inner, axes=("embed", "inner"), dtype=dtype, rngs=rngs)
     self.conv1d = CausalDepthwiseConv(d_inner, cfg.d_conv, rngs=rngs)
-    self.x_proj = layers.linear(d_inner, rank + 2 * n, dtype=dtype, rngs=rngs)
-    self.dt_proj = layers.linear(rank, d_inner, dtype=dtype, rngs=rngs,
+    self.x_proj = layers.linear(d_inner, rank + 2 * n, axes=("inner", None), dtype=dtype, rngs=rngs)
+    self.dt_proj = layers.linear(rank, d_inner, axes=(None, "inner"), dtype=dtype, rngs=rngs,
                                  kernel_init=layers.symmetric_uniform(rank**-0.5))
-    self.dt_bias = nnx.Param(_dt_bias_init(rngs.params(), d_inner, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor))
-    self.A_log = layers.NoWeightDecay(jnp.log(jnp.tile(jnp.arange(1, n + 1, dtype=jnp.float32), (d_inner, 1))))
-    self.D = layers.NoWeightDecay(jnp.ones((d_inner,), jnp.float32))
+    self.dt_bias = nnx.Param(_dt_bias_init(rngs.params(), d_inner, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor),
+                           **layers.logical_axes("inner"))
+    self.A_log = layers.NoWeightDecay(jnp.log(jnp.tile(jnp.arange(1, n + 1, dtype=jnp.float32), (d_inner, 1))),
+                                      **layers.logical_axes("inner", None))
+    self.D = layers.NoWeightDecay(jnp.ones((d_inner,), jnp.float32), **layers.logical_axes("inner"))
     # The 1/sqrt(n_layer) rescale keeps the residual stream's variance flat with depth.
     out_init = layers.scaled(layers.torch_default_init, 1.0 / math.sqrt(cfg.n_layer))
-    self.out_proj = layers.linear(d_inner, d, dtype=dtype, rngs=rngs, kernel_init=out_init)
+    self.out_proj = layers.linear(d_inner, d, axes=("inner", "embed"), dtype=dtype, rngs=rngs, kernel_init=out_init)
 
   def init_cache(self, batch):
     return {

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kernels import linear_attention
 from seqmodels import layers
+from seqmodels.sharding import linear_attention
 from seqmodels.errors import UserError
 
 RETENTION_FORMS = ("parallel", "chunkwise", "recurrent")
@@ -115,8 +115,8 @@ class GroupNorm(layers.LayerNorm):
 
   def __init__(self, n_head, head_dim, *, eps, dtype):
     super().__init__(head_dim, eps=eps, dtype=dtype)
-    self.scale = layers.NoWeightDecay(jnp.ones((n_head, head_dim), jnp.float32))
-    self.bias = layers.NoWeightDecay(jnp.zeros((n_head, head_dim), jnp.float32))
+    self.scale = layers.NoWeightDecay(jnp.ones((n_head, head_dim), jnp.float32), **layers.logical_axes("heads", None))
+    self.bias = layers.NoWeightDecay(jnp.zeros((n_head, head_dim), jnp.float32), **layers.logical_axes("heads", None))
 
 
 class MultiScaleRetention(nnx.Module):
@@ -131,12 +131,13 @@ class MultiScaleRetention(nnx.Module):
     # The paper gives no init; these are the authors' (torchscale): Xavier-uniform with gain 2^-2.5
     # into the retention, gain 1 for W_O.
     small = xavier_uniform(2**-2.5)
-    self.q_proj = layers.linear(d, d, dtype=dtype, rngs=rngs, kernel_init=small)
-    self.k_proj = layers.linear(d, d, dtype=dtype, rngs=rngs, kernel_init=small)
-    self.v_proj = layers.linear(d, value_width, dtype=dtype, rngs=rngs, kernel_init=small)
-    self.g_proj = layers.linear(d, value_width, dtype=dtype, rngs=rngs, kernel_init=small)
+    self.q_proj = layers.linear(d, d, axes=("embed", "heads"), dtype=dtype, rngs=rngs, kernel_init=small)
+    self.k_proj = layers.linear(d, d, axes=("embed", "heads"), dtype=dtype, rngs=rngs, kernel_init=small)
+    self.v_proj = layers.linear(d, value_width, axes=("embed", "heads"), dtype=dtype, rngs=rngs, kernel_init=small)
+    self.g_proj = layers.linear(d, value_width, axes=("embed", "heads"), dtype=dtype, rngs=rngs, kernel_init=small)
     self.group_norm = GroupNorm(cfg.n_head, self.value_dim, eps=cfg.norm_eps, dtype=dtype)
-    self.out_proj = layers.linear(value_width, d, dtype=dtype, rngs=rngs, kernel_init=xavier_uniform(1.0))
+    self.out_proj = layers.linear(value_width, d, axes=("heads", "embed"), dtype=dtype, rngs=rngs,
+                                  kernel_init=xavier_uniform(1.0))
 
   def init_cache(self, batch):
     return {"state": jnp.zeros((batch, self.n_head, self.key_dim, self.value_dim), jnp.float32),
@@ -163,8 +164,8 @@ class FeedForward(nnx.Module):
 
   def __init__(self, cfg, *, dtype, rngs):
     hidden = cfg.ffn_factor * cfg.d_model
-    self.fc1 = layers.linear(cfg.d_model, hidden, dtype=dtype, rngs=rngs)
-    self.fc2 = layers.linear(hidden, cfg.d_model, dtype=dtype, rngs=rngs)
+    self.fc1 = layers.linear(cfg.d_model, hidden, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
+    self.fc2 = layers.linear(hidden, cfg.d_model, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))

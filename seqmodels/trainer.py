@@ -75,20 +75,17 @@ class Trainer:
     self.tx = optim.make_optimizer(config, abstract_params)
     self.schedule = optim.learning_rate_schedule(config)
     self.mesh = sharding.make_mesh(config.mesh)
-    if config.batch_size % sharding.batch_divisor(self.mesh):
-      raise UserError(f"batch_size {config.batch_size} is not divisible by the {sharding.batch_divisor(self.mesh)} "
-                      "devices on the mesh's batch axes; pick a multiple")
+    sharding.check_mesh(config, self.mesh)
     accumulate.check_microbatches(config.batch_size, config.get("microbatches", 1), sharding.batch_divisor(self.mesh))
     replicated = sharding.replicated(self.mesh)
-    self.abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                                       jax.eval_shape(self._init_state))
+    self.abstract_state = sharding.place(jax.eval_shape(self._init_state), self.mesh)
     state_sharding = jax.tree.map(lambda x: x.sharding, self.abstract_state)
     batch_sharding = sharding.batch_sharding(self.mesh)
-    self.init_state = jax.jit(self._init_state, out_shardings=state_sharding)
-    self.train_step = jax.jit(self._train_step, in_shardings=(state_sharding, batch_sharding),
-                              out_shardings=(state_sharding, replicated), donate_argnums=0)
-    self.eval_step = jax.jit(self._sums, in_shardings=(state_sharding["params"], batch_sharding),
-                             out_shardings=replicated)
+    self.init_state = sharding.jit(self.mesh, self._init_state, out_shardings=state_sharding)
+    self.train_step = sharding.jit(self.mesh, self._train_step, in_shardings=(state_sharding, batch_sharding),
+                                   out_shardings=(state_sharding, replicated), donate_argnums=0)
+    self.eval_step = sharding.jit(self.mesh, self._sums, in_shardings=(state_sharding["params"], batch_sharding),
+                                  out_shardings=replicated)
 
   def _init_state(self):
     params = nnx.state(build_model(self.config))
@@ -129,7 +126,7 @@ class Trainer:
 
   def validate(self, params, val_batches) -> dict:
     """val_loss and val_accuracy over all scored positions (or records) of the validation batches."""
-    sums = jax.device_get([self.eval_step(params, sharding.put_batch(b, self.mesh)) for b in val_batches])
+    sums = jax.device_get([self.eval_step(params, sharding.put_global_batch(b, self.mesh)) for b in val_batches])
     count = sum(float(s["count"]) for s in sums)
     return {"val_loss": sum(float(s["loss"]) for s in sums) / count,
             "val_accuracy": sum(float(s["correct"]) for s in sums) / count}
@@ -149,7 +146,7 @@ class Trainer:
       raise UserError(f"init_from {init_from} holds another model ({source.config.model.architecture}, "
                       f"d_model {source.config.model.d_model}, n_layer {source.config.model.n_layer}); "
                       "fine-tune with the model.* keys it was trained with")
-    state["params"]["encoder"] = jax.device_put(encoder, sharding.replicated(self.mesh))
+    state["params"]["encoder"] = jax.device_put(encoder, jax.tree.map(lambda x: x.sharding, state["params"]["encoder"]))
     return state
 
 
@@ -172,6 +169,7 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
   `override_config` resumes a workdir whose saved config differs from `config` (the model must match).
   """
   cfg = config
+  sharding.initialize_distributed(cfg.distributed)
   lm.check_config(cfg.model)
   if cfg.model.position_embedding == "learned" and cfg.seq_len > cfg.model.max_positions:
     raise UserError(f"seq_len {cfg.seq_len} exceeds model.max_positions {cfg.model.max_positions} of the learned "
@@ -179,10 +177,13 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
   check_objective(cfg)
   check_wandb(cfg.wandb)
   config_lib.check_training(cfg, jax.device_count())
+  trainer = Trainer(cfg, workdir)
   checkpoint.check_same_model(workdir, cfg)
   overridden = checkpoint.check_same_run(workdir, cfg, override_config)
   log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else (lambda _: None)
   tokenizer = load_tokenizer(cfg.data.tokenizer)
+  # A process reads the batch rows its devices hold; processes sharing rows read the same ones.
+  reader = dict(zip(("process_index", "process_count"), sharding.process_batch_slice(trainer.mesh)))
   # A masked LM adds the mask token, id tokenizer.vocab_size, after the tokenizer's own.
   needed = tokenizer.vocab_size + (cfg.objective == "mlm")
   if needed > cfg.model.vocab_size:
@@ -193,7 +194,8 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
     train_examples, val_examples = data.load_classification(cfg.data, tokenizer, seq_len=cfg.seq_len,
                                                             num_classes=cfg.num_classes)
     val_batches = data.make_example_batches(val_examples, batch_size=cfg.batch_size)
-    train_iter = data.make_example_iterator(train_examples, global_batch_size=cfg.batch_size, seed=cfg.seed)
+    train_iter = data.make_example_iterator(train_examples, global_batch_size=cfg.batch_size, seed=cfg.seed,
+                                            **reader)
     majority = np.bincount(val_examples.arrays["targets"]).max() / len(val_examples)
     summary = (f"train: {len(train_examples):,} records; val: {len(val_examples):,} records (majority class "
                f"{majority:.1%})")
@@ -209,7 +211,7 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
     val_batches = data.make_eval_batches(val_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                                          max_batches=cfg.val_batches, mlm=mlm, seed=cfg.seed)
     train_iter = data.make_train_iterator(train_tokens, seq_len=cfg.seq_len, global_batch_size=cfg.batch_size,
-                                          seed=cfg.seed, mlm=mlm)
+                                          seed=cfg.seed, mlm=mlm, **reader)
     summary = (f"train: {len(train_tokens):,} tokens (unigram entropy "
                f"{data.unigram_entropy(train_tokens, tokenizer.vocab_size):.3f} nats/token); "
                f"val: {len(val_tokens):,} tokens")
@@ -217,7 +219,6 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
   if cfg.eval_every and cfg.eval_tasks:
     zero_shot.check_causal(cfg.model)
     eval_tasks = zero_shot.load_tasks(cfg.eval_tasks, cfg.eval_data_dir, cfg.eval_limit)
-  trainer = Trainer(cfg, workdir)
   ckpt = checkpoint.Checkpointer(workdir, keep=cfg.keep_checkpoints)
   start, state = ckpt.restore_latest(trainer.abstract_state, train_iter, log)
   if start is None:
