@@ -276,8 +276,9 @@ def test_no_load_path_can_execute_code():
   """Static check of every module: no pickle-family loader, torch.load only weights-only, no eval of data."""
   sources = glob.glob(os.path.join(REPO, "seqmodels", "*.py")) + glob.glob(os.path.join(REPO, "scripts", "*.py")) + [
       os.path.join(REPO, "train.py"), os.path.join(REPO, "eval.py")]
-  # Config files are Python by design (named on the command line, never read from a run directory).
-  allowed_exec = {("config.py", "exec_module")}
+  # Config and sweep files are Python by design (named on the command line, never read from a run
+  # directory).
+  allowed_exec = {("config.py", "exec_module"), ("sweep.py", "exec_module")}
   for path in sources:
     if path.endswith("make_hf_mamba_fixture.py"):  # Runs outside the project, to make test fixtures.
       continue
