@@ -43,11 +43,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-TOTAL_STEPS, CHECKPOINT_EVERY, KEEP = 24, 4, 2
+TOTAL_STEPS, CHECKPOINT_EVERY, KEEP, LOG_EVERY = 24, 4, 2, 2
 JOB = ["--config", "configs/mamba.py:tiny", "--config.model.n_layer=1", "--config.model.d_model=16",
        "--config.seq_len=16", "--config.batch_size=4", f"--config.total_steps={TOTAL_STEPS}",
        "--config.warmup_steps=2", f"--config.checkpoint_every={CHECKPOINT_EVERY}",
-       f"--config.keep_checkpoints={KEEP}", "--config.log_every=2", "--config.val_every=1000",
+       f"--config.keep_checkpoints={KEEP}", f"--config.log_every={LOG_EVERY}", "--config.val_every=1000",
        "--config.val_batches=1", "--config.mesh.data=1"]
 FAULTS = ("sigkill", "kill_mid_write", "corrupt", "write_error", "nan_halt", "nan_skip")
 CORRUPTIONS = ("truncate a file", "flip a byte", "delete a file", "delete an item", "delete the manifest")
@@ -76,13 +76,6 @@ class Job:
       kill(proc)
       raise
     return proc.returncode, stderr
-
-  def start_training(self, workdir: str, faults: str = "") -> subprocess.Popen:
-    """A run, returned once it logs its first training steps (start-up and compilation are over)."""
-    logged = logged_steps(workdir)
-    proc = self.start(workdir, faults)
-    wait_for(lambda: logged_steps(workdir) > logged, proc)
-    return proc
 
 
 def kill(proc: subprocess.Popen) -> str:
@@ -144,11 +137,9 @@ def bitwise_equal(a, b) -> bool:
 class Trial:
   """One fault and its checks; `problems` lists every guarantee it broke."""
 
-  def __init__(self, job: Job, workdir: str, rng: np.random.Generator, train_seconds: float, reference):
-    """`reference(faults)` is the final state of an uninterrupted run with those faults; `train_seconds`
-    the time it took from its first logged steps to its last checkpoint before the end, the window
-    kills are drawn from."""
-    self.job, self.workdir, self.rng, self.train_seconds, self.reference = job, workdir, rng, train_seconds, reference
+  def __init__(self, job: Job, workdir: str, rng: np.random.Generator, reference):
+    """`reference(faults)` is the final state of an uninterrupted run with those faults."""
+    self.job, self.workdir, self.rng, self.reference = job, workdir, rng, reference
     self.problems, self.detail, self.resumed = [], "", None
 
   def expect(self, ok: bool, problem: str) -> None:
@@ -189,17 +180,21 @@ class Trial:
     self.rerun()
 
   def kill_during_training(self, faults: str = "") -> str:
-    """Kills a run at a random moment of its training; says when, in seconds after its first logged steps."""
+    """Kills a run at a random moment of its training: 0 to 0.2 s after a random one of the metrics
+    records it has left to write (one every LOG_EVERY steps). Says where."""
     newest = max(complete_steps(self.workdir), default=0)
-    proc = self.job.start_training(self.workdir, faults)
-    seconds = self.rng.uniform(0.0, self.train_seconds)
-    wait_for(lambda: False, proc, seconds)
+    logged = logged_steps(self.workdir)
+    target = logged + int(self.rng.integers(1, max(2, (TOTAL_STEPS - newest) // LOG_EVERY + 1)))
+    delay = self.rng.uniform(0.0, 0.2)
+    proc = self.job.start(self.workdir, faults)
+    wait_for(lambda: logged_steps(self.workdir) >= target, proc)
+    time.sleep(delay)
     if proc.poll() is not None:
       proc.communicate()
-      return f"{seconds:.2f}s (finished first)"
+      return "after the end"
     stderr = kill(proc)
     self.expect(resumed_from(stderr) == newest, f"a killed run resumed from {resumed_from(stderr)}, not {newest}")
-    return f"{seconds:.2f}s (step {max(complete_steps(self.workdir), default=0)} complete)"
+    return f"record {target - logged} + {delay:.2f}s (step {max(complete_steps(self.workdir), default=0)} complete)"
 
   def kill_mid_write(self):
     step = self.random_step()
@@ -294,20 +289,15 @@ def main(argv=None) -> int:
     if faults not in references:
       workdir = os.path.join(root, f"reference{len(references)}")
       shutil.rmtree(workdir, ignore_errors=True)
-      proc = job.start_training(workdir, faults)
       begun = time.time()
-      # Kills are drawn from the time it takes to reach the last checkpoint before the end.
-      wait_for(lambda: TOTAL_STEPS - CHECKPOINT_EVERY in complete_steps(workdir), proc)
-      seconds = time.time() - begun
-      _, stderr = proc.communicate(timeout=RUN_TIMEOUT)
-      if proc.returncode != 0:
-        raise SystemExit(f"chaos: the reference run failed (exit {proc.returncode}):\n{stderr}")
-      references[faults] = (final_state(workdir), seconds)
-      print(f"chaos: reference run {faults or 'without faults'}: {seconds:.1f}s from its first logged steps to "
-            f"checkpoint {TOTAL_STEPS - CHECKPOINT_EVERY}", file=sys.stderr)
+      code, stderr = job.run(workdir, faults)
+      if code != 0:
+        raise SystemExit(f"chaos: the reference run failed (exit {code}):\n{stderr}")
+      references[faults] = final_state(workdir)
+      print(f"chaos: reference run {faults or 'without faults'}: {time.time() - begun:.1f}s", file=sys.stderr)
     return references[faults]
 
-  train_seconds = reference()[1]
+  reference()
   rows = []
   for trial in range(args.trials):
     rng = np.random.default_rng([args.seed, trial])
@@ -315,7 +305,7 @@ def main(argv=None) -> int:
     workdir = os.path.join(root, f"trial{trial}")
     shutil.rmtree(workdir, ignore_errors=True)
     begun = time.time()
-    check = Trial(job, workdir, rng, train_seconds, lambda faults: reference(faults)[0])
+    check = Trial(job, workdir, rng, reference)
     try:
       getattr(check, fault)()
     except subprocess.TimeoutExpired as e:

@@ -148,6 +148,12 @@ def jit(mesh: Mesh, fn, **jit_kwargs):
   def on_mesh(*args):
     with jax.set_mesh(mesh):
       return jitted(*args)
+
+  def lower(*args):  # For ahead-of-time compilation (scripts/bench_train.py).
+    with jax.set_mesh(mesh):
+      return jitted.lower(*args)
+
+  on_mesh.lower = lower
   return on_mesh
 
 

@@ -245,7 +245,7 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
   guard = nonfinite.NonfiniteGuard(cfg.nonfinite_policy, cfg.max_nonfinite_steps)
   last_checkpoint = lambda: None if ckpt.latest_step() is None else ckpt.step_dir(ckpt.latest_step())
   val_metrics, step = {}, start
-  pending, interval_start = [], time.perf_counter()
+  pending, fetched, interval_start = [], [], time.perf_counter()
   try:
     while step < end and not stop_signal:
       batch = sharding.put_batch(next(train_iter), trainer.mesh)
@@ -257,11 +257,14 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
       validate_now = step % cfg.val_every == 0 or step == cfg.total_steps
       eval_now = bool(eval_tasks) and step % cfg.eval_every == 0
       save_now = step % cfg.checkpoint_every == 0 and step < end
+      log_now = step % cfg.log_every == 0 or validate_now or eval_now or step == end
       # Also before every checkpoint and stop, so that no non-finite step goes unseen into a checkpoint.
-      if step % cfg.log_every == 0 or validate_now or eval_now or step == end or save_now or stop_signal:
-        fetched = jax.device_get(pending)
+      if log_now or save_now or stop_signal:
+        newly = jax.device_get(pending)
+        guard.observe([m["nonfinite"] for m in newly], step - len(newly) + 1, last_checkpoint())
+        fetched, pending = fetched + newly, []
+      if log_now:
         elapsed = time.perf_counter() - interval_start
-        skipped = guard.observe([m["nonfinite"] for m in fetched], step - len(fetched) + 1, last_checkpoint())
         finite = [m for m in fetched if not m["nonfinite"]] or fetched
         record = {
             "loss": float(np.mean([m["loss"] for m in finite])),
@@ -269,7 +272,7 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
             "grad_norm": float(np.mean([m["grad_norm"] for m in finite])),
             "lr": float(trainer.schedule(step - 1)),
             "tokens_per_sec": len(fetched) * cfg.batch_size * cfg.seq_len / elapsed,
-            "nonfinite_steps": skipped,
+            "nonfinite_steps": sum(bool(m["nonfinite"]) for m in fetched),
         }
         record.update(utilization(record["tokens_per_sec"], stats["flops_per_token"], trainer.mesh))
         peak = peak_memory_gb()
@@ -286,7 +289,7 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
         bar.set_postfix({**{k: f"{record[k]:.4f}" for k in ("loss", "val_loss") if k in record},
                          "tok/s": f"{record['tokens_per_sec']:,.0f}",
                          **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {})}, refresh=False)
-        pending, interval_start = [], time.perf_counter()
+        fetched, interval_start = [], time.perf_counter()
       if save_now:
         ckpt.save(step, state, train_iter)
     if ckpt.latest_step() != step:
