@@ -18,17 +18,26 @@ import ml_collections
 from seqmodels.errors import UserError
 
 
-def load(spec: str) -> ml_collections.ConfigDict:
-  """Loads `path.py[:arg]` by calling the module's get_config(arg)."""
+def call_python_file(spec: str, function: str, kind: str, usage: str, returns: str):
+  """Runs `path.py[:arg]`'s `function(arg)` (arg None when absent): how config and sweep files load.
+
+  kind names the file in errors ("config file"), usage says how to pass one, returns what
+  `function` must return.
+  """
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
-    raise UserError(f"config file '{path}' not found; pass --config configs/<arch>.py:<variant>")
-  module_spec = importlib.util.spec_from_file_location(f"_seqmodels_config_{abs(hash(path))}", path)
+    raise UserError(f"{kind} '{path}' not found; pass {usage}")
+  module_spec = importlib.util.spec_from_file_location(f"_seqmodels_{function}_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise UserError(f"config file '{path}' defines no get_config(arg); add one returning a ConfigDict")
-  return module.get_config(arg or None)
+  if not hasattr(module, function):
+    raise UserError(f"{kind} '{path}' defines no {function}(arg); add one returning {returns}")
+  return getattr(module, function)(arg or None)
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path.py[:arg]` by calling the module's get_config(arg)."""
+  return call_python_file(spec, "get_config", "config file", "--config configs/<arch>.py:<variant>", "a ConfigDict")
 
 
 def select_variant(variants: dict, arg, path: str):

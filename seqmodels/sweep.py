@@ -23,7 +23,6 @@ of its stderr, and the others go on.
 """
 
 import dataclasses
-import importlib.util
 import itertools
 import json
 import os
@@ -120,17 +119,10 @@ def check_path_component(text: str, what: str) -> str:
 
 def load_sweep(spec: str, root: str = "runs") -> tuple[Sweep, list[Run]]:
   """Loads `path.py[:arg]` (its get_sweep(arg)) and resolves its runs' names and workdirs."""
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise UserError(f"sweep file '{path}' not found; pass --sweep configs/sweeps/<name>.py")
-  module_spec = importlib.util.spec_from_file_location(f"_seqmodels_sweep_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_sweep"):
-    raise UserError(f"sweep file '{path}' defines no get_sweep(arg); add one returning a seqmodels.sweep.Sweep")
-  sweep = module.get_sweep(arg or None)
+  sweep = config_lib.call_python_file(spec, "get_sweep", "sweep file", "--sweep configs/sweeps/<name>.py",
+                                      "a seqmodels.sweep.Sweep")
   if not isinstance(sweep, Sweep):
-    raise UserError(f"get_sweep() in '{path}' returned {type(sweep).__name__}; return a seqmodels.sweep.Sweep")
+    raise UserError(f"get_sweep() in '{spec.partition(':')[0]}' returned {type(sweep).__name__}; return a seqmodels.sweep.Sweep")
   check_path_component(sweep.name, "sweep name")
   for entry in sweep.runs:
     if not isinstance(entry, dict):
