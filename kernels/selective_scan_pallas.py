@@ -323,7 +323,7 @@ def _scan_bwd(config, residuals, cotangents):
   blocks = d // channels
   partial_bc = jax.ShapeDtypeStruct((batch, blocks, padded_length, n), acc)
   out_shape = ([jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(dt.shape, dt.dtype)]
-               + [jax.ShapeDtypeStruct(z.shape, z.dtype)] * has_z
+               + ([jax.ShapeDtypeStruct(z.shape, z.dtype)] if has_z else [])
                + [partial_bc, partial_bc, jax.ShapeDtypeStruct((batch, d, n), acc),
                   jax.ShapeDtypeStruct((batch, d), acc), jax.ShapeDtypeStruct((batch, d), acc),
                   jax.ShapeDtypeStruct((batch, d, n), acc)])
