@@ -193,24 +193,30 @@ def write_plots(sweep_dir: str, runs: list[Run], rows: list[dict], log=print) ->
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
 
-  curves = {}
+  # One panel per training objective (causal LM, MLM, classification): their losses are not comparable.
+  panels = {}
   for run in runs:
     if os.path.isfile(checkpoint.config_path(run.workdir)):
       config = checkpoint.read_config(run.workdir)
-      curves[run.name] = training_curve(read_metrics(run.workdir), config.batch_size * config.seq_len)
+      curve = training_curve(read_metrics(run.workdir), config.batch_size * config.seq_len)
+      panels.setdefault(config.get("objective", "causal_lm"), {})[run.name] = curve
+  colours = plt.get_cmap("tab20").colors
   for x_key, x_label, filename in (("tokens", "training tokens", "loss_vs_tokens.png"),
                                    ("seconds", "training wall-clock (s)", "loss_vs_time.png")):
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, curve in curves.items():
-      # The training loss as a line, the (sparser) validation losses as dots of the same colour.
-      (line,) = ax.plot([p[x_key] for p in curve], [p["loss"] for p in curve], linewidth=1, label=name)
-      points = [(p[x_key], p["val_loss"]) for p in curve if p["val_loss"] is not None]
-      if points:
-        ax.plot(*zip(*points), "o", markersize=4, color=line.get_color())
-    ax.set_xlabel(x_label)
-    ax.set_ylabel("loss (nats/token): training (line), validation (dots)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6.5 * max(1, len(panels)), 5), squeeze=False)
+    for ax, (objective, curves) in zip(axes[0], panels.items()):
+      for index, (name, curve) in enumerate(curves.items()):
+        # The training loss as a line, the (sparser) validation losses as dots of the same colour.
+        colour = colours[index % len(colours)]
+        ax.plot([p[x_key] for p in curve], [p["loss"] for p in curve], linewidth=1, label=name, color=colour)
+        points = [(p[x_key], p["val_loss"]) for p in curve if p["val_loss"] is not None]
+        if points:
+          ax.plot(*zip(*points), "o", markersize=4, color=colour)
+      ax.set_title(objective)
+      ax.set_xlabel(x_label)
+      ax.set_ylabel("loss (nats/token): training (line), validation (dots)")
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(sweep_dir, filename), dpi=120)
     plt.close(fig)
