@@ -29,6 +29,7 @@ CHANNELS = 128  # one warpgroup, one channel per thread
 # barrier) before each TMA store and after each wait for TMA stores to finish reading. The
 # backward always orders its own: it stores 2n + 3 rows a step.
 AUTO_BARRIERS = True
+REUSE_DECAY = True
 
 
 def supported(d, groups, n, chunk):
@@ -61,9 +62,11 @@ def _sigmoid(v):
 
 class _Step:
   """Step t of the chunk in `slot`: x, dt before and after bias/softplus (zero past the true
-  length), and B_t, C_t as per-state scalars."""
+  length), and B_t, C_t as per-state scalars, read from shared memory where used: held across the
+  backward's span of steps they would cost 2n registers a step."""
 
   def __init__(self, seq_s, bc_s, slot, t, first_step, bias_row, *, n, length, chunk, softplus):
+    self.bc_s, self.slot, self.t, self.n = bc_s, slot, t, n
     self.x = seq_s[0][slot, t].astype(jnp.float32)
     self.dt_raw = seq_s[1][slot, t].astype(jnp.float32) + bias_row
     self.dt = _softplus(self.dt_raw) if softplus else self.dt_raw
@@ -71,12 +74,19 @@ class _Step:
     if length % chunk:
       self.valid = (first_step + t < length).astype(jnp.float32)
       self.dt = self.dt * self.valid
-    self.B = [bc_s[0][slot, t, i].astype(jnp.float32) for i in range(n)]
-    self.C = [bc_s[1][slot, t, i].astype(jnp.float32) for i in range(n)]
 
-  def advance(self, A_rows, h):
+  def B(self):
+    return [self.bc_s[0][self.slot, self.t, i].astype(jnp.float32) for i in range(self.n)]
+
+  def C(self):
+    return [self.bc_s[1][self.slot, self.t, i].astype(jnp.float32) for i in range(self.n)]
+
+  def decays(self, A_rows):
+    return [jnp.exp(self.dt * a) for a in A_rows]
+
+  def advance(self, h, decays):
     drive = self.dt * self.x
-    return [jnp.exp(self.dt * a) * hi + drive * b for a, hi, b in zip(A_rows, h, self.B)]
+    return [e * hi + drive * b for e, hi, b in zip(decays, h, self.B())]
 
 
 def _prepare(x, A, B, C, D, dt_bias):
@@ -158,8 +168,8 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
       for t in range(chunk):
         step = _Step(seq_s, bc_s, slot, t, k * chunk, bias_row, n=n, length=length, chunk=chunk,
                      softplus=softplus)
-        h = step.advance(A_rows, h)
-        y = _tree_sum([D_row * step.x] + [hi * ci for hi, ci in zip(h, step.C)])
+        h = step.advance(h, step.decays(A_rows))
+        y = _tree_sum([D_row * step.x] + [hi * ci for hi, ci in zip(h, step.C())])
         if has_z:
           y = y * _silu(seq_s[2][slot, t].astype(jnp.float32))
         y_s[slot, t] = y.astype(y_s.dtype)
@@ -258,25 +268,26 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
 
     fetch(num_chunks - 1, 0)
 
-    def adjoint_step(step, h_prev, h, carry, slot, t):
-      """Back-propagates through one step, given the states before and after it; writes dx, ddt,
-      dz over the step's x, dt, z and its dB_t, dC_t terms into the reduction tile."""
+    def adjoint_step(step, decay, h_prev, h, carry, slot, t):
+      """Back-propagates through one step, given its decays and the states before and after it;
+      writes dx, ddt, dz over the step's x, dt, z and its dB_t, dC_t terms into the reduction
+      tile."""
       dh, dA, dD, dbias = carry
       dyv = seq_s[-1][slot, t].astype(jnp.float32)
+      C_t = step.C()
       if has_z:
         zv = seq_s[2][slot, t].astype(jnp.float32)
         sig = _sigmoid(zv)
-        y_pre = _tree_sum([D_row * step.x] + [hi * ci for hi, ci in zip(h, step.C)])
+        y_pre = _tree_sum([D_row * step.x] + [hi * ci for hi, ci in zip(h, C_t)])
         seq_s[2][slot, t] = (dyv * y_pre * sig * (1.0 + zv * (1.0 - sig))).astype(seq_s[2].dtype)
         dyv = dyv * zv * sig
-      dh = [dhi + dyv * ci for dhi, ci in zip(dh, step.C)]
+      dh = [dhi + dyv * ci for dhi, ci in zip(dh, C_t)]
       row = (t % steps) * 2 * n
       drive = step.dt * step.x
       for i in range(n):
         terms_s[row + i, pl.ds(0, CHANNELS)] = dh[i] * drive
         terms_s[row + n + i, pl.ds(0, CHANNELS)] = dyv * h[i]
-      d_drive = _tree_sum([dhi * bi for dhi, bi in zip(dh, step.B)])
-      decay = [jnp.exp(step.dt * a) for a in A_rows]
+      d_drive = _tree_sum([dhi * bi for dhi, bi in zip(dh, step.B())])
       through = [dhi * hp * e for dhi, hp, e in zip(dh, h_prev, decay)]
       ddt = d_drive * step.x + _tree_sum([th * a for th, a in zip(through, A_rows)])
       if softplus:
@@ -299,7 +310,8 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
       h = [state_s[slot, j] for j in range(n)]
       for s in range(1, spans):
         for t in range((s - 1) * steps, s * steps):
-          h = read(t).advance(A_rows, h)
+          step = read(t)
+          h = step.advance(h, step.decays(A_rows))
         for j in range(n):
           spans_s[s, j] = h[j]
       # The previous chunk's gradient copies must have read the other slot before it refills;
@@ -313,11 +325,15 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
       for s in reversed(range(spans)):
         h = [state_s[slot, j] for j in range(n)] if s == 0 else [spans_s[s, j] for j in range(n)]
         span_steps = [read(t) for t in range(s * steps, (s + 1) * steps)]
-        states = [h]
+        states, decays = [h], []
         for step in span_steps:
-          states.append(step.advance(A_rows, states[-1]))
+          decays.append(step.decays(A_rows))
+          states.append(step.advance(states[-1], decays[-1]))
         for j in reversed(range(steps)):
-          carry = adjoint_step(span_steps[j], states[j], states[j + 1], carry, slot, s * steps + j)
+          # REUSE_DECAY trades the adjoint's n exps a step for n registers a step of the span.
+          decay = decays[j] if REUSE_DECAY else span_steps[j].decays(A_rows)
+          carry = adjoint_step(span_steps[j], decay, states[j], states[j + 1], carry, slot,
+                               s * steps + j)
         plgpu.commit_smem()
         # Thread r sums row r of the tile: one step's dB or dC term for one state.
         partial = [terms_s[pl.ds(0, CHANNELS), col] for col in range(8)]
