@@ -6,6 +6,7 @@
   python scripts/bench_scan.py --compare            # adds the peers that are installed
   python scripts/bench_scan.py --workload linear_attention --compare   # with fla's chunk_simple_gla
   python scripts/bench_scan.py --check              # first checks each impl against a float32 reference
+  python scripts/bench_scan.py --workload selective_scan --impl pallas pallas_triton  # Mosaic vs Triton
   python scripts/bench_scan.py --mixer              # times the Mamba-130m mixer around the scan
 
 For each impl and shape it prints the median forward and forward+backward times (block_until_ready
