@@ -38,7 +38,7 @@ INTERPRET_CHUNK, INTERPRET_SUBCHUNK = 8, 4
 # (these bodies).
 GPU_KERNELS = "mosaic"
 MAX_CHANNELS = 32  # Channels per program: enough programs to fill an H100 at batch 8, d 1536.
-TRITON_WARPS = 4  # Warps per program on GPU; with 1, every reduction stays inside a warp.
+TRITON_WARPS = 4  # Warps per program on GPU; 1 keeps every reduction in a warp but ran slower (NOTES).
 
 
 def selective_scan_pallas(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, reverse, return_state,
