@@ -1,18 +1,21 @@
-"""The selective scan's forward as a Mosaic GPU kernel (Hopper), Pallas's warpgroup-level GPU backend.
+"""The selective scan's forward and backward as Mosaic GPU kernels (Hopper), Pallas's warpgroup-level
+GPU backend.
 
 One CUDA block per (batch element, 128 channels): one warpgroup, one channel per thread, the n
 states of a channel in that thread's registers. B_t and C_t are the same for every channel of a
 group, so each thread reads them as scalars from shared memory (a broadcast, no bank conflicts).
-Time goes by in chunks of CHUNK steps: the tensor-memory accelerator (TMA) brings chunk k + 1's
-x, dt, z, B and C into shared memory while chunk k computes, and y leaves the same way.
+Time goes by in chunks of `chunk` steps: the tensor-memory accelerator (TMA) brings the next
+chunk's inputs into shared memory while this one computes, and the outputs leave the same way.
 
-The backward stays with the portable kernels (kernels/selective_scan_pallas.py), which this forward
-feeds with the same chunk-boundary states: their gradients of B and C sum over channels, a
-reduction across threads that Mosaic GPU's warpgroup arrays only offer as a whole-array reduction
-with a barrier each, 2n of them per step.
+The forward saves the state before each chunk; the backward walks the chunks in reverse, recomputes
+the states inside a chunk from the saved one (the state every `steps` steps into shared memory,
+then `steps` states at a time in registers) and runs the adjoint recurrence. Its gradients of B_t
+and C_t sum over the block's 128 channels, across threads: each thread writes its 2n terms per step
+as a column of a shared-memory tile, 128 rows for `steps` = 128 / 2n steps, and after those steps
+thread r sums row r (128 loads, conflict-free with rows padded to 129 words). That is one barrier
+pair per `steps` steps instead of a shuffle tree and a barrier per sum. The block sums leave as
+(batch, d / 128, length, n) partials that XLA adds over the blocks of a group.
 """
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -23,14 +26,22 @@ CHANNELS = 128  # one warpgroup, one channel per thread
 # Pallas's automatic barriers put a warpgroup barrier before and after every shared-memory store,
 # two per step for y alone, which lines the four warps up every step. False turns them off; the
 # kernel then orders its shared memory itself: commit_smem (a proxy fence and a warpgroup
-# barrier) before each TMA store and after each wait for TMA stores to finish reading.
+# barrier) before each TMA store and after each wait for TMA stores to finish reading. The
+# backward always orders its own: it stores 2n + 3 rows a step.
 AUTO_BARRIERS = True
 
 
 def supported(d, groups, n, chunk):
-  """Whether the kernel handles these sizes: whole 128-channel blocks within a group, and TMA
-  copies of B and C rows at least 16 bytes wide."""
-  return (d // groups) % CHANNELS == 0 and n % 8 == 0 and chunk % 8 == 0
+  """Whether the kernels handle these sizes: whole 128-channel blocks within a group; n of 8 or 16
+  (TMA copies of B and C rows at least 16 bytes wide, and 2n rows of B_t and C_t terms per step
+  tiling the backward's 128-row reduction tile); and chunks of whole reduction spans."""
+  return ((d // groups) % CHANNELS == 0 and n in (8, 16) and chunk % 8 == 0
+          and chunk % _reduction_steps(n) == 0)
+
+
+def _reduction_steps(n):
+  """Steps whose dB_t and dC_t terms (2n rows each) fill the backward's 128-row reduction tile."""
+  return CHANNELS // (2 * n)
 
 
 def _tree_sum(terms):
@@ -40,25 +51,73 @@ def _tree_sum(terms):
   return terms[0]
 
 
+def _softplus(v):
+  return jnp.maximum(v, 0.0) + jnp.log(1.0 + jnp.exp(-jnp.abs(v)))
+
+
+def _sigmoid(v):
+  return 1.0 / (1.0 + jnp.exp(-v))
+
+
+class _Step:
+  """Step t of the chunk in `slot`: x, dt before and after bias/softplus (zero past the true
+  length), and B_t, C_t as per-state scalars, read from shared memory where used: held across the
+  backward's span of steps they would cost 2n registers a step."""
+
+  def __init__(self, seq_s, bc_s, slot, t, first_step, bias_row, *, n, length, chunk, softplus):
+    self.bc_s, self.slot, self.t, self.n = bc_s, slot, t, n
+    self.x = seq_s[0][slot, t].astype(jnp.float32)
+    self.dt_raw = seq_s[1][slot, t].astype(jnp.float32) + bias_row
+    self.dt = _softplus(self.dt_raw) if softplus else self.dt_raw
+    self.valid = None
+    if length % chunk:
+      self.valid = (first_step + t < length).astype(jnp.float32)
+      self.dt = self.dt * self.valid
+
+  def B(self):
+    return [self.bc_s[0][self.slot, self.t, i].astype(jnp.float32) for i in range(self.n)]
+
+  def C(self):
+    return [self.bc_s[1][self.slot, self.t, i].astype(jnp.float32) for i in range(self.n)]
+
+  def decays(self, A_rows):
+    return [jnp.exp(self.dt * a) for a in A_rows]
+
+  def advance(self, h, decays):
+    drive = self.dt * self.x
+    return [e * hi + drive * b for e, hi, b in zip(decays, h, self.B())]
+
+
+def _prepare(x, A, B, C, D, dt_bias):
+  """The kernels' views of the inputs: per-channel parameters as rows A^T (n), D, dt_bias of one
+  f32 array (one copy brings them all), B and C with groups and states on one axis."""
+  batch, padded_length, _ = x.shape
+  groups, n = B.shape[2:]
+  params = jnp.concatenate([A.T, D[None], dt_bias[None]]).astype(jnp.float32)
+  flat = lambda a: a.reshape(batch, padded_length, groups * n)
+  return params, flat(B), flat(C)
+
+
+def _compiler_params(auto_barriers):
+  return plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=not auto_barriers,
+                              lowering_semantics=plgpu.LoweringSemantics.Lane)
+
+
 def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_chunks,
             interpret=None):
   """Returns y, the final state (batch, d, n) float32 and, if save_chunks, the state before each
-  chunk as (batch, chunks, d, n) float32. Inputs are padded to a multiple of chunk steps; steps
-  from `length` on leave the state alone."""
+  chunk as (batch, chunks, n, d) float32 (the layout `backward` reads). Inputs are padded to a
+  multiple of chunk steps; steps from `length` on leave the state alone."""
   batch, padded_length, d = x.shape
   groups, n = B.shape[2:]
   num_chunks = padded_length // chunk
   has_z = z is not None
-  # One f32 array of per-channel parameters, rows A^T (n), D, dt_bias: one copy brings them all.
-  params = jnp.concatenate([A.T, D[None], dt_bias[None]]).astype(jnp.float32)
+  params, B, C = _prepare(x, A, B, C, D, dt_bias)
   h0 = jnp.swapaxes(h0, 1, 2).astype(jnp.float32)
-  B = B.reshape(batch, padded_length, groups * n)
-  C = C.reshape(batch, padded_length, groups * n)
   seq_inputs = [x, dt] + [z] * has_z
 
   def kernel(*refs):
     num_in = 6 + has_z
-    x_g, dt_g = refs[0], refs[1]
     z_g = refs[2] if has_z else None
     B_g, C_g, params_g, h0_g = refs[2 + has_z:num_in]
     outs = refs[num_in:num_in + 2 + save_chunks]
@@ -81,7 +140,7 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
 
     def fetch(k, slot):
       rows = pl.ds(k * chunk, chunk)
-      for src, dst in zip([x_g, dt_g] + [z_g] * has_z, seq_s):
+      for src, dst in zip([refs[0], refs[1]] + [z_g] * has_z, seq_s):
         plgpu.copy_gmem_to_smem(src.at[b, rows, cols], dst.at[slot], bars.at[slot])
       for src, dst in zip((B_g, C_g), bc_s):
         plgpu.copy_gmem_to_smem(src.at[b, rows, group_cols], dst.at[slot], bars.at[slot])
@@ -104,23 +163,14 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
       if save_chunks:
         for i in range(n):
           state_s[slot, i] = h[i]
-      x_s, dt_s = seq_s[0], seq_s[1]
-      B_s, C_s = bc_s
       h = list(h)
       for t in range(chunk):
-        xv = x_s[slot, t].astype(jnp.float32)
-        dtv = dt_s[slot, t].astype(jnp.float32) + bias_row
-        if softplus:
-          dtv = jnp.maximum(dtv, 0.0) + jnp.log(1.0 + jnp.exp(-jnp.abs(dtv)))
-        if length % chunk:
-          dtv = dtv * (k * chunk + t < length).astype(jnp.float32)
-        drive = dtv * xv
-        for i in range(n):
-          h[i] = jnp.exp(dtv * A_rows[i]) * h[i] + drive * B_s[slot, t, i].astype(jnp.float32)
-        y = _tree_sum([D_row * xv] + [h[i] * C_s[slot, t, i].astype(jnp.float32) for i in range(n)])
+        step = _Step(seq_s, bc_s, slot, t, k * chunk, bias_row, n=n, length=length, chunk=chunk,
+                     softplus=softplus)
+        h = step.advance(h, step.decays(A_rows))
+        y = _tree_sum([D_row * step.x] + [hi * ci for hi, ci in zip(h, step.C())])
         if has_z:
-          zv = seq_s[2][slot, t].astype(jnp.float32)
-          y = y * zv / (1.0 + jnp.exp(-zv))
+          y = y * _silu(seq_s[2][slot, t].astype(jnp.float32))
         y_s[slot, t] = y.astype(y_s.dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(y_s.at[slot], y_g.at[b, pl.ds(k * chunk, chunk), cols])
@@ -150,12 +200,185 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
                 plgpu.Barrier(num_arrivals=2)])
   call = plgpu.kernel(
       kernel, out_type=out_type, scratch_types=scratch, grid=(batch, d // CHANNELS),
-      grid_names=("b", "c"), interpret=interpret,
-      compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=not AUTO_BARRIERS,
-                                           lowering_semantics=plgpu.LoweringSemantics.Lane))
+      grid_names=("b", "c"), interpret=interpret, compiler_params=_compiler_params(AUTO_BARRIERS))
   outs = call(*seq_inputs, B, C, params, h0)
   y, h_last = outs[:2]
   h_last = jnp.swapaxes(h_last, 1, 2)
-  if save_chunks:
-    return y, h_last, jnp.swapaxes(outs[2], 2, 3)
-  return y, h_last
+  return (y, h_last, outs[2]) if save_chunks else (y, h_last)
+
+
+def _silu(v):
+  return v * _sigmoid(v)
+
+
+def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, softplus, chunk,
+             interpret=None):
+  """The gradients of `forward`, given its saved chunk states (batch, chunks, n, d).
+
+  Returns dx, ddt, dz (None without z) in the inputs' dtypes; dB and dC as per-block partial sums
+  (batch, d / 128, padded length, n) float32; and float32 per-batch dA (batch, d, n), dD and
+  ddt_bias (batch, d), dh0 (batch, d, n).
+  """
+  batch, padded_length, d = x.shape
+  groups, n = B.shape[2:]
+  num_chunks = padded_length // chunk
+  steps = _reduction_steps(n)
+  spans = chunk // steps  # reduction spans per chunk
+  blocks = d // CHANNELS
+  has_z = z is not None
+  params, B, C = _prepare(x, A, B, C, D, dt_bias)
+  dh_last = jnp.swapaxes(dh_last, 1, 2).astype(jnp.float32)
+  # x, dt and z's buffers take dx, ddt and dz once a step has read them: one slot per input.
+  seq_inputs = [x, dt] + [z] * has_z + [dy]
+
+  def kernel(*refs):
+    num_seq = len(seq_inputs)
+    seq_g = refs[:num_seq]
+    B_g, C_g, params_g, chunks_g, dh_last_g = refs[num_seq:num_seq + 5]
+    grads_g = refs[num_seq + 5:num_seq + 5 + num_seq - 1]  # dx, ddt, dz
+    dbc_g, dA_g, dh0_g, sums_g = refs[2 * num_seq + 4:2 * num_seq + 8]
+    (*seq_s, B_s, C_s, state_s, params_s, spans_s, terms_s, dbc_s, sums_s, bars,
+     setup_bar) = refs[2 * num_seq + 8:]
+    bc_s = (B_s, C_s)
+    b = jax.lax.axis_index("b")
+    c = jax.lax.axis_index("c")
+    cols = pl.ds(c * CHANNELS, CHANNELS)
+    group_cols = pl.ds((c * CHANNELS) // (d // groups) * n, n)
+
+    plgpu.copy_gmem_to_smem(params_g.at[:, cols], params_s, setup_bar)
+    plgpu.copy_gmem_to_smem(dh_last_g.at[b, :, cols], spans_s.at[0], setup_bar)
+    plgpu.barrier_wait(setup_bar)
+    A_rows = [params_s[i] for i in range(n)]
+    D_row, bias_row = params_s[n], params_s[n + 1]
+    # The loop's carry must enter in the layout the body gives it (a load's, not a constant's):
+    # zeros go through shared memory. Each thread reads back only the column it wrote, of these
+    # and of spans_s, so neither needs a barrier.
+    sums_s[0] = jnp.zeros((CHANNELS,), jnp.float32)
+    zeros = sums_s[0]
+    carry = (tuple(spans_s[0, i] for i in range(n)), (zeros,) * n, zeros, zeros)
+
+    def fetch(k, slot):
+      rows = pl.ds(k * chunk, chunk)
+      for src, dst in zip(seq_g, seq_s):
+        plgpu.copy_gmem_to_smem(src.at[b, rows, cols], dst.at[slot], bars.at[slot])
+      for src, dst in zip((B_g, C_g), bc_s):
+        plgpu.copy_gmem_to_smem(src.at[b, rows, group_cols], dst.at[slot], bars.at[slot])
+      plgpu.copy_gmem_to_smem(chunks_g.at[b, k, :, cols], state_s.at[slot], bars.at[slot])
+
+    fetch(num_chunks - 1, 0)
+
+    def adjoint_step(step, decay, h_prev, h, carry, slot, t):
+      """Back-propagates through one step, given its decays and the states before and after it;
+      writes dx, ddt, dz over the step's x, dt, z and its dB_t, dC_t terms into the reduction
+      tile."""
+      dh, dA, dD, dbias = carry
+      dyv = seq_s[-1][slot, t].astype(jnp.float32)
+      C_t = step.C()
+      if has_z:
+        zv = seq_s[2][slot, t].astype(jnp.float32)
+        sig = _sigmoid(zv)
+        y_pre = _tree_sum([D_row * step.x] + [hi * ci for hi, ci in zip(h, C_t)])
+        seq_s[2][slot, t] = (dyv * y_pre * sig * (1.0 + zv * (1.0 - sig))).astype(seq_s[2].dtype)
+        dyv = dyv * zv * sig
+      dh = [dhi + dyv * ci for dhi, ci in zip(dh, C_t)]
+      row = (t % steps) * 2 * n
+      drive = step.dt * step.x
+      for i in range(n):
+        terms_s[row + i, pl.ds(0, CHANNELS)] = dh[i] * drive
+        terms_s[row + n + i, pl.ds(0, CHANNELS)] = dyv * h[i]
+      d_drive = _tree_sum([dhi * bi for dhi, bi in zip(dh, step.B())])
+      through = [dhi * hp * e for dhi, hp, e in zip(dh, h_prev, decay)]
+      ddt = d_drive * step.x + _tree_sum([th * a for th, a in zip(through, A_rows)])
+      if softplus:
+        ddt = ddt * _sigmoid(step.dt_raw)
+      if step.valid is not None:
+        ddt = ddt * step.valid
+      seq_s[0][slot, t] = (d_drive * step.dt + dyv * D_row).astype(seq_s[0].dtype)
+      seq_s[1][slot, t] = ddt.astype(seq_s[1].dtype)
+      return (tuple(dhi * e for dhi, e in zip(dh, decay)),
+              tuple(da + th * step.dt for da, th in zip(dA, through)), dD + dyv * step.x,
+              dbias + ddt)
+
+    def chunk_body(i, carry):
+      k = num_chunks - 1 - i
+      slot = i % 2
+      plgpu.barrier_wait(bars.at[slot])
+      read = lambda slot_t: _Step(seq_s, bc_s, slot, slot_t, k * chunk, bias_row, n=n,
+                                  length=length, chunk=chunk, softplus=softplus)
+      # The state at the start of every reduction span.
+      h = [state_s[slot, j] for j in range(n)]
+      for s in range(1, spans):
+        for t in range((s - 1) * steps, s * steps):
+          step = read(t)
+          h = step.advance(h, step.decays(A_rows))
+        for j in range(n):
+          spans_s[s, j] = h[j]
+      # The previous chunk's gradient copies must have read the other slot before it refills;
+      # waiting here, after the span pass, gives them that pass's time.
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+      @pl.when(k > 0)
+      def _():
+        fetch(k - 1, 1 - slot)
+
+      for s in reversed(range(spans)):
+        h = [state_s[slot, j] for j in range(n)] if s == 0 else [spans_s[s, j] for j in range(n)]
+        span_steps = [read(t) for t in range(s * steps, (s + 1) * steps)]
+        states, decays = [h], []
+        for step in span_steps:
+          decays.append(step.decays(A_rows))
+          states.append(step.advance(states[-1], decays[-1]))
+        # The adjoint reuses the span's decays: n registers a step instead of n more exps (4.33
+        # against 4.48 ms for the backward on an H100: kernels/NOTES.md).
+        for j in reversed(range(steps)):
+          carry = adjoint_step(span_steps[j], decays[j], states[j], states[j + 1], carry, slot,
+                               s * steps + j)
+        plgpu.commit_smem()
+        # Thread r sums row r of the tile: one step's dB or dC term for one state.
+        partial = [terms_s[pl.ds(0, CHANNELS), col] for col in range(8)]
+        for col in range(8, CHANNELS):
+          partial[col % 8] = partial[col % 8] + terms_s[pl.ds(0, CHANNELS), col]
+        dbc_s[slot, s] = _tree_sum(partial)
+        plgpu.commit_smem()
+      rows = pl.ds(k * chunk, chunk)
+      for src, dst in zip(seq_s, grads_g):
+        plgpu.copy_smem_to_gmem(src.at[slot], dst.at[b, rows, cols])
+      plgpu.copy_smem_to_gmem(dbc_s.at[slot], dbc_g.at[b, c, pl.ds(k * spans, spans)])
+      return carry
+
+    dh, dA, dD, dbias = jax.lax.fori_loop(0, num_chunks, chunk_body, carry)
+    for j in range(n):
+      spans_s[0, j] = dA[j]
+      spans_s[1, j] = dh[j]
+    sums_s[0] = dD
+    sums_s[1] = dbias
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(spans_s.at[0], dA_g.at[b, :, cols])
+    plgpu.copy_smem_to_gmem(spans_s.at[1], dh0_g.at[b, :, cols])
+    plgpu.copy_smem_to_gmem(sums_s, sums_g.at[b, :, cols])
+    plgpu.wait_smem_to_gmem(0)
+
+  f32 = jnp.float32
+  out_type = ([jax.ShapeDtypeStruct(a.shape, a.dtype) for a in seq_inputs[:-1]]
+              + [jax.ShapeDtypeStruct((batch, blocks, padded_length // steps, CHANNELS), f32),
+                 jax.ShapeDtypeStruct((batch, n, d), f32), jax.ShapeDtypeStruct((batch, n, d), f32),
+                 jax.ShapeDtypeStruct((batch, 2, d), f32)])
+  scratch = ([plgpu.SMEM((2, chunk, CHANNELS), a.dtype) for a in seq_inputs]
+             + [plgpu.SMEM((2, chunk, n), a.dtype) for a in (B, C)]
+             + [plgpu.SMEM((2, n, CHANNELS), f32), plgpu.SMEM((n + 2, CHANNELS), f32),
+                plgpu.SMEM((max(spans, 2), n, CHANNELS), f32),
+                # One word of padding per row: row r's word col sits in bank (r + col) % 32.
+                plgpu.SMEM((CHANNELS, CHANNELS + 1), f32),
+                plgpu.SMEM((2, spans, CHANNELS), f32), plgpu.SMEM((2, CHANNELS), f32),
+                plgpu.Barrier(num_arrivals=len(seq_inputs) + 3, num_barriers=2),
+                plgpu.Barrier(num_arrivals=2)])
+  call = plgpu.kernel(
+      kernel, out_type=out_type, scratch_types=scratch, grid=(batch, blocks),
+      grid_names=("b", "c"), interpret=interpret, compiler_params=_compiler_params(False))
+  outs = call(*seq_inputs, B, C, params, chunks, dh_last)
+  dx, ddt = outs[0], outs[1]
+  dz = outs[2] if has_z else None
+  dbc, dA, dh0, sums = outs[2 + has_z:]
+  dbc = dbc.reshape(batch, blocks, padded_length, 2, n)
+  return (dx, ddt, dz, dbc[..., 0, :], dbc[..., 1, :], jnp.swapaxes(dA, 1, 2), sums[:, 0],
+          sums[:, 1], jnp.swapaxes(dh0, 1, 2))

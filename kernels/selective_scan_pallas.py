@@ -12,9 +12,10 @@ the kernels, on inputs read in their own dtype (bf16 in training), so the HBM tr
 inputs read once and the outputs written once; only odd lengths (padded to a whole chunk) and
 reverse=True (flipped) copy the inputs first.
 
-Backends: GPU lowers these bodies through Pallas's Triton backend, TPU through Mosaic TPU, and the
-CPU runs them in interpret mode, which is how CI checks them against the float64 oracle. On GPU the
-forward is the Mosaic GPU kernel of kernels/selective_scan_gpu.py where the sizes allow.
+Backends: TPU lowers these bodies through Mosaic TPU, and the CPU runs them in interpret mode, which
+is how CI checks them against the float64 oracle. On GPU the forward and backward are the Mosaic GPU
+kernels of kernels/selective_scan_gpu.py where the sizes allow (the same custom_vjp, the same
+residuals), and these bodies through Pallas's Triton backend elsewhere.
 """
 
 import functools
@@ -24,6 +25,7 @@ import typing
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import selective_scan_gpu
 from kernels._common import accumulation_dtype
@@ -32,10 +34,11 @@ CHUNK = 16  # Steps between saved states: the saved states are 1/16 of the full 
 SUBCHUNK = 4  # States the backward keeps in registers at once.
 # Interpret mode only checks logic, and its cost grows with the unrolled code: small chunks there.
 INTERPRET_CHUNK, INTERPRET_SUBCHUNK = 8, 4
-# The GPU forward: "mosaic" (kernels/selective_scan_gpu.py) where it supports the sizes, or "triton".
-GPU_FORWARD = "mosaic"
+# The GPU kernels: "mosaic" (kernels/selective_scan_gpu.py) where they support the sizes, or "triton"
+# (these bodies).
+GPU_KERNELS = "mosaic"
 MAX_CHANNELS = 32  # Channels per program: enough programs to fill an H100 at batch 8, d 1536.
-TRITON_WARPS = 4  # Warps per program on GPU; with 1, every reduction stays inside a warp.
+TRITON_WARPS = 4  # Warps per program on GPU; 1 keeps every reduction in a warp but ran slower (NOTES).
 
 
 def selective_scan_pallas(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, reverse, return_state,
@@ -43,7 +46,8 @@ def selective_scan_pallas(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, revers
   """selective_scan's contract (see kernels/selective_scan.py), computed by the Pallas kernels.
 
   interpret: None runs compiled on GPU or TPU and interpreted on CPU; otherwise it is passed to
-  pallas_call's `interpret` (True, or pltpu.InterpretParams() for TPU interpret mode).
+  pallas_call's `interpret` (True, or pltpu.InterpretParams() for TPU interpret mode), or with
+  plgpu.InterpretGPUParams() the Mosaic GPU kernels run in Pallas's GPU interpreter.
   """
   if interpret is None and jax.default_backend() == "cpu":
     interpret = True
@@ -271,14 +275,22 @@ def _layout(config, x, B, A):
   return (batch, d // channels), _Specs(padded_length, channels, n, d // groups), channels
 
 
-def _forward(config, x, dt, A, B, C, D, dt_bias, z, h0, save_chunks):
+def _mosaic_gpu(config, x, B):
+  """Whether the Mosaic GPU kernels run this scan: compiled on a GPU, or in Pallas's GPU
+  interpreter when asked for. Their saved states are (batch, chunks, n, d), the portable
+  kernels' (batch, chunks, d, n), so forward and backward always come from the same family."""
   groups, n = B.shape[2:]
-  if (jax.default_backend() == "gpu" and not config.interpret and GPU_FORWARD == "mosaic"
-      and config.acc == jnp.float32
-      and selective_scan_gpu.supported(x.shape[2], groups, n, config.chunk)):
+  compiled = jax.default_backend() == "gpu" and not config.interpret and GPU_KERNELS == "mosaic"
+  return ((compiled or isinstance(config.interpret, plgpu.InterpretGPUParams))
+          and config.acc == jnp.float32
+          and selective_scan_gpu.supported(x.shape[2], groups, n, config.chunk))
+
+
+def _forward(config, x, dt, A, B, C, D, dt_bias, z, h0, save_chunks):
+  if _mosaic_gpu(config, x, B):
     return selective_scan_gpu.forward(x, dt, A, B, C, D, dt_bias, z, h0, length=config.length,
                                       softplus=config.softplus, chunk=config.chunk,
-                                      save_chunks=save_chunks)
+                                      save_chunks=save_chunks, interpret=config.interpret or None)
   grid, specs, _ = _layout(config, x, B, A)
   batch, padded_length, d = x.shape
   n = A.shape[1]
@@ -310,9 +322,31 @@ def _scan_fwd(config, x, dt, A, B, C, D, dt_bias, z, h0):
 def _scan_bwd(config, residuals, cotangents):
   x, dt, A, B, C, D, dt_bias, z, h0, chunks = residuals
   dy, dh_last = cotangents
-  grid, specs, channels = _layout(config, x, B, A)
   batch, padded_length, d = x.shape
   groups, n = B.shape[2:]
+  if _mosaic_gpu(config, x, B):
+    grads = selective_scan_gpu.backward(
+        x, dt, A, B, C, D, dt_bias, z, chunks, dy.astype(x.dtype), dh_last, length=config.length,
+        softplus=config.softplus, chunk=config.chunk, interpret=config.interpret or None)
+  else:
+    grads = _portable_backward(config, x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last)
+  dx, ddt, dz, dB, dC, dA, dD, ddt_bias, dh0 = grads
+  blocks = dB.shape[1]
+
+  def per_group(partial):  # (batch, blocks, length, n) -> (batch, length, groups, n)
+    summed = partial.reshape(batch, groups, blocks // groups, padded_length, n).sum(axis=2)
+    return jnp.moveaxis(summed, 1, 2)
+
+  return (dx, ddt, dA.sum(axis=0).astype(A.dtype), per_group(dB).astype(B.dtype),
+          per_group(dC).astype(C.dtype), dD.sum(axis=0).astype(D.dtype),
+          ddt_bias.sum(axis=0).astype(dt_bias.dtype), dz, dh0.astype(h0.dtype))
+
+
+def _portable_backward(config, x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last):
+  """selective_scan_gpu.backward's contract, computed by _backward_kernel."""
+  grid, specs, channels = _layout(config, x, B, A)
+  batch, padded_length, d = x.shape
+  n = B.shape[3]
   has_z = z is not None
   acc = config.acc
   inputs = ([x, dt, A, B, C, D[None], dt_bias[None]] + [z] * has_z
@@ -332,17 +366,8 @@ def _scan_bwd(config, residuals, cotangents):
                   specs.per_batch(), specs.state()])
   kernel = functools.partial(_backward_kernel, config, has_z)
   outs = _call(kernel, config, grid, in_specs, out_specs, out_shape, *inputs)
-  dx, ddt = outs[:2]
   dz = outs[2] if has_z else None
-  dB, dC, dA, dD, ddt_bias, dh0 = outs[2 + has_z:]
-
-  def per_group(partial):  # (batch, blocks, length, n) -> (batch, length, groups, n)
-    summed = partial.reshape(batch, groups, blocks // groups, padded_length, n).sum(axis=2)
-    return jnp.moveaxis(summed, 1, 2)
-
-  return (dx, ddt, dA.sum(axis=0).astype(A.dtype), per_group(dB).astype(B.dtype),
-          per_group(dC).astype(C.dtype), dD.sum(axis=0).astype(D.dtype),
-          ddt_bias.sum(axis=0).astype(dt_bias.dtype), dz, dh0.astype(h0.dtype))
+  return (outs[0], outs[1], dz, *outs[2 + has_z:])
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)

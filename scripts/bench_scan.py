@@ -6,6 +6,7 @@
   python scripts/bench_scan.py --compare            # adds the peers that are installed
   python scripts/bench_scan.py --workload linear_attention --compare   # with fla's chunk_simple_gla
   python scripts/bench_scan.py --check              # first checks each impl against a float32 reference
+  python scripts/bench_scan.py --workload selective_scan --impl pallas pallas_triton  # Mosaic vs Triton
   python scripts/bench_scan.py --mixer              # times the Mamba-130m mixer around the scan
 
 For each impl and shape it prints the median forward and forward+backward times (block_until_ready
@@ -60,7 +61,7 @@ class SelectiveScan:
   """Mamba's selective scan as the Mamba mixer calls it: D, z gate, dt_bias and softplus, bf16."""
 
   name = "selective_scan"
-  # "pallas_triton": the pallas impl with its forward through Triton instead of Mosaic GPU.
+  # "pallas_triton": the pallas impl with its forward and backward through Triton, not Mosaic GPU.
   impls = ("pallas", "pallas_triton", "associative", "reference")
   default_shape = dict(batch=8, length=2048, d=1536, n=16)
 
@@ -75,15 +76,29 @@ class SelectiveScan:
         D=jnp.ones((d,)), z=normal(keys[5], seq),
         dt_bias=jax.random.uniform(keys[6], (d,), minval=-4.0, maxval=-2.0))
 
-  def run(self, impl, inputs):
+  def run(self, impl, inputs, **flags):
     if impl == "pallas_triton":
       from kernels import selective_scan_pallas
-      saved, selective_scan_pallas.GPU_FORWARD = selective_scan_pallas.GPU_FORWARD, "triton"
+      saved, selective_scan_pallas.GPU_KERNELS = selective_scan_pallas.GPU_KERNELS, "triton"
       try:
-        return selective_scan(**inputs, dt_softplus=True, impl="pallas")
+        return selective_scan(**inputs, **flags, dt_softplus=True, impl="pallas")
       finally:
-        selective_scan_pallas.GPU_FORWARD = saved
-    return selective_scan(**inputs, dt_softplus=True, impl=impl)
+        selective_scan_pallas.GPU_KERNELS = saved
+    return selective_scan(**inputs, **flags, dt_softplus=True, impl=impl)
+
+  def check_cases(self, shape):
+    """(label, inputs, flags) that --check runs: the timed configuration, then the options it
+    leaves out: h0, reverse and the final state (with its own cotangent); groups, float32 inputs
+    and a length that is not a whole number of chunks."""
+    timed = self.inputs(99, **shape)
+    batch, d, n = shape["batch"], shape["d"], shape["n"]
+    h0 = jax.random.normal(jax.random.key(98), (batch, d, n))
+    odd = {**shape, "length": shape["length"] - 5}
+    grouped = self.inputs(97, **odd, dtype=jnp.float32)
+    bc = jax.random.normal(jax.random.key(96), (2, batch, odd["length"], 2, n))
+    return [("mamba", timed, {}),
+            ("h0 reverse state", {**timed, "h0": h0}, dict(reverse=True, return_state=True)),
+            ("groups 2, float32, odd length", {**grouped, "B": bc[0], "C": bc[1]}, {})]
 
   def bytes_moved(self, batch, length, d, n, dtype=jnp.bfloat16):
     """(forward, forward+backward) bytes that must cross HBM: each input read once, output written once."""
@@ -121,6 +136,9 @@ class LinearAttention:
 
   def run(self, impl, inputs):
     return linear_attention(**inputs, impl=impl)
+
+  def check_cases(self, shape):
+    return [("default", self.inputs(99, **shape), {})]
 
   def bytes_moved(self, batch, length, heads, dk, dv, dtype=jnp.bfloat16):
     """(forward, forward+backward) bytes that must cross HBM: each input read once, output written once."""
@@ -199,20 +217,26 @@ def time_impl(workload, impl, shape, sets, repeats):
 
 
 def check(workload, impl, shape):
-  """Relative L2 error of impl's output and input gradients against float32 'reference'."""
-  ins = workload.inputs(99, **shape)
+  """Per check case: its label, and the relative L2 errors of impl's outputs and input gradients
+  against float32 'reference' on the same values (random cotangents for every output)."""
 
-  def loss_and_grads(impl, ins):
-    out, vjp = jax.vjp(lambda i: workload.run(impl, i), ins)
-    weights = jax.random.normal(jax.random.key(7), out.shape).astype(out.dtype)
+  def outputs_and_grads(impl, ins, flags):
+    out, vjp = jax.vjp(lambda i: workload.run(impl, i, **flags), ins)
+    keys = jax.random.split(jax.random.key(7), len(jax.tree.leaves(out)))
+    weights = jax.tree.unflatten(jax.tree.structure(out), [
+        jax.random.normal(k, o.shape).astype(o.dtype) for k, o in zip(keys, jax.tree.leaves(out))])
     return out, vjp(weights)[0]
 
-  upcast = jax.tree.map(lambda a: a.astype(jnp.float32), ins)
-  want = jax.jit(functools.partial(loss_and_grads, "reference"))(upcast)
-  got = jax.jit(functools.partial(loss_and_grads, impl))(ins)
-  errors = jax.tree.map(lambda g, w: float(jnp.linalg.norm((g.astype(jnp.float32) - w).ravel())
-                                          / jnp.linalg.norm(w.ravel())), got, want)
-  return errors[0], errors[1]
+  relative = lambda g, w: float(jnp.linalg.norm((g.astype(jnp.float32) - w).ravel())
+                                / jnp.linalg.norm(w.ravel()))
+  results = []
+  for label, ins, flags in workload.check_cases(shape):
+    upcast = jax.tree.map(lambda a: a.astype(jnp.float32), ins)
+    want = jax.jit(functools.partial(outputs_and_grads, "reference", flags=flags))(upcast)
+    got = jax.jit(functools.partial(outputs_and_grads, impl, flags=flags))(ins)
+    out_errs = jax.tree.leaves(jax.tree.map(relative, got[0], want[0]))
+    results.append((label, out_errs, jax.tree.map(relative, got[1], want[1])))
+  return results
 
 
 def time_mixer(impls, repeats):
@@ -323,9 +347,10 @@ def main():
         print("  ".join(map(str, rows[-1])), flush=True)
         if args.check:
           small = {**shape, "length": min(length, 256)}
-          out_err, grad_errs = check(workload, impl, small)
-          print(f"check {name} {impl} {small}: output rel err {out_err:.2e}, input-gradient rel errs "
-                + ", ".join(f"{k} {v:.1e}" for k, v in grad_errs.items()), flush=True)
+          for label, out_errs, grad_errs in check(workload, impl, small):
+            print(f"check {name} {impl} {small} {label}: output rel errs "
+                  + ", ".join(f"{e:.2e}" for e in out_errs) + "; input-gradient rel errs "
+                  + ", ".join(f"{k} {v:.1e}" for k, v in grad_errs.items()), flush=True)
 
   print(f"\n{'workload':<16}{'impl':<13}{'length':>7}{'fwd ms':>9}{'GB/s':>7}{'x floor':>8}"
         f"{'fwd+bwd ms':>11}{'x floor':>8}")

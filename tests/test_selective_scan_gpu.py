@@ -1,14 +1,36 @@
-"""The Mosaic GPU forward kernel, run on CPU by Pallas's GPU interpreter, against the float64 oracle."""
+"""The Mosaic GPU kernels, run on CPU by Pallas's GPU interpreter against float64 references, and
+lowered for CUDA at Mamba's sizes."""
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels import selective_scan_gpu
+from kernels import selective_scan, selective_scan_gpu
+from kernels.selective_scan_pallas import selective_scan_pallas
 from test_selective_scan import oracle
 
 BATCH, LENGTH, N_STATE, CHUNK = 2, 21, 8, 8
+SEQUENCE_INPUTS = ("x", "dt", "B", "C", "z")  # in the inputs' dtype; the rest are float32
+
+
+def _random_inputs(rng, d, n, groups, dtype, length=LENGTH):
+  """Mamba-like inputs, rounded to `dtype` and returned as float64 NumPy arrays."""
+  seq, bc = (BATCH, length, d), (BATCH, length, groups, n)
+  inputs = dict(x=rng.normal(size=seq), dt=rng.normal(-1.0, 0.5, size=seq),
+                A=-rng.uniform(0.5, 2.0, size=(d, n)), B=rng.normal(size=bc),
+                C=rng.normal(size=bc), D=rng.normal(size=d), z=rng.normal(size=seq),
+                dt_bias=rng.uniform(-0.2, 0.2, size=d), h0=rng.normal(size=(BATCH, d, n)))
+  return {k: np.asarray(jnp.asarray(v, dtype), np.float64) for k, v in inputs.items()}
+
+
+def _on_device(inputs, dtype):
+  """The arrays a kernel sees: the sequence inputs in `dtype`, parameters and h0 in float32."""
+  return {k: jnp.asarray(v, dtype if k in SEQUENCE_INPUTS else jnp.float32)
+          for k, v in inputs.items()}
 
 
 @pytest.mark.parametrize("groups, dtype, auto_barriers",
@@ -22,23 +44,15 @@ def test_mosaic_gpu_forward_matches_oracle(groups, dtype, auto_barriers, monkeyp
   """
   monkeypatch.setattr(selective_scan_gpu, "AUTO_BARRIERS", auto_barriers)
   d = 2 * selective_scan_gpu.CHANNELS if groups == 2 else selective_scan_gpu.CHANNELS
-  rng = np.random.default_rng(0)
-  seq, bc = (BATCH, LENGTH, d), (BATCH, LENGTH, groups, N_STATE)
-  inputs = dict(x=rng.normal(size=seq), dt=rng.normal(-1.0, 0.5, size=seq),
-                A=-rng.uniform(0.5, 2.0, size=(d, N_STATE)), B=rng.normal(size=bc),
-                C=rng.normal(size=bc), D=rng.normal(size=d), z=rng.normal(size=seq),
-                dt_bias=rng.uniform(-0.2, 0.2, size=d), h0=rng.normal(size=(BATCH, d, N_STATE)))
-  inputs = {k: np.asarray(jnp.asarray(v, dtype), np.float64) for k, v in inputs.items()}
+  inputs = _random_inputs(np.random.default_rng(0), d, N_STATE, groups, dtype)
   padded_length = -(-LENGTH // CHUNK) * CHUNK
-
-  def device(name):
-    value = inputs[name]
-    if value.ndim >= 3 and value.shape[1] == LENGTH:
-      value = np.pad(value, [(0, 0), (0, padded_length - LENGTH)] + [(0, 0)] * (value.ndim - 2))
-    return jnp.asarray(value, dtype if name in ("x", "dt", "B", "C", "z") else jnp.float32)
+  arrays = _on_device(inputs, dtype)
+  for name in SEQUENCE_INPUTS:
+    arrays[name] = jnp.pad(arrays[name], [(0, 0), (0, padded_length - LENGTH)]
+                           + [(0, 0)] * (arrays[name].ndim - 2))
 
   y, h_last, chunks = selective_scan_gpu.forward(
-      *(device(k) for k in ("x", "dt", "A", "B", "C", "D", "dt_bias", "z", "h0")), length=LENGTH,
+      *(arrays[k] for k in ("x", "dt", "A", "B", "C", "D", "dt_bias", "z", "h0")), length=LENGTH,
       softplus=True, chunk=CHUNK, save_chunks=True, interpret=plgpu.InterpretGPUParams())
 
   want_y, want_h = oracle(**inputs, dt_softplus=True, return_state=True)
@@ -50,4 +64,61 @@ def test_mosaic_gpu_forward_matches_oracle(groups, dtype, auto_barriers, monkeyp
     prefix = {name: v[:, :k * CHUNK] if v.ndim >= 3 and v.shape[1] == LENGTH else v
               for name, v in inputs.items()}
     want_state = inputs["h0"] if k == 0 else oracle(**prefix, dt_softplus=True, return_state=True)[1]
-    np.testing.assert_allclose(chunks[:, k], want_state, rtol=1e-5, atol=1e-5, err_msg=f"chunk {k}")
+    # The kernels keep the saved states channels-last: (batch, chunks, n, d).
+    np.testing.assert_allclose(chunks[:, k], np.swapaxes(want_state, 1, 2), rtol=1e-5, atol=1e-5,
+                               err_msg=f"chunk {k}")
+
+
+@pytest.mark.parametrize("n, groups, dtype, reverse",
+                         [(16, 2, jnp.float32, True), (8, 1, jnp.bfloat16, False)])
+def test_mosaic_gpu_backward_matches_float64_autodiff(n, groups, dtype, reverse):
+  """Forward and backward through selective_scan_pallas's custom_vjp in the GPU interpreter, with
+  h0, D, z, dt_bias, softplus and the final state's cotangent, at an odd length (two chunks of
+  8). n = 16 sums dB_t and dC_t over 4 steps at a time, two spans a chunk; n = 8 over 8, one.
+  The reference is autodiff of impl="reference" in float64 on the same (rounded) values."""
+  d = 2 * selective_scan_gpu.CHANNELS
+  rng = np.random.default_rng(1)
+  inputs = _random_inputs(rng, d, n, groups, dtype, length=13)
+  # Cotangents exact in dtype: y's cotangent is rounded to y's dtype on the way in.
+  weights = [np.asarray(jnp.asarray(rng.normal(size=shape), dtype), np.float64)
+             for shape in ((BATCH, 13, d), (BATCH, d, n))]
+  flags = dict(dt_softplus=True, reverse=reverse)
+
+  def loss(arrays, scan):
+    y, h = scan(arrays)
+    return (y.astype(jnp.float32) * weights[0]).sum() + (h * weights[1]).sum()
+
+  def kernels(a):
+    return selective_scan_pallas(a["x"], a["dt"], a["A"], a["B"], a["C"], a["D"], a["z"],
+                                 a["dt_bias"], True, a["h0"], reverse, True,
+                                 interpret=plgpu.InterpretGPUParams())
+
+  got = jax.grad(loss)(_on_device(inputs, dtype), kernels)
+  with jax.enable_x64(True):
+    reference = functools.partial(selective_scan, impl="reference", return_state=True, **flags)
+    want = jax.grad(loss)({k: jnp.asarray(v) for k, v in inputs.items()},
+                          lambda a: reference(**a))
+  for name in inputs:
+    assert got[name].dtype == _on_device(inputs, dtype)[name].dtype, name
+    # The sequence inputs' gradients come out rounded to their dtype; the rest stay float32.
+    tolerance = 2e-2 if dtype == jnp.bfloat16 and name in SEQUENCE_INPUTS else 1e-4
+    np.testing.assert_allclose(np.asarray(got[name], np.float64), want[name], rtol=tolerance,
+                               atol=tolerance, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", (jnp.bfloat16, jnp.float32))
+def test_mosaic_gpu_kernels_lower_for_cuda(dtype):
+  """Mamba's sizes (n = 16, chunks of 16): layout inference, the strided shared-memory accesses
+  and the shared-memory budget, checked without a GPU."""
+  batch, length, d, n, chunk = 2, 64, 256, 16, 16
+  seq = jax.ShapeDtypeStruct((batch, length, d), dtype)
+  bc = jax.ShapeDtypeStruct((batch, length, 1, n), dtype)
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  state, chunks = f32(batch, d, n), f32(batch, length // chunk, n, d)
+  common = dict(length=length - 3, softplus=True, chunk=chunk)
+  forward = functools.partial(selective_scan_gpu.forward, save_chunks=True, **common)
+  backward = functools.partial(selective_scan_gpu.backward, **common)
+  jax.jit(forward).trace(seq, seq, f32(d, n), bc, bc, f32(d), f32(d), seq, state).lower(
+      lowering_platforms=("cuda",))
+  jax.jit(backward).trace(seq, seq, f32(d, n), bc, bc, f32(d), f32(d), seq, chunks, seq,
+                          state).lower(lowering_platforms=("cuda",))
