@@ -69,16 +69,19 @@ def test_mosaic_gpu_forward_matches_oracle(groups, dtype, auto_barriers, monkeyp
                                err_msg=f"chunk {k}")
 
 
-@pytest.mark.parametrize("n, groups, dtype, reverse",
-                         [(16, 2, jnp.float32, True), (8, 1, jnp.bfloat16, False)])
-def test_mosaic_gpu_backward_matches_float64_autodiff(n, groups, dtype, reverse):
+@pytest.mark.parametrize("n, groups, dtype, reverse, gated",
+                         [(16, 2, jnp.float32, True, True), (8, 1, jnp.bfloat16, False, False)])
+def test_mosaic_gpu_backward_matches_float64_autodiff(n, groups, dtype, reverse, gated):
   """Forward and backward through selective_scan_pallas's custom_vjp in the GPU interpreter, with
-  h0, D, z, dt_bias, softplus and the final state's cotangent, at an odd length (two chunks of
-  8). n = 16 sums dB_t and dC_t over 4 steps at a time, two spans a chunk; n = 8 over 8, one.
+  h0, D, dt_bias, softplus and the final state's cotangent, at an odd length (two chunks of
+  8); with the z gate or without it (DenseMamba's readout scan). n = 16 sums dB_t and dC_t over 4
+  steps at a time, two spans a chunk; n = 8 over 8, one.
   The reference is autodiff of impl="reference" in float64 on the same (rounded) values."""
   d = 2 * selective_scan_gpu.CHANNELS
   rng = np.random.default_rng(1)
   inputs = _random_inputs(rng, d, n, groups, dtype, length=13)
+  if not gated:
+    del inputs["z"]
   # Cotangents exact in dtype: y's cotangent is rounded to y's dtype on the way in.
   weights = [np.asarray(jnp.asarray(rng.normal(size=shape), dtype), np.float64)
              for shape in ((BATCH, 13, d), (BATCH, d, n))]
@@ -89,7 +92,7 @@ def test_mosaic_gpu_backward_matches_float64_autodiff(n, groups, dtype, reverse)
     return (y.astype(jnp.float32) * weights[0]).sum() + (h * weights[1]).sum()
 
   def kernels(a):
-    return selective_scan_pallas(a["x"], a["dt"], a["A"], a["B"], a["C"], a["D"], a["z"],
+    return selective_scan_pallas(a["x"], a["dt"], a["A"], a["B"], a["C"], a["D"], a.get("z"),
                                  a["dt_bias"], True, a["h0"], reverse, True,
                                  interpret=plgpu.InterpretGPUParams())
 
