@@ -29,6 +29,7 @@ bench_generate.json without measuring. Results and the command that made them: d
 """
 
 import argparse
+import concurrent.futures
 import gc
 import json
 import os
@@ -47,7 +48,7 @@ import jax.numpy as jnp  # noqa: E402
 from seqmodels import config as config_lib  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from seqmodels import generate, layers, lm  # noqa: E402
+from seqmodels import generate, layers, lm, profiling  # noqa: E402
 
 # name: (config file, variant, share of the time budget)
 MODELS = {
@@ -119,21 +120,31 @@ class Bench:
       json.dump({"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
                  "args": vars(self.args), "results": self.results}, f, indent=1)
 
-  def decode_point(self, name, generator, cfg, weights, batch, prompt):
-    """Times the decoding loop at (batch, prompt); returns (seconds it took, of them compiling)."""
+  def fits(self, generator, weights, batch, prompt):
+    return weights + nbytes(cache_shape(generator, batch, prompt, self.args.new_tokens)) <= CAPACITY
+
+  def compile_decode(self, generator, cfg, batch, prompt):
+    """(the decoding loop compiled for (batch, prompt), seconds it took)."""
+    t0 = time.perf_counter()
+    state = jax.eval_shape(lambda: random_state(generator, batch, prompt, self.args.new_tokens, cfg,
+                                                jax.random.key(0)))
+    compiled = generator.decode_jit.lower(generator.params, state, jnp.int32(self.args.new_tokens)).compile()
+    return compiled, time.perf_counter() - t0
+
+  def decode_point(self, name, generator, cfg, weights, batch, prompt, compiling):
+    """Times the decoding loop at (batch, prompt), compiled by `compiling` (a finished future);
+    returns the seconds it took."""
     t0 = time.perf_counter()
     new = self.args.new_tokens
     cache_bytes = nbytes(cache_shape(generator, batch, prompt, new))
-    if weights + cache_bytes > CAPACITY:
+    if not self.fits(generator, weights, batch, prompt):
       self.record(model=name, kind="decode", batch=batch, prompt=prompt, status="oom (estimated)",
                   cache_bytes=cache_bytes)
-      return 0.0, 0.0
+      return 0.0
     try:
-      state = jax.eval_shape(lambda: random_state(generator, batch, prompt, new, cfg, jax.random.key(0)))
-      n_steps = jnp.int32(new)
-      compiled = generator.decode_jit.lower(generator.params, state, n_steps).compile()
+      compiled, compile_s = compiling.result()
       memory = compiled.memory_analysis()
-      compile_s = time.perf_counter() - t0
+      n_steps = jnp.int32(new)
       times = []
       for repeat in range(self.args.repeats + 1):
         state = random_state(generator, batch, prompt, new, cfg, jax.random.key(repeat))
@@ -145,18 +156,35 @@ class Bench:
           times.append(time.perf_counter() - t)
       assert int(state.position) == prompt + new
       del state
+      profile = self.profile(name, generator, cfg, compiled, batch, prompt) if self.args.profile else None
     except Exception as e:  # XLA reports allocation failures as several exception types.
       if not is_oom(e):
         raise
       self.record(model=name, kind="decode", batch=batch, prompt=prompt, status="oom")
-      return time.perf_counter() - t0, 0.0
+      return time.perf_counter() - t0
     seconds = statistics.median(times)
     peak = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes - \
         memory.alias_size_in_bytes
     self.record(model=name, kind="decode", batch=batch, prompt=prompt, status="ok", new_tokens=new,
                 tokens_per_s=batch * new / seconds, ms_per_token=1e3 * seconds / new, seconds=seconds,
-                times=times, peak_bytes=peak, cache_bytes=cache_bytes, weights_bytes=weights, compile_s=compile_s)
-    return time.perf_counter() - t0, compile_s
+                times=times, peak_bytes=peak, cache_bytes=cache_bytes, weights_bytes=weights, compile_s=compile_s,
+                **({"profile": profile} if profile else {}))
+    return time.perf_counter() - t0
+
+  def profile(self, name, generator, cfg, compiled, batch, prompt, steps=8):
+    """Traces `steps` decoding steps and prints their device ops per step (seqmodels/profiling.py)."""
+    state = random_state(generator, batch, prompt, self.args.new_tokens, cfg, jax.random.key(99))
+    jax.block_until_ready(state)
+    directory = os.path.join(self.args.profile, f"{name}_b{batch}_p{prompt}")
+    summary = profiling.trace(lambda: jax.block_until_ready(compiled(generator.params, state, jnp.int32(steps))),
+                              directory, hlo_text=compiled.as_text(), steps=steps)
+    print(f"{name} batch {batch} prompt {prompt}, per decoding step:\n{profiling.format_summary(summary, 'token')}",
+          flush=True)
+    return summary
+
+  def shapes(self, generator, batch, prompt):
+    """What decides the decoding loop's compiled program: the cache's shapes."""
+    return batch, str(jax.tree.map(lambda x: x.shape, cache_shape(generator, batch, prompt, self.args.new_tokens)))
 
   def end_to_end_point(self, name, generator, cfg, batch, prompt):
     t0 = time.perf_counter()
@@ -191,27 +219,34 @@ class Bench:
     if name in self.args.end_to_end:
       points.append(("end_to_end", target_batch, target_prompt))
     points += [("decode", b, target_prompt) for b in self.args.batches if b != target_batch]
-    compiled_shapes, first_cost, first_run_cost = set(), None, 0.0
+    # Every decoding loop this model needs compiles first, at once, in threads (XLA compiles
+    # without the GIL): the compiles then take about the slowest one's time, not their sum, and no
+    # compile's autotuning runs on the GPU while a point is timed. A recurrent model's loop is one
+    # program at every prompt length, so it compiles once per batch size.
+    t0 = time.perf_counter()
+    compiles = {}
+    with concurrent.futures.ThreadPoolExecutor(self.args.compile_threads) as pool:
+      for kind, batch, prompt in points:
+        key = self.shapes(generator, batch, prompt)
+        if kind == "decode" and key not in compiles and self.fits(generator, weights, batch, prompt):
+          compiles[key] = pool.submit(self.compile_decode, generator, cfg, batch, prompt)
+    print(f"[{self.elapsed():.0f}s] compiled {len(compiles)} decoding loops in {time.perf_counter() - t0:.0f} s",
+          flush=True)
+    first_cost = None
     for kind, batch, prompt in points:
       # The first point (the paper's comparison) runs whenever the whole budget allows; the others
-      # must fit in this model's share, judged by what the first one cost: all of it for a point
-      # that compiles a new decoding loop, its runs alone for one that reuses a compiled loop
-      # (a recurrent model at another prompt length).
-      shapes = (kind, batch, str(jax.tree.map(lambda x: x.shape, cache_shape(generator, batch, prompt,
-                                                                              self.args.new_tokens))))
-      estimate = first_run_cost if shapes in compiled_shapes else first_cost or 0.0
+      # must fit in this model's share, judged by what the first one's runs cost.
       limit = self.start + self.args.time_budget if first_cost is None else deadline
-      if time.perf_counter() + estimate > limit:
+      if time.perf_counter() + (first_cost or 0.0) > limit:
         self.record(model=name, kind=kind, batch=batch, prompt=prompt, status="skipped (time budget)")
         continue
       if kind == "decode":
-        cost, compile_s = self.decode_point(name, generator, cfg, weights, batch, prompt)
+        cost = self.decode_point(name, generator, cfg, weights, batch, prompt,
+                                 compiles.get(self.shapes(generator, batch, prompt)))
       else:
-        cost, compile_s = self.end_to_end_point(name, generator, cfg, batch, prompt), 0.0
-      compiled_shapes.add(shapes)
-      if first_cost is None:
-        first_cost, first_run_cost = cost, cost - compile_s
-    del generator
+        cost = self.end_to_end_point(name, generator, cfg, batch, prompt)
+      first_cost = cost if first_cost is None else first_cost
+    del generator, compiles
     gc.collect()
     jax.clear_caches()
 
@@ -351,6 +386,9 @@ def main(argv=None):
   parser.add_argument("--length_multiple", type=int, default=64)
   parser.add_argument("--prefill_tokens", type=int, default=16384)
   parser.add_argument("--out_dir", default="docs")
+  parser.add_argument("--compile_threads", type=int, default=8, help="decoding loops compiled at once")
+  parser.add_argument("--profile", default="", help="trace 8 decoding steps of each decode point into this folder "
+                      "and print the device ops and kernels per step")
   parser.add_argument("--no_plots", action="store_true")
   parser.add_argument("--quick", action="store_true", help="tiny models and sizes: a smoke test for a CPU")
   parser.add_argument("--report_from", help="a bench_generate.json: rewrite its table (and plots) without measuring")
