@@ -1,7 +1,7 @@
 """Decode throughput and per-token latency of our generator: Mamba against GPT (Transformer++), and
 RetNet and DenseRetNet, over batch size and prompt length, with the memory each needs.
 
-  python scripts/bench_generate.py --out_dir docs [--time_budget SECONDS]
+  python scripts/bench_generate.py --out_dir docs [--time_budget SECONDS] [--check] [--profile DIR]
   python scripts/bench_generate.py --quick --out_dir /tmp/bench   # tiny models, a CPU smoke test
 
 Models (random-init weights, bf16 compute: decoding's speed does not depend on the weights'
@@ -18,11 +18,18 @@ Generator, the code scripts/generate.py runs, decoding greedily with no stop tok
   weights and cache included. The largest batch that fits in 80 GB at prompt 2048 is computed from
   it: it grows linearly with batch, so two measured batches give the line.
 
-Points run in order of importance within --time_budget (the paper's comparison first, then latency
-against prompt length, end to end, then the batch sweep), each model within its share of the
-budget; what did not fit is listed as skipped. Points whose
-cache alone would not fit in memory are skipped as "oom (estimated)", a run that fails to allocate
-as "oom". Writes bench_generate.json, generation_table.md and two plots,
+A model's decoding loops (one per batch size for a recurrent model, one per batch and prompt for
+attention) compile first, --compile_threads at once. Points then run in order of importance within
+--time_budget (the paper's comparison first, then latency against prompt length, end to end, then
+the batch sweep), each model within its share of the budget; what did not fit is listed as
+skipped. Points whose cache alone would not fit in memory are skipped as "oom (estimated)", a run
+that fails to allocate as "oom".
+
+--check first compares each Mamba model's fused decoding step (kernels/selective_scan_step.py, what
+--scan_impl auto runs on GPU) with XLA's ops on a random state. --profile DIR traces 8 decoding
+steps of every decode point with jax.profiler into DIR/<model>_b<batch>_p<prompt>/ and prints the
+device time and kernels per step and the costliest ops (seqmodels/profiling.py). --scan_impl
+reference decodes Mamba with XLA's ops instead of the kernel. Writes bench_generate.json, generation_table.md and two plots,
 generate_throughput.png (tokens/s against batch at prompt 2048) and generate_latency.png (per-token
 latency against prompt length at batch 64), to --out_dir; --report_from FILE rewrites them from a
 bench_generate.json without measuring. Results and the command that made them: docs/generation.md.
@@ -63,10 +70,12 @@ CAPACITY = 80e9  # The issue's "80 GB".
 TARGET = (64, 2048)  # Batch and prompt length of the Mamba paper's comparison.
 
 
-def model_config(name: str, quick: bool):
+def model_config(name: str, quick: bool, scan_impl: str = "auto"):
   arch, variant, _ = MODELS[name]
   cfg = config_lib.load(os.path.join(REPO, "configs", f"{arch}.py") + ":" + ("tiny" if quick else variant)).model
   cfg.dtype = "bfloat16"
+  if cfg.architecture == "mamba":
+    cfg.scan_impl = scan_impl
   return cfg
 
 
@@ -89,6 +98,28 @@ def random_state(generator, batch: int, prompt: int, new_tokens: int, cfg, key):
       tokens=jax.random.randint(keys[-2], (batch, generator.round_up(new_tokens)), 0, vocab, jnp.int32),
       offset=jnp.int32(prompt), prompt_lengths=lengths, ends=lengths + new_tokens,
       keys=jax.random.split(key, batch), position=jnp.int32(prompt), done=jnp.zeros(batch, bool))
+
+
+def check_fused_step(mixer, batch, seed=0):
+  """‖fused - XLA‖ / ‖XLA‖ for one decoding step of a Mamba mixer from a random state: its output
+  and new SSM state, kernels/selective_scan_step.py against XLA's ops (scan_impl "reference")."""
+  keys = jax.random.split(jax.random.key(seed), 3)
+  u = jax.random.normal(keys[0], (batch, 1, mixer.in_proj.in_features), mixer.dtype)
+  cache = {"conv": jax.random.normal(keys[1], (batch, mixer.d_conv - 1, mixer.d_inner), mixer.dtype),
+           "ssm": jax.random.normal(keys[2], (batch, mixer.d_inner, mixer.d_state), jnp.float32)}
+  outs = {}
+  for impl in ("pallas", "reference"):
+    variant = nnx.clone(mixer)
+    variant.scan_impl = impl
+    graphdef, params = nnx.split(variant)
+    outs[impl] = jax.jit(lambda params, u, cache: nnx.merge(graphdef, params)(u, cache))(params, u, cache)
+
+  def relative(a, b):
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+  (y, state), (y_ref, state_ref) = outs["pallas"], outs["reference"]
+  return {"output": relative(y, y_ref), "ssm_state": relative(state["ssm"], state_ref["ssm"]),
+          "conv_state": relative(state["conv"], state_ref["conv"])}
 
 
 def nbytes(tree) -> int:
@@ -209,9 +240,16 @@ class Bench:
     return time.perf_counter() - t0
 
   def run_model(self, name, deadline):
-    cfg = model_config(name, self.args.quick)
-    generator = generate.Generator(lm.build(cfg), vocab_size=cfg.vocab_size,
-                                   length_multiple=self.args.length_multiple, prefill_tokens=self.args.prefill_tokens)
+    cfg = model_config(name, self.args.quick, self.args.scan_impl)
+    model = lm.build(cfg)
+    if self.args.check and cfg.architecture == "mamba":
+      errors = check_fused_step(generate.inference_model(model).backbone.blocks[0].mixer, self.args.target[0])
+      print(f"{name}: fused decoding step against XLA's, relative error " +
+            ", ".join(f"{k} {v:.2e}" for k, v in errors.items()), flush=True)
+      self.record(model=name, kind="check", batch=self.args.target[0], prompt=None, status="ok", **errors)
+    generator = generate.Generator(model, vocab_size=cfg.vocab_size, length_multiple=self.args.length_multiple,
+                                   prefill_tokens=self.args.prefill_tokens)
+    del model
     weights = nbytes(generator.params)
     target_batch, target_prompt = self.args.target
     points = [("decode", target_batch, target_prompt)]
@@ -333,6 +371,9 @@ def write_report(path, data, command):
     change = hi / lo - 1
     lines.append(f"- {name} per-token latency at batch {target_batch}, prompt {prompts[0]} -> {prompts[-1]}: "
                  f"{lo:.3f} -> {hi:.3f} ms ({change:+.1%}; target within 10%: {'met' if abs(change) <= 0.1 else 'NOT met'})")
+  for r in (r for r in results if r["kind"] == "check"):
+    lines.append(f"- {r['model']} fused decoding step against XLA's ops, batch {r['batch']}, relative error: output "
+                 f"{r['output']:.1e}, SSM state {r['ssm_state']:.1e}, conv state {r['conv_state']:.1e}")
   largest = data.get("largest_batch", {})
   if largest:
     lines += ["", f"Largest batch in {CAPACITY / 1e9:.0f} GB at prompt {target_prompt} (+{data['args']['new_tokens']} "
@@ -386,6 +427,10 @@ def main(argv=None):
   parser.add_argument("--length_multiple", type=int, default=64)
   parser.add_argument("--prefill_tokens", type=int, default=16384)
   parser.add_argument("--out_dir", default="docs")
+  parser.add_argument("--scan_impl", default="auto", help="model.scan_impl of the Mamba models; auto decodes with "
+                      "the fused step kernel on GPU, reference with XLA's ops")
+  parser.add_argument("--check", action="store_true", help="first compare each Mamba model's fused decoding step "
+                      "with XLA's ops on a random state (printed and recorded as kind 'check')")
   parser.add_argument("--compile_threads", type=int, default=8, help="decoding loops compiled at once")
   parser.add_argument("--profile", default="", help="trace 8 decoding steps of each decode point into this folder "
                       "and print the device ops and kernels per step")
