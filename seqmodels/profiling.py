@@ -88,10 +88,14 @@ def summarize_trace(path, hlo_text, steps, top=15):
   events = events["traceEvents"] if isinstance(events, dict) else events
   device_pids = {e["pid"] for e in events
                  if e.get("ph") == "M" and e.get("name") == "process_name" and "/device:" in e["args"]["name"]}
+  # A GPU's trace may add lines derived from its kernels ("XLA Modules", "XLA Ops") beside the
+  # CUDA streams that ran them; where stream lines are named, only they count.
+  streams = {(e["pid"], e["tid"]) for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"
+             and e.get("pid") in device_pids and re.search(r"stream", e["args"].get("name", ""), re.I)}
   scopes = op_scopes(hlo_text)
   by_op, by_category, kernels = {}, {}, 0
   for e in events:
-    if e.get("ph") != "X" or e.get("pid") not in device_pids:
+    if e.get("ph") != "X" or e.get("pid") not in device_pids or (streams and (e["pid"], e.get("tid")) not in streams):
       continue
     op_args = e.get("args", {})
     # Under CUDA graphs hlo_op names the command buffer; the kernel is then named after its fusion.
