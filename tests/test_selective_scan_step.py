@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from conftest import tiny_config
 from kernels import selective_scan_step
@@ -55,12 +56,15 @@ def test_mamba_decoding_steps_equal_the_parallel_forward(scan_impl):
   """Prefill 5 tokens, then 3 single-token steps (the fused kernel with "pallas", XLA's step with
   "reference"): the logits equal the parallel forward's at those positions."""
   cfg = tiny_config("mamba").model
-  cfg.scan_impl = scan_impl
   model = lm.build(cfg, seed=2)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 8)), jnp.int32)
   full = model(tokens)
   logits, cache = model.prefill(tokens[:, :5], model.init_cache(2))
   np.testing.assert_allclose(logits[:, -1], full[:, 4], rtol=2e-4, atol=2e-4)
+  for block in model.backbone.blocks:
+    block.mixer.scan_impl = scan_impl
+  assert model.backbone.blocks[0].mixer.fused_decoding() == (scan_impl == "pallas")
+  step = nnx.jit(lambda model, tokens_t, cache: model.step(tokens_t, cache))
   for t in range(5, 8):
-    logits, cache = model.step(tokens[:, t], cache)
+    logits, cache = step(model, tokens[:, t], cache)
     np.testing.assert_allclose(logits, full[:, t], rtol=2e-4, atol=2e-4)
