@@ -6,11 +6,14 @@ For one token, with dt_low, B, C the pieces of x_proj's output and h the (batch,
     dt' = softplus(dt_proj(dt_low) + dt_bias),   A = -exp(A_log)
     h   = exp(dt' A) h + (dt' x) B,              y = (<C, h> + D x) silu(z)
 
-XLA runs these as a matmul and a few fusions, and launches, not bytes, bound a decoding step at the
-batch sizes that matter (docs/generation.md): about 2.5 us per kernel and 10+ kernels per Mamba
-layer. Here one program per (batch row, block of channels) does all of it, reading the state once
-and writing it in place, and it reads z and dt_low, B, C straight out of in_proj's and x_proj's
-outputs, so XLA copies nothing out for it.
+XLA runs these as a matmul and several fusions, one kernel launch each per layer and token, and
+launches rather than bytes bound a decoding step (docs/generation.md: mamba-130m took about 30 us
+per layer and token at batch 1 and at batch 64 alike). Here one program per (batch row, block of
+channels) does all of it, reading the state once and writing it in place. It reads the conv's new
+input, z and dt_low, B, C straight out of in_proj's and x_proj's outputs, so XLA copies nothing out
+for it, and it also shifts the conv's state (the last d_conv - 1 inputs) in place, which XLA would
+write in a kernel of its own: the conv's output and its new state differ in shape, so XLA does not
+fuse them into one.
 
 The same body runs through Pallas's Triton backend on GPU and in interpret mode on CPU, where the
 tests check it against the float64 oracle. Triton loads only power-of-two sized blocks, so dt_proj's
@@ -50,11 +53,12 @@ def _pieces(k):
   return pieces
 
 
-def decode_step(xz, x, x_proj_out, dt_weight, dt_bias, A_log, D, h, *, interpret=None):
+def decode_step(xz, conv_state, x, x_proj_out, dt_weight, dt_bias, A_log, D, h, *, interpret=None):
   """One selective-SSM decoding step of a Mamba block (see the module docstring).
 
   Args:
-    xz: (batch, 2d) in_proj's output; only z, its second half, is read.
+    xz: (batch, 2d) in_proj's output: the conv's new input, then z.
+    conv_state: (batch, width - 1, d) the conv's previous inputs; its buffer is reused.
     x: (batch, d) the conv's output after silu.
     x_proj_out: (batch, rank + 2n) x_proj's output: dt_low, B, C.
     dt_weight: (rank, d) dt_proj's kernel, used in x's dtype (as nnx.Linear does).
@@ -64,14 +68,16 @@ def decode_step(xz, x, x_proj_out, dt_weight, dt_bias, A_log, D, h, *, interpret
     interpret: None runs compiled on GPU and interpreted on CPU; otherwise passed to pallas_call.
 
   Returns:
-    y (batch, d) in x's dtype, and the new state (batch, d, n) float32.
+    y (batch, d) in x's dtype, the new state (batch, d, n) float32 and the new conv state.
   """
   batch, d = x.shape
   n = A_log.shape[1]
   rank = dt_weight.shape[0]
-  if xz.shape != (batch, 2 * d) or x_proj_out.shape != (batch, rank + 2 * n) or h.shape != (batch, d, n):
-    raise ValueError(f"decode_step shapes disagree: xz {xz.shape}, x {x.shape}, x_proj_out {x_proj_out.shape}, "
-                     f"dt_weight {dt_weight.shape}, A_log {A_log.shape}, h {h.shape}")
+  history = conv_state.shape[1]
+  if (xz.shape != (batch, 2 * d) or x_proj_out.shape != (batch, rank + 2 * n) or h.shape != (batch, d, n)
+      or conv_state.shape != (batch, history, d)):
+    raise ValueError(f"decode_step shapes disagree: xz {xz.shape}, conv_state {conv_state.shape}, x {x.shape}, "
+                     f"x_proj_out {x_proj_out.shape}, dt_weight {dt_weight.shape}, A_log {A_log.shape}, h {h.shape}")
   if not supported(d, n):
     raise ValueError(f"decode_step needs power-of-two channel blocks and n, got d={d}, n={n}")
   if interpret is None:
@@ -79,7 +85,12 @@ def decode_step(xz, x, x_proj_out, dt_weight, dt_bias, A_log, D, h, *, interpret
   channels = channels_per_program(d)
   z_block = d // channels  # z starts this many channel blocks into xz.
 
-  def kernel(xz_ref, x_ref, xp_ref, w_ref, bias_ref, A_log_ref, D_ref, h_ref, y_ref, h_out_ref):
+  def kernel(conv_in_ref, xz_ref, x_ref, xp_ref, w_ref, bias_ref, A_log_ref, D_ref, h_ref, conv_ref, y_ref,
+             h_out_ref, conv_out_ref):
+    # Rows one at a time: Triton loads only power-of-two sizes, and history is d_conv - 1 = 3.
+    rows = [conv_ref[0, k] for k in range(1, history)] + [conv_in_ref[0]]
+    for k, row in enumerate(rows):
+      conv_out_ref[0, k] = row.astype(conv_out_ref.dtype)
     f32 = jnp.float32
     x_t = x_ref[0].astype(f32)
     z = xz_ref[0].astype(f32)
@@ -99,8 +110,11 @@ def decode_step(xz, x, x_proj_out, dt_weight, dt_bias, A_log, D, h, *, interpret
     y_ref[0] = y.astype(y_ref.dtype)
     h_out_ref[0] = state
 
-  row = lambda b, c: (b, c)
+  row = lambda b, c: (b, c)  # noqa: E731
+  state_spec = pl.BlockSpec((1, channels, n), lambda b, c: (b, c, 0))
+  conv_spec = pl.BlockSpec((1, history, channels), lambda b, c: (b, 0, c))
   in_specs = [
+      pl.BlockSpec((1, channels), row),  # the conv's new input out of xz
       pl.BlockSpec((1, channels), lambda b, c: (b, c + z_block)),  # z out of xz
       pl.BlockSpec((1, channels), row),  # x
       pl.BlockSpec((1, rank + 2 * n), lambda b, c: (b, 0)),  # dt_low, B, C
@@ -108,17 +122,18 @@ def decode_step(xz, x, x_proj_out, dt_weight, dt_bias, A_log, D, h, *, interpret
       pl.BlockSpec((1, channels), lambda b, c: (0, c)),  # dt_bias
       pl.BlockSpec((channels, n), lambda b, c: (c, 0)),  # A_log
       pl.BlockSpec((1, channels), lambda b, c: (0, c)),  # D
-      pl.BlockSpec((1, channels, n), lambda b, c: (b, c, 0)),  # h
+      state_spec,  # h
+      conv_spec,
   ]
-  out_specs = [pl.BlockSpec((1, channels), row), pl.BlockSpec((1, channels, n), lambda b, c: (b, c, 0))]
-  out_shape = [jax.ShapeDtypeStruct((batch, d), x.dtype), jax.ShapeDtypeStruct((batch, d, n), jnp.float32)]
+  out_specs = [pl.BlockSpec((1, channels), row), state_spec, conv_spec]
+  out_shape = [jax.ShapeDtypeStruct((batch, d), x.dtype), jax.ShapeDtypeStruct((batch, d, n), jnp.float32),
+               jax.ShapeDtypeStruct(conv_state.shape, conv_state.dtype)]
   params = None
   if jax.default_backend() == "gpu" and not interpret:
     from jax.experimental.pallas import triton as pltriton
     params = pltriton.CompilerParams(num_warps=TRITON_WARPS, num_stages=1)
-  y, h = pl.pallas_call(kernel, grid=(batch, d // channels), in_specs=in_specs, out_specs=out_specs,
-                        out_shape=out_shape, compiler_params=params, input_output_aliases={7: 1},
+  return pl.pallas_call(kernel, grid=(batch, d // channels), in_specs=in_specs, out_specs=out_specs,
+                        out_shape=out_shape, compiler_params=params, input_output_aliases={8: 1, 9: 2},
                         interpret=interpret)(
-      xz, x, x_proj_out, dt_weight, dt_bias.reshape(1, d).astype(jnp.float32), A_log.astype(jnp.float32),
-      D.reshape(1, d).astype(jnp.float32), h.astype(jnp.float32))
-  return y, h
+      xz, xz, x, x_proj_out, dt_weight, dt_bias.reshape(1, d).astype(jnp.float32), A_log.astype(jnp.float32),
+      D.reshape(1, d).astype(jnp.float32), h.astype(jnp.float32), conv_state)

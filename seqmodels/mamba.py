@@ -130,12 +130,13 @@ class MambaMixer(nnx.Module):
 
   def decode_step(self, u, cache):
     """One token, u (batch, d_model): in_proj, the conv, x_proj, then one kernel for the rest of the
-    SSM, which reads z and dt_low, B, C out of in_proj's and x_proj's outputs itself."""
+    SSM and the conv state's shift."""
     xz = self.in_proj(u)
-    x, conv_state = self.conv1d(xz[:, None, :self.d_inner], cache["conv"])
+    x, _ = self.conv1d(xz[:, None, :self.d_inner], cache["conv"])  # The kernel writes the new conv state.
     x = jax.nn.silu(x[:, 0])
-    y, ssm_state = selective_scan_step.decode_step(xz, x, self.x_proj(x), self.dt_proj.kernel[...], self.dt_bias[...],
-                                                   self.A_log[...], self.D[...], cache["ssm"])
+    y, ssm_state, conv_state = selective_scan_step.decode_step(
+        xz, cache["conv"], x, self.x_proj(x), self.dt_proj.kernel[...], self.dt_bias[...], self.A_log[...],
+        self.D[...], cache["ssm"])
     return self.out_proj(y)[:, None], {"conv": conv_state, "ssm": ssm_state}
 
   def extra_flops_per_token(self):

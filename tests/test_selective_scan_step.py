@@ -19,16 +19,17 @@ BATCH = 3
 def test_decode_step_matches_oracle(d, n, rank, dtype):
   """Rank 48 is mamba-130m's (read in pieces of 32 and 16); d 256 gives two channel blocks per row."""
   rng = np.random.default_rng(d)
-  inputs = dict(xz=rng.normal(size=(BATCH, 2 * d)), x=rng.normal(size=(BATCH, d)),
+  inputs = dict(xz=rng.normal(size=(BATCH, 2 * d)), conv_state=rng.normal(size=(BATCH, 3, d)),
+                x=rng.normal(size=(BATCH, d)),
                 x_proj_out=rng.normal(size=(BATCH, rank + 2 * n)),
                 dt_weight=rng.normal(size=(rank, d)) * rank**-0.5 - 0.3 / rank, dt_bias=rng.uniform(-4, -2, size=d),
                 A_log=np.log(rng.uniform(0.5, 16.0, size=(d, n))), D=rng.normal(size=d),
                 h=rng.normal(size=(BATCH, d, n)))
-  in_dtype = {"xz": dtype, "x": dtype, "x_proj_out": dtype, "dt_weight": dtype}
+  in_dtype = {"xz": dtype, "conv_state": dtype, "x": dtype, "x_proj_out": dtype, "dt_weight": dtype}
   # The oracle sees exactly the values the kernel gets (rounded to the compute dtype).
   inputs = {k: np.asarray(jnp.asarray(v, in_dtype.get(k, jnp.float32)), np.float64) for k, v in inputs.items()}
   args = {k: jnp.asarray(v, in_dtype.get(k, jnp.float32)) for k, v in inputs.items()}
-  y, h = selective_scan_step.decode_step(**args, interpret=True)
+  y, h, conv_state = selective_scan_step.decode_step(**args, interpret=True)
 
   dt = inputs["x_proj_out"][:, :rank] @ inputs["dt_weight"]
   # The kernel rounds dt_proj's output to the compute dtype, as the XLA matmul it replaces does.
@@ -39,6 +40,10 @@ def test_decode_step_matches_oracle(d, n, rank, dtype):
                           dt_softplus=True, h0=inputs["h"], return_state=True)
   assert y.dtype == dtype and y.shape == (BATCH, d) and h.dtype == jnp.float32
   np.testing.assert_allclose(h, want_h, rtol=1e-5, atol=1e-5)
+  # The conv's state drops its oldest input and appends the new one (xz's first half), exactly.
+  want_conv = np.concatenate([inputs["conv_state"][:, 1:], inputs["xz"][:, None, :d]], axis=1)
+  assert conv_state.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(conv_state, np.float64), want_conv)
   tolerance = 1e-5 if dtype == jnp.float32 else 1e-2  # y is rounded to bf16 (8 bits of mantissa).
   np.testing.assert_allclose(np.asarray(y, np.float64), want_y[:, 0], rtol=tolerance, atol=tolerance)
 
@@ -47,8 +52,9 @@ def test_unsupported_sizes_are_refused():
   assert selective_scan_step.supported(2048, 16) and selective_scan_step.supported(1536, 16)
   assert not selective_scan_step.supported(96, 12)
   with pytest.raises(ValueError, match="shapes disagree"):
-    selective_scan_step.decode_step(jnp.zeros((2, 64)), jnp.zeros((2, 64)), jnp.zeros((2, 40)), jnp.zeros((8, 64)),
-                                    jnp.zeros(64), jnp.zeros((64, 16)), jnp.zeros(64), jnp.zeros((2, 64, 16)))
+    selective_scan_step.decode_step(jnp.zeros((2, 64)), jnp.zeros((2, 3, 64)), jnp.zeros((2, 64)),
+                                    jnp.zeros((2, 40)), jnp.zeros((8, 64)), jnp.zeros(64), jnp.zeros((64, 16)),
+                                    jnp.zeros(64), jnp.zeros((2, 64, 16)))
 
 
 @pytest.mark.parametrize("scan_impl", ["pallas", "reference"])
