@@ -213,6 +213,25 @@ class Bench:
           flush=True)
     return summary
 
+  def check(self, name, model):
+    """Compares a Mamba model's fused decoding step with XLA's ops. Where the kernel fails, or is
+    further from XLA's ops than bf16 rounding explains, the model decodes with XLA's ops instead
+    (recorded in the check's status), so that the run still measures it."""
+    batch = self.args.target[0]
+    try:
+      errors = check_fused_step(generate.inference_model(model).backbone.blocks[0].mixer, batch)
+      close = errors["output"] < 2e-2 and errors["ssm_state"] < 1e-2 and errors["conv_state"] < 1e-6
+      status = "ok" if close else "too far from XLA's ops"
+    except Exception as e:  # A kernel that does not compile on this device.
+      errors, status = {}, f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+    print(f"{name}: fused decoding step against XLA's: {status}; relative error " +
+          ", ".join(f"{k} {v:.2e}" for k, v in errors.items()), flush=True)
+    self.record(model=name, kind="check", batch=batch, prompt=None, status=status, **errors)
+    if status != "ok":
+      print(f"{name}: decoding with XLA's ops (scan_impl reference) instead", flush=True)
+      for block in model.backbone.blocks:
+        block.mixer.scan_impl = "reference"
+
   def shapes(self, generator, batch, prompt):
     """What decides the decoding loop's compiled program: the cache's shapes."""
     return batch, str(jax.tree.map(lambda x: x.shape, cache_shape(generator, batch, prompt, self.args.new_tokens)))
@@ -243,10 +262,7 @@ class Bench:
     cfg = model_config(name, self.args.quick, self.args.scan_impl)
     model = lm.build(cfg)
     if self.args.check and cfg.architecture == "mamba":
-      errors = check_fused_step(generate.inference_model(model).backbone.blocks[0].mixer, self.args.target[0])
-      print(f"{name}: fused decoding step against XLA's, relative error " +
-            ", ".join(f"{k} {v:.2e}" for k, v in errors.items()), flush=True)
-      self.record(model=name, kind="check", batch=self.args.target[0], prompt=None, status="ok", **errors)
+      self.check(name, model)
     generator = generate.Generator(model, vocab_size=cfg.vocab_size, length_multiple=self.args.length_multiple,
                                    prefill_tokens=self.args.prefill_tokens)
     del model
@@ -372,8 +388,11 @@ def write_report(path, data, command):
     lines.append(f"- {name} per-token latency at batch {target_batch}, prompt {prompts[0]} -> {prompts[-1]}: "
                  f"{lo:.3f} -> {hi:.3f} ms ({change:+.1%}; target within 10%: {'met' if abs(change) <= 0.1 else 'NOT met'})")
   for r in (r for r in results if r["kind"] == "check"):
-    lines.append(f"- {r['model']} fused decoding step against XLA's ops, batch {r['batch']}, relative error: output "
-                 f"{r['output']:.1e}, SSM state {r['ssm_state']:.1e}, conv state {r['conv_state']:.1e}")
+    errors = (f", relative error: output {r['output']:.1e}, SSM state {r['ssm_state']:.1e}, conv state "
+              f"{r['conv_state']:.1e}") if "output" in r else ""
+    fallback = "" if r["status"] == "ok" else "; decoded with XLA's ops instead"
+    lines.append(f"- {r['model']} fused decoding step against XLA's ops, batch {r['batch']}: {r['status']}{errors}"
+                 f"{fallback}")
   largest = data.get("largest_batch", {})
   if largest:
     lines += ["", f"Largest batch in {CAPACITY / 1e9:.0f} GB at prompt {target_prompt} (+{data['args']['new_tokens']} "
