@@ -279,10 +279,11 @@ class Bench:
     # program at every prompt length, so it compiles once per batch size.
     t0 = time.perf_counter()
     compiles = {}
+    in_budget = t0 < self.start + self.args.time_budget  # Else every point is skipped.
     with concurrent.futures.ThreadPoolExecutor(self.args.compile_threads) as pool:
       for kind, batch, prompt in points:
         key = self.shapes(generator, batch, prompt)
-        if kind == "decode" and key not in compiles and self.fits(generator, weights, batch, prompt):
+        if in_budget and kind == "decode" and key not in compiles and self.fits(generator, weights, batch, prompt):
           compiles[key] = pool.submit(self.compile_decode, generator, cfg, batch, prompt)
     print(f"[{self.elapsed():.0f}s] compiled {len(compiles)} decoding loops in {time.perf_counter() - t0:.0f} s",
           flush=True)
