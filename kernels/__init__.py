@@ -5,7 +5,8 @@ Every recurrent model runs its time recurrence through one of two interfaces: `s
 RetNet, GLA, LION, ...). Their `impl` argument picks the implementation (a `lax.scan` reference, a
 parallel `lax.associative_scan`, for linear attention a matmul-based "chunked" one, or "auto" for
 the fastest on the current backend); all produce the same result, so callers never know or care
-which one ran.
+which one ran. Mamba's one-token decoding step has a kernel of its own on GPU
+(kernels/selective_scan_step.py), which seqmodels/mamba.py picks the same way.
 """
 
 from kernels.linear_attention import linear_attention

@@ -1,7 +1,7 @@
 """Decode throughput and per-token latency of our generator: Mamba against GPT (Transformer++), and
 RetNet and DenseRetNet, over batch size and prompt length, with the memory each needs.
 
-  python scripts/bench_generate.py --out_dir docs [--time_budget SECONDS]
+  python scripts/bench_generate.py --out_dir docs [--time_budget SECONDS] [--check] [--profile DIR]
   python scripts/bench_generate.py --quick --out_dir /tmp/bench   # tiny models, a CPU smoke test
 
 Models (random-init weights, bf16 compute: decoding's speed does not depend on the weights'
@@ -18,17 +18,25 @@ Generator, the code scripts/generate.py runs, decoding greedily with no stop tok
   weights and cache included. The largest batch that fits in 80 GB at prompt 2048 is computed from
   it: it grows linearly with batch, so two measured batches give the line.
 
-Points run in order of importance within --time_budget (the paper's comparison first, then latency
-against prompt length, end to end, then the batch sweep), each model within its share of the
-budget; what did not fit is listed as skipped. Points whose
-cache alone would not fit in memory are skipped as "oom (estimated)", a run that fails to allocate
-as "oom". Writes bench_generate.json, generation_table.md and two plots,
+A model's decoding loops (one per batch size for a recurrent model, one per batch and prompt for
+attention) compile first, --compile_threads at once. Points then run in order of importance within
+--time_budget (the paper's comparison first, then latency against prompt length, end to end, then
+the batch sweep), each model within its share of the budget; what did not fit is listed as
+skipped. Points whose cache alone would not fit in memory are skipped as "oom (estimated)", a run
+that fails to allocate as "oom".
+
+--check first compares each Mamba model's fused decoding step (kernels/selective_scan_step.py, what
+--scan_impl auto runs on GPU) with XLA's ops on a random state. --profile DIR traces 8 decoding
+steps of every decode point with jax.profiler into DIR/<model>_b<batch>_p<prompt>/ and prints the
+device time and kernels per step and the costliest ops (seqmodels/profiling.py). --scan_impl
+reference decodes Mamba with XLA's ops instead of the kernel. Writes bench_generate.json, generation_table.md and two plots,
 generate_throughput.png (tokens/s against batch at prompt 2048) and generate_latency.png (per-token
 latency against prompt length at batch 64), to --out_dir; --report_from FILE rewrites them from a
 bench_generate.json without measuring. Results and the command that made them: docs/generation.md.
 """
 
 import argparse
+import concurrent.futures
 import gc
 import json
 import os
@@ -47,7 +55,7 @@ import jax.numpy as jnp  # noqa: E402
 from seqmodels import config as config_lib  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from seqmodels import generate, layers, lm  # noqa: E402
+from seqmodels import generate, layers, lm, profiling  # noqa: E402
 
 # name: (config file, variant, share of the time budget)
 MODELS = {
@@ -62,10 +70,12 @@ CAPACITY = 80e9  # The issue's "80 GB".
 TARGET = (64, 2048)  # Batch and prompt length of the Mamba paper's comparison.
 
 
-def model_config(name: str, quick: bool):
+def model_config(name: str, quick: bool, scan_impl: str = "auto"):
   arch, variant, _ = MODELS[name]
   cfg = config_lib.load(os.path.join(REPO, "configs", f"{arch}.py") + ":" + ("tiny" if quick else variant)).model
   cfg.dtype = "bfloat16"
+  if cfg.architecture == "mamba":
+    cfg.scan_impl = scan_impl
   return cfg
 
 
@@ -88,6 +98,28 @@ def random_state(generator, batch: int, prompt: int, new_tokens: int, cfg, key):
       tokens=jax.random.randint(keys[-2], (batch, generator.round_up(new_tokens)), 0, vocab, jnp.int32),
       offset=jnp.int32(prompt), prompt_lengths=lengths, ends=lengths + new_tokens,
       keys=jax.random.split(key, batch), position=jnp.int32(prompt), done=jnp.zeros(batch, bool))
+
+
+def check_fused_step(mixer, batch, seed=0):
+  """‖fused - XLA‖ / ‖XLA‖ for one decoding step of a Mamba mixer from a random state: its output
+  and new SSM state, kernels/selective_scan_step.py against XLA's ops (scan_impl "reference")."""
+  keys = jax.random.split(jax.random.key(seed), 3)
+  u = jax.random.normal(keys[0], (batch, 1, mixer.in_proj.in_features), mixer.dtype)
+  cache = {"conv": jax.random.normal(keys[1], (batch, mixer.d_conv - 1, mixer.d_inner), mixer.dtype),
+           "ssm": jax.random.normal(keys[2], (batch, mixer.d_inner, mixer.d_state), jnp.float32)}
+  outs = {}
+  for impl in ("pallas", "reference"):
+    variant = nnx.clone(mixer)
+    variant.scan_impl = impl
+    graphdef, params = nnx.split(variant)
+    outs[impl] = jax.jit(lambda params, u, cache: nnx.merge(graphdef, params)(u, cache))(params, u, cache)
+
+  def relative(a, b):
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+  (y, state), (y_ref, state_ref) = outs["pallas"], outs["reference"]
+  return {"output": relative(y, y_ref), "ssm_state": relative(state["ssm"], state_ref["ssm"]),
+          "conv_state": relative(state["conv"], state_ref["conv"])}
 
 
 def nbytes(tree) -> int:
@@ -119,21 +151,31 @@ class Bench:
       json.dump({"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
                  "args": vars(self.args), "results": self.results}, f, indent=1)
 
-  def decode_point(self, name, generator, cfg, weights, batch, prompt):
-    """Times the decoding loop at (batch, prompt); returns (seconds it took, of them compiling)."""
+  def fits(self, generator, weights, batch, prompt):
+    return weights + nbytes(cache_shape(generator, batch, prompt, self.args.new_tokens)) <= CAPACITY
+
+  def compile_decode(self, generator, cfg, batch, prompt):
+    """(the decoding loop compiled for (batch, prompt), seconds it took)."""
+    t0 = time.perf_counter()
+    state = jax.eval_shape(lambda: random_state(generator, batch, prompt, self.args.new_tokens, cfg,
+                                                jax.random.key(0)))
+    compiled = generator.decode_jit.lower(generator.params, state, jnp.int32(self.args.new_tokens)).compile()
+    return compiled, time.perf_counter() - t0
+
+  def decode_point(self, name, generator, cfg, weights, batch, prompt, compiling):
+    """Times the decoding loop at (batch, prompt), compiled by `compiling` (a finished future);
+    returns the seconds it took."""
     t0 = time.perf_counter()
     new = self.args.new_tokens
     cache_bytes = nbytes(cache_shape(generator, batch, prompt, new))
-    if weights + cache_bytes > CAPACITY:
+    if not self.fits(generator, weights, batch, prompt):
       self.record(model=name, kind="decode", batch=batch, prompt=prompt, status="oom (estimated)",
                   cache_bytes=cache_bytes)
-      return 0.0, 0.0
+      return 0.0
     try:
-      state = jax.eval_shape(lambda: random_state(generator, batch, prompt, new, cfg, jax.random.key(0)))
-      n_steps = jnp.int32(new)
-      compiled = generator.decode_jit.lower(generator.params, state, n_steps).compile()
+      compiled, compile_s = compiling.result()
       memory = compiled.memory_analysis()
-      compile_s = time.perf_counter() - t0
+      n_steps = jnp.int32(new)
       times = []
       for repeat in range(self.args.repeats + 1):
         state = random_state(generator, batch, prompt, new, cfg, jax.random.key(repeat))
@@ -145,18 +187,54 @@ class Bench:
           times.append(time.perf_counter() - t)
       assert int(state.position) == prompt + new
       del state
+      profile = self.profile(name, generator, cfg, compiled, batch, prompt) if self.args.profile else None
     except Exception as e:  # XLA reports allocation failures as several exception types.
       if not is_oom(e):
         raise
       self.record(model=name, kind="decode", batch=batch, prompt=prompt, status="oom")
-      return time.perf_counter() - t0, 0.0
+      return time.perf_counter() - t0
     seconds = statistics.median(times)
     peak = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes - \
         memory.alias_size_in_bytes
     self.record(model=name, kind="decode", batch=batch, prompt=prompt, status="ok", new_tokens=new,
                 tokens_per_s=batch * new / seconds, ms_per_token=1e3 * seconds / new, seconds=seconds,
-                times=times, peak_bytes=peak, cache_bytes=cache_bytes, weights_bytes=weights, compile_s=compile_s)
-    return time.perf_counter() - t0, compile_s
+                times=times, peak_bytes=peak, cache_bytes=cache_bytes, weights_bytes=weights, compile_s=compile_s,
+                **({"profile": profile} if profile else {}))
+    return time.perf_counter() - t0
+
+  def profile(self, name, generator, cfg, compiled, batch, prompt, steps=8):
+    """Traces `steps` decoding steps and prints their device ops per step (seqmodels/profiling.py)."""
+    state = random_state(generator, batch, prompt, self.args.new_tokens, cfg, jax.random.key(99))
+    jax.block_until_ready(state)
+    directory = os.path.join(self.args.profile, f"{name}_b{batch}_p{prompt}")
+    summary = profiling.trace(lambda: jax.block_until_ready(compiled(generator.params, state, jnp.int32(steps))),
+                              directory, hlo_text=compiled.as_text(), steps=steps)
+    print(f"{name} batch {batch} prompt {prompt}, per decoding step:\n{profiling.format_summary(summary, 'token')}",
+          flush=True)
+    return summary
+
+  def check(self, name, model):
+    """Compares a Mamba model's fused decoding step with XLA's ops. Where the kernel fails, or is
+    further from XLA's ops than bf16 rounding explains, the model decodes with XLA's ops instead
+    (recorded in the check's status), so that the run still measures it."""
+    batch = self.args.target[0]
+    try:
+      errors = check_fused_step(generate.inference_model(model).backbone.blocks[0].mixer, batch)
+      close = errors["output"] < 2e-2 and errors["ssm_state"] < 1e-2 and errors["conv_state"] < 1e-6
+      status = "ok" if close else "too far from XLA's ops"
+    except Exception as e:  # A kernel that does not compile on this device.
+      errors, status = {}, f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+    print(f"{name}: fused decoding step against XLA's: {status}; relative error " +
+          ", ".join(f"{k} {v:.2e}" for k, v in errors.items()), flush=True)
+    self.record(model=name, kind="check", batch=batch, prompt=None, status=status, **errors)
+    if status != "ok":
+      print(f"{name}: decoding with XLA's ops (scan_impl reference) instead", flush=True)
+      for block in model.backbone.blocks:
+        block.mixer.scan_impl = "reference"
+
+  def shapes(self, generator, batch, prompt):
+    """What decides the decoding loop's compiled program: the cache's shapes."""
+    return batch, str(jax.tree.map(lambda x: x.shape, cache_shape(generator, batch, prompt, self.args.new_tokens)))
 
   def end_to_end_point(self, name, generator, cfg, batch, prompt):
     t0 = time.perf_counter()
@@ -181,9 +259,13 @@ class Bench:
     return time.perf_counter() - t0
 
   def run_model(self, name, deadline):
-    cfg = model_config(name, self.args.quick)
-    generator = generate.Generator(lm.build(cfg), vocab_size=cfg.vocab_size,
-                                   length_multiple=self.args.length_multiple, prefill_tokens=self.args.prefill_tokens)
+    cfg = model_config(name, self.args.quick, self.args.scan_impl)
+    model = lm.build(cfg)
+    if self.args.check and cfg.architecture == "mamba":
+      self.check(name, model)
+    generator = generate.Generator(model, vocab_size=cfg.vocab_size, length_multiple=self.args.length_multiple,
+                                   prefill_tokens=self.args.prefill_tokens)
+    del model
     weights = nbytes(generator.params)
     target_batch, target_prompt = self.args.target
     points = [("decode", target_batch, target_prompt)]
@@ -191,27 +273,35 @@ class Bench:
     if name in self.args.end_to_end:
       points.append(("end_to_end", target_batch, target_prompt))
     points += [("decode", b, target_prompt) for b in self.args.batches if b != target_batch]
-    compiled_shapes, first_cost, first_run_cost = set(), None, 0.0
+    # Every decoding loop this model needs compiles first, at once, in threads (XLA compiles
+    # without the GIL): the compiles then take about the slowest one's time, not their sum, and no
+    # compile's autotuning runs on the GPU while a point is timed. A recurrent model's loop is one
+    # program at every prompt length, so it compiles once per batch size.
+    t0 = time.perf_counter()
+    compiles = {}
+    in_budget = t0 < self.start + self.args.time_budget  # Else every point is skipped.
+    with concurrent.futures.ThreadPoolExecutor(self.args.compile_threads) as pool:
+      for kind, batch, prompt in points:
+        key = self.shapes(generator, batch, prompt)
+        if in_budget and kind == "decode" and key not in compiles and self.fits(generator, weights, batch, prompt):
+          compiles[key] = pool.submit(self.compile_decode, generator, cfg, batch, prompt)
+    print(f"[{self.elapsed():.0f}s] compiled {len(compiles)} decoding loops in {time.perf_counter() - t0:.0f} s",
+          flush=True)
+    first_cost = None
     for kind, batch, prompt in points:
       # The first point (the paper's comparison) runs whenever the whole budget allows; the others
-      # must fit in this model's share, judged by what the first one cost: all of it for a point
-      # that compiles a new decoding loop, its runs alone for one that reuses a compiled loop
-      # (a recurrent model at another prompt length).
-      shapes = (kind, batch, str(jax.tree.map(lambda x: x.shape, cache_shape(generator, batch, prompt,
-                                                                              self.args.new_tokens))))
-      estimate = first_run_cost if shapes in compiled_shapes else first_cost or 0.0
+      # must fit in this model's share, judged by what the first one's runs cost.
       limit = self.start + self.args.time_budget if first_cost is None else deadline
-      if time.perf_counter() + estimate > limit:
+      if time.perf_counter() + (first_cost or 0.0) > limit:
         self.record(model=name, kind=kind, batch=batch, prompt=prompt, status="skipped (time budget)")
         continue
       if kind == "decode":
-        cost, compile_s = self.decode_point(name, generator, cfg, weights, batch, prompt)
+        cost = self.decode_point(name, generator, cfg, weights, batch, prompt,
+                                 compiles.get(self.shapes(generator, batch, prompt)))
       else:
-        cost, compile_s = self.end_to_end_point(name, generator, cfg, batch, prompt), 0.0
-      compiled_shapes.add(shapes)
-      if first_cost is None:
-        first_cost, first_run_cost = cost, cost - compile_s
-    del generator
+        cost = self.end_to_end_point(name, generator, cfg, batch, prompt)
+      first_cost = cost if first_cost is None else first_cost
+    del generator, compiles
     gc.collect()
     jax.clear_caches()
 
@@ -298,6 +388,12 @@ def write_report(path, data, command):
     change = hi / lo - 1
     lines.append(f"- {name} per-token latency at batch {target_batch}, prompt {prompts[0]} -> {prompts[-1]}: "
                  f"{lo:.3f} -> {hi:.3f} ms ({change:+.1%}; target within 10%: {'met' if abs(change) <= 0.1 else 'NOT met'})")
+  for r in (r for r in results if r["kind"] == "check"):
+    errors = (f", relative error: output {r['output']:.1e}, SSM state {r['ssm_state']:.1e}, conv state "
+              f"{r['conv_state']:.1e}") if "output" in r else ""
+    fallback = "" if r["status"] == "ok" else "; decoded with XLA's ops instead"
+    lines.append(f"- {r['model']} fused decoding step against XLA's ops, batch {r['batch']}: {r['status']}{errors}"
+                 f"{fallback}")
   largest = data.get("largest_batch", {})
   if largest:
     lines += ["", f"Largest batch in {CAPACITY / 1e9:.0f} GB at prompt {target_prompt} (+{data['args']['new_tokens']} "
@@ -351,6 +447,13 @@ def main(argv=None):
   parser.add_argument("--length_multiple", type=int, default=64)
   parser.add_argument("--prefill_tokens", type=int, default=16384)
   parser.add_argument("--out_dir", default="docs")
+  parser.add_argument("--scan_impl", default="auto", help="model.scan_impl of the Mamba models; auto decodes with "
+                      "the fused step kernel on GPU, reference with XLA's ops")
+  parser.add_argument("--check", action="store_true", help="first compare each Mamba model's fused decoding step "
+                      "with XLA's ops on a random state (printed and recorded as kind 'check')")
+  parser.add_argument("--compile_threads", type=int, default=8, help="decoding loops compiled at once")
+  parser.add_argument("--profile", default="", help="trace 8 decoding steps of each decode point into this folder "
+                      "and print the device ops and kernels per step")
   parser.add_argument("--no_plots", action="store_true")
   parser.add_argument("--quick", action="store_true", help="tiny models and sizes: a smoke test for a CPU")
   parser.add_argument("--report_from", help="a bench_generate.json: rewrite its table (and plots) without measuring")

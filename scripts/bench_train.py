@@ -34,8 +34,6 @@ other (scan: ops under the models' "scan" named scopes in the compiled HLO).
 """
 
 import argparse
-import glob
-import gzip
 import json
 import os
 import re
@@ -243,99 +241,17 @@ def profile(step_fn, state, batches, trainer, directory, steps=3):
   """Traces `steps` steps and returns the device ops' time by category and the top ops."""
   import jax
 
-  from seqmodels import sharding
+  from seqmodels import profiling, sharding
 
-  os.makedirs(directory, exist_ok=True)
-  with gzip.open(os.path.join(directory, "hlo.txt.gz"), "wt") as f:
-    f.write(step_fn.as_text())
-  jax.profiler.start_trace(directory, create_perfetto_trace=True)
-  for i in range(steps):
-    state, metrics = step_fn(state, sharding.put_batch(batches[i % len(batches)], trainer.mesh))
-  jax.block_until_ready((state, metrics))
-  jax.profiler.stop_trace()
-  traces = glob.glob(os.path.join(directory, "**", "perfetto_trace.json.gz"), recursive=True)
-  if not traces:
-    return {"error": "no perfetto trace written"}
-  summary = summarize_trace(traces[0], step_fn.as_text(), steps)
-  print(format_profile(summary), file=sys.stderr, flush=True)
+  def run():
+    nonlocal state
+    for i in range(steps):
+      state, metrics = step_fn(state, sharding.put_batch(batches[i % len(batches)], trainer.mesh))
+    jax.block_until_ready((state, metrics))
+
+  summary = profiling.trace(run, directory, hlo_text=step_fn.as_text(), steps=steps)
+  print(profiling.format_summary(summary), file=sys.stderr, flush=True)
   return summary
-
-
-def op_scopes(hlo_text):
-  """HLO instruction name -> the jax name stacks (op_name metadata) of it and of the ops it fuses.
-
-  A fusion's own metadata is its root op's, so the ops inside it are read too. Each name is also
-  entered as the GPU kernel is named after it ('.' and '-' become '_').
-  """
-  computation_ops, instructions, current = {}, [], None
-  for line in hlo_text.splitlines():
-    header = re.match(r"(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
-    if header:
-      current = header.group(1)
-      continue
-    match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line)
-    if not match:
-      continue
-    op_name = re.search(r'op_name="([^"]*)"', line)
-    op_name = op_name.group(1) if op_name else ""
-    computation_ops.setdefault(current, []).append(op_name)
-    instructions.append((match.group(1), op_name, re.findall(r"calls=%?([\w.\-]+)", line)))
-  scopes = {}
-  for name, op_name, calls in instructions:
-    scope = " ".join([op_name, *(op for called in calls for op in computation_ops.get(called, []))])
-    scopes[name] = scopes[re.sub(r"[.\-]", "_", name)] = scope
-  return scopes
-
-
-MATMUL_KERNELS = re.compile(r"gemm|xmma|cublas|cutlass|nvjet|wgmma|matmul|dot", re.I)
-ATTENTION_KERNELS = re.compile(r"cudnn|fmha|flash|attention", re.I)
-
-
-def categorize(name, scope):
-  """attention, matmul (by kernel name), scan (an op under a "scan" scope in it), or other."""
-  if ATTENTION_KERNELS.search(name) or "dot_product_attention" in scope:
-    return "attention"
-  if MATMUL_KERNELS.search(name):
-    return "matmul"
-  if re.search(r"(^|[/(])scan([/)]|$)", scope):
-    return "scan"
-  return "other"
-
-
-def summarize_trace(path, hlo_text, steps):
-  """Device op time per step from a perfetto trace: totals by category and the 15 costliest ops."""
-  with gzip.open(path) as f:
-    trace = json.load(f)
-  events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  device_pids = {e["pid"] for e in events
-                 if e.get("ph") == "M" and e.get("name") == "process_name" and "/device:" in e["args"]["name"]}
-  scopes = op_scopes(hlo_text)
-  by_op, by_category = {}, {}
-  for e in events:
-    if e.get("ph") != "X" or e.get("pid") not in device_pids:
-      continue
-    op_args = e.get("args", {})
-    # Under CUDA graphs hlo_op names the command buffer; the kernel is then named after its fusion.
-    scope = scopes.get(op_args.get("hlo_op", ""), "") + " " + scopes.get(e["name"], "")
-    category = categorize(e["name"], scope)
-    key = (e["name"][:80], category)
-    by_op[key] = by_op.get(key, 0.0) + e["dur"] / steps / 1e3
-    by_category[category] = by_category.get(category, 0.0) + e["dur"] / steps / 1e3
-  total = sum(by_category.values())
-  top = sorted(by_op.items(), key=lambda kv: -kv[1])[:15]
-  return {"device_ms_per_step": total, "ms_by_category": by_category,
-          "top_ops": [{"name": name, "category": cat, "ms": ms} for (name, cat), ms in top]}
-
-
-def format_profile(summary):
-  if "error" in summary:
-    return f"profile: {summary['error']}"
-  total = summary["device_ms_per_step"]
-  lines = [f"device time {total:.1f} ms/step: " + ", ".join(
-      f"{cat} {ms:.1f} ms ({ms / total:.0%})" for cat, ms in sorted(summary["ms_by_category"].items(),
-                                                                     key=lambda kv: -kv[1]))]
-  lines += [f"  {op['ms']:8.2f} ms  {op['category']:<9} {op['name']}" for op in summary["top_ops"]]
-  return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ Per block, with E = expand, N = d_state, R = dt_rank = ceil(d / 16):
 
 The same code runs the parallel forward (training), prefill and one-token decoding: a cache holds
 the last d_conv - 1 conv inputs and the (batch, Ed, N) SSM state, and a decode step is a length-1
-forward that starts from them.
+forward that starts from them. On GPU a decode step runs everything after x_proj (dt_proj through
+the gate) as one kernel (kernels/selective_scan_step.py): a step's time is its kernel launches.
 """
 
 import math
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels import selective_scan_step
 from seqmodels import layers
 from seqmodels.sharding import selective_scan
 from seqmodels.errors import UserError
@@ -104,6 +106,8 @@ class MambaMixer(nnx.Module):
     return x, dt, A, B, C, z, conv_state
 
   def __call__(self, u, cache=None):
+    if cache is not None and u.shape[1] == 1 and self.fused_decoding():
+      return self.decode_step(u[:, 0], cache)
     x, dt, A, B, C, z, conv_state = self.scan_inputs(u, None if cache is None else cache["conv"])
     with jax.named_scope("scan"):  # Profiles (scripts/bench_train.py) attribute its ops to the scan.
       scan = selective_scan(x, dt, A, B, C, self.D[...], z=z, dt_bias=self.dt_bias[...], dt_softplus=True,
@@ -113,6 +117,27 @@ class MambaMixer(nnx.Module):
       return self.out_proj(scan), None
     y, ssm_state = scan
     return self.out_proj(y), {"conv": conv_state, "ssm": ssm_state}
+
+  def fused_decoding(self) -> bool:
+    """Whether a one-token step runs kernels/selective_scan_step.py: with scan_impl "pallas", or
+    "auto" on GPU, on one device, for sizes the kernel takes."""
+    if self.scan_impl not in ("auto", "pallas") or not selective_scan_step.supported(self.d_inner, self.d_state):
+      return False
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:  # The kernel sees whole arrays, not a device's block.
+      return False
+    return self.scan_impl == "pallas" or jax.default_backend() == "gpu"
+
+  def decode_step(self, u, cache):
+    """One token, u (batch, d_model): in_proj, the conv, x_proj, then one kernel for the rest of the
+    SSM and the conv state's shift."""
+    xz = self.in_proj(u)
+    x, _ = self.conv1d(xz[:, None, :self.d_inner], cache["conv"])  # The kernel writes the new conv state.
+    x = jax.nn.silu(x[:, 0])
+    y, ssm_state, conv_state = selective_scan_step.decode_step(
+        xz, cache["conv"], x, self.x_proj(x), self.dt_proj.kernel[...], self.dt_bias[...], self.A_log[...],
+        self.D[...], cache["ssm"])
+    return self.out_proj(y)[:, None], {"conv": conv_state, "ssm": ssm_state}
 
   def extra_flops_per_token(self):
     # The scan itself, beyond the matmuls: about 9 flops per (channel, state) element per token

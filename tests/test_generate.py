@@ -1,5 +1,6 @@
 """Generation: greedy decoding against full forward passes, batching, sampling, and the CLI."""
 
+import argparse
 import json
 import os
 import re
@@ -13,10 +14,12 @@ import pytest
 from flax import nnx
 
 from conftest import REPO, tiny_config
+from kernels import selective_scan_step
 from seqmodels import generate, lm, trainer
 from seqmodels.errors import UserError
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
+import bench_generate  # noqa: E402  scripts/bench_generate.py
 import generate as generate_cli  # noqa: E402  scripts/generate.py
 
 CAUSAL = [name for name, backbone in lm.ARCHITECTURES.items() if not getattr(backbone, "bidirectional", False)]
@@ -198,3 +201,18 @@ def test_empty_prompts_bad_sampling_encoders_and_overlong_requests_are_refused(c
   model, cfg = spread_model("gpt2")
   with pytest.raises(UserError, match=f"learned position table has {cfg.max_positions}"):
     generate.Generator(model, vocab_size=cfg.vocab_size).start([[1] * cfg.max_positions], max_new_tokens=1)
+
+
+def test_bench_check_compares_the_fused_step_and_falls_back_to_xla_when_it_fails(tmp_path, monkeypatch):
+  bench = bench_generate.Bench(argparse.Namespace(target=[2, 16], out_dir=str(tmp_path)))
+  model = lm.build(tiny_config("mamba").model)
+  bench.check("mamba-tiny", model)
+  ok = bench.results[-1]
+  assert ok["status"] == "ok" and ok["output"] < 1e-5 and ok["ssm_state"] < 1e-5 and ok["conv_state"] == 0
+
+  def broken(*args, **kwargs):
+    raise RuntimeError("triton: no kernel for you\nmore detail")
+  monkeypatch.setattr(selective_scan_step, "decode_step", broken)
+  bench.check("mamba-tiny", model)
+  assert bench.results[-1]["status"] == "failed: RuntimeError: triton: no kernel for you"
+  assert all(block.mixer.scan_impl == "reference" for block in model.backbone.blocks)

@@ -14,11 +14,8 @@ import pytest
 from flax import nnx
 
 from conftest import REPO, tiny_config
-from seqmodels import accumulate, lm, losses, optim, throughput, trainer
+from seqmodels import accumulate, lm, losses, optim, profiling, throughput, trainer
 from seqmodels.errors import UserError
-
-sys.path.insert(0, os.path.join(REPO, "scripts"))
-import bench_train  # noqa: E402
 
 
 def _batch(config, seed=0):
@@ -181,18 +178,24 @@ def test_profile_summary_groups_device_ops():
          '}\n')
   events = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
             {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}},
-            {"ph": "X", "pid": 1, "name": "input_concatenate_fusion_7", "dur": 3000.0,
+            {"ph": "X", "pid": 1, "tid": 7, "name": "input_concatenate_fusion_7", "dur": 3000.0,
              "args": {"hlo_op": "command_buffer_1"}},
-            {"ph": "X", "pid": 1, "name": "sm90_xmma_gemm_bf16", "dur": 1000.0, "args": {"hlo_op": "custom-call.2"}},
-            {"ph": "X", "pid": 1, "name": "cudnn_generated_fort_native_sdpa", "dur": 500.0, "args": {}},
+            {"ph": "X", "pid": 1, "tid": 7, "name": "sm90_xmma_gemm_bf16", "dur": 1000.0, "args": {"hlo_op": "custom-call.2"}},
+            {"ph": "X", "pid": 1, "tid": 7, "name": "cudnn_generated_fort_native_sdpa", "dur": 500.0, "args": {}},
+            {"ph": "X", "pid": 1, "tid": 7, "name": "Memcpy DtoD", "dur": 0.0, "args": {}},
+            # Lines derived from the kernels, beside the streams that ran them, do not count.
+            {"ph": "M", "pid": 1, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7(Compute)"}},
+            {"ph": "M", "pid": 1, "tid": 2, "name": "thread_name", "args": {"name": "XLA Ops"}},
+            {"ph": "X", "pid": 1, "tid": 2, "name": "fusion.3", "dur": 4500.0, "args": {}},
             {"ph": "X", "pid": 2, "name": "host work", "dur": 9000.0, "args": {}}]
   path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"trace_{os.getpid()}.json.gz")
   with gzip.open(path, "wt") as f:
     json.dump({"traceEvents": events}, f)
-  summary = bench_train.summarize_trace(path, hlo, steps=1)
+  summary = profiling.summarize_trace(path, hlo, steps=1)
   os.remove(path)
-  assert summary["ms_by_category"] == {"scan": 3.0, "matmul": 1.0, "attention": 0.5}
-  assert summary["top_ops"][0] == {"name": "input_concatenate_fusion_7", "category": "scan", "ms": 3.0}
+  assert summary["ms_by_category"] == {"scan": 3.0, "matmul": 1.0, "attention": 0.5, "other": 0.0}
+  assert summary["top_ops"][0] == {"name": "input_concatenate_fusion_7", "category": "scan", "ms": 3.0, "count": 1}
+  assert summary["kernels_per_step"] == 3  # The copy is a device op but not a kernel.
 
 
 def test_bench_train_times_the_train_step(tmp_path):

@@ -32,6 +32,8 @@ CASES = {
     "state": dict(return_state=True),
     "everything": dict(length=13, groups=2, optional=OPTIONAL, dt_softplus=True, reverse=True,
                        return_state=True),
+    # One decoding step from a state (the reference runs it without a loop).
+    "decode_step": dict(length=1, groups=2, optional=OPTIONAL, dt_softplus=True, return_state=True),
 }
 
 

@@ -1,0 +1,128 @@
+"""Device-op summaries of jax.profiler traces, for the benchmark scripts' --profile.
+
+    summary = profiling.trace(lambda: run_steps(3), directory, hlo_text=compiled.as_text(), steps=3)
+    print(profiling.format_summary(summary))
+
+`trace` runs a function under jax.profiler, reads the Perfetto trace it writes and returns the
+device time per step by category (matmul, attention, scan, other), the costliest ops, and the
+number of device kernels per step. Categories come from the kernel names and from the jax name
+stacks that the compiled HLO attaches to each op (`scan`: ops under a "scan" named scope).
+
+XLA:GPU runs its command buffers (CUDA graphs) op by op while a profile is active, so a trace
+shows every kernel, but its times include the launch gaps that graphs would hide.
+"""
+
+import glob
+import gzip
+import json
+import os
+import re
+
+import jax
+
+MATMUL_KERNELS = re.compile(r"gemm|xmma|cublas|cutlass|nvjet|wgmma|matmul|dot", re.I)
+ATTENTION_KERNELS = re.compile(r"cudnn|fmha|flash|attention", re.I)
+COPIES = re.compile(r"memcpy|memset", re.I)
+
+
+def trace(run, directory, *, hlo_text, steps):
+  """Traces run() (which must block until its device work is done) into directory; returns the
+  summary of its device ops per step, or {"error": ...} when no trace was written."""
+  os.makedirs(directory, exist_ok=True)
+  with gzip.open(os.path.join(directory, "hlo.txt.gz"), "wt") as f:
+    f.write(hlo_text)
+  jax.profiler.start_trace(directory, create_perfetto_trace=True)
+  try:
+    run()
+  finally:
+    jax.profiler.stop_trace()
+  traces = sorted(glob.glob(os.path.join(directory, "**", "perfetto_trace.json.gz"), recursive=True),
+                  key=os.path.getmtime)
+  if not traces:
+    return {"error": "no perfetto trace written"}
+  return summarize_trace(traces[-1], hlo_text, steps)
+
+
+def op_scopes(hlo_text):
+  """HLO instruction name -> the jax name stacks (op_name metadata) of it and of the ops it fuses.
+
+  A fusion's own metadata is its root op's, so the ops inside it are read too. Each name is also
+  entered as the GPU kernel is named after it ('.' and '-' become '_').
+  """
+  computation_ops, instructions, current = {}, [], None
+  for line in hlo_text.splitlines():
+    header = re.match(r"(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if header:
+      current = header.group(1)
+      continue
+    match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line)
+    if not match:
+      continue
+    op_name = re.search(r'op_name="([^"]*)"', line)
+    op_name = op_name.group(1) if op_name else ""
+    computation_ops.setdefault(current, []).append(op_name)
+    instructions.append((match.group(1), op_name, re.findall(r"calls=%?([\w.\-]+)", line)))
+  scopes = {}
+  for name, op_name, calls in instructions:
+    scope = " ".join([op_name, *(op for called in calls for op in computation_ops.get(called, []))])
+    scopes[name] = scopes[re.sub(r"[.\-]", "_", name)] = scope
+  return scopes
+
+
+def categorize(name, scope):
+  """attention, matmul (by kernel name), scan (an op under a "scan" scope in it), or other."""
+  if ATTENTION_KERNELS.search(name) or "dot_product_attention" in scope:
+    return "attention"
+  if MATMUL_KERNELS.search(name):
+    return "matmul"
+  if re.search(r"(^|[/(])scan([/)]|$)", scope):
+    return "scan"
+  return "other"
+
+
+def summarize_trace(path, hlo_text, steps, top=15):
+  """Device op time per step from a perfetto trace: totals by category, the `top` costliest ops,
+  and kernels (device ops other than copies and memsets) per step."""
+  with gzip.open(path) as f:
+    events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  device_pids = {e["pid"] for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name" and "/device:" in e["args"]["name"]}
+  # A GPU's trace may add lines derived from its kernels ("XLA Modules", "XLA Ops") beside the
+  # CUDA streams that ran them; where stream lines are named, only they count.
+  streams = {(e["pid"], e["tid"]) for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"
+             and e.get("pid") in device_pids and re.search(r"stream", e["args"].get("name", ""), re.I)}
+  scopes = op_scopes(hlo_text)
+  by_op, by_category, kernels = {}, {}, 0
+  for e in events:
+    if e.get("ph") != "X" or e.get("pid") not in device_pids or (streams and (e["pid"], e.get("tid")) not in streams):
+      continue
+    op_args = e.get("args", {})
+    # Under CUDA graphs hlo_op names the command buffer; the kernel is then named after its fusion.
+    scope = scopes.get(op_args.get("hlo_op", ""), "") + " " + scopes.get(e["name"], "")
+    category = categorize(e["name"], scope)
+    key = (e["name"][:80], category)
+    by_op.setdefault(key, [0.0, 0])
+    by_op[key][0] += e["dur"] / steps / 1e3
+    by_op[key][1] += 1
+    by_category[category] = by_category.get(category, 0.0) + e["dur"] / steps / 1e3
+    kernels += not COPIES.search(e["name"])
+  if not by_category:
+    return {"error": "the trace holds no device ops (a CPU backend traces host work only)"}
+  total = sum(by_category.values())
+  ranked = sorted(by_op.items(), key=lambda kv: -kv[1][0])[:top]
+  return {"device_ms_per_step": total, "ms_by_category": by_category, "kernels_per_step": kernels / steps,
+          "top_ops": [{"name": name, "category": cat, "ms": ms, "count": count / steps}
+                      for (name, cat), (ms, count) in ranked]}
+
+
+def format_summary(summary, unit="step"):
+  if "error" in summary:
+    return f"profile: {summary['error']}"
+  total = summary["device_ms_per_step"]
+  lines = [f"device time {total:.3f} ms/{unit}, {summary['kernels_per_step']:.0f} kernels/{unit}: " + ", ".join(
+      f"{cat} {ms:.3f} ms ({ms / total:.0%})" for cat, ms in sorted(summary["ms_by_category"].items(),
+                                                                     key=lambda kv: -kv[1]))]
+  lines += [f"  {op['ms']:8.3f} ms  {op['count']:5.0f} x  {op['category']:<9} {op['name']}"
+            for op in summary["top_ops"]]
+  return "\n".join(lines)
