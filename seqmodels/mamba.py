@@ -119,14 +119,13 @@ class MambaMixer(nnx.Module):
     return self.out_proj(y), {"conv": conv_state, "ssm": ssm_state}
 
   def fused_decoding(self) -> bool:
-    """Whether a one-token step runs kernels/selective_scan_step.py: with scan_impl "pallas", or
-    "auto" on GPU, on one device, for sizes the kernel takes."""
-    if self.scan_impl not in ("auto", "pallas") or not selective_scan_step.supported(self.d_inner, self.d_state):
+    """Whether a one-token step runs kernels/selective_scan_step.py: with scan_impl "pallas", on one
+    device, for sizes the kernel takes. "auto" keeps XLA's ops until the kernel is measured on a GPU
+    (kernels/NOTES.md); `scripts/bench_generate.py --scan_impl pallas --check` measures it."""
+    if self.scan_impl != "pallas" or not selective_scan_step.supported(self.d_inner, self.d_state):
       return False
     mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1:  # The kernel sees whole arrays, not a device's block.
-      return False
-    return self.scan_impl == "pallas" or jax.default_backend() == "gpu"
+    return mesh.empty or mesh.size == 1  # The kernel sees whole arrays, not a device's block.
 
   def decode_step(self, u, cache):
     """One token, u (batch, d_model): in_proj, the conv, x_proj, then one kernel for the rest of the
