@@ -27,14 +27,13 @@ import json
 import os
 import sys
 
+from seqmodels import model_source
+
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-  source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--workdir")
-  source.add_argument("--checkpoint")
-  parser.add_argument("--step", type=int)
+  model_source.add_arguments(parser)
   parser.add_argument("--tasks")
   parser.add_argument("--text", nargs="+")
   parser.add_argument("--context", type=int)
@@ -45,8 +44,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if not args.tasks and not args.text:
     parser.error("nothing to evaluate; pass --tasks and/or --text")
-  if args.checkpoint and args.step is not None:
-    parser.error("--step goes with --workdir; a --checkpoint directory holds one set of weights")
+  model_source.check(parser, args)
   if args.limit is not None and args.limit < 1:
     parser.error("--limit must be at least 1")
 
@@ -54,7 +52,7 @@ def main(argv=None) -> int:
   from seqmodels.errors import UserError
   try:
     tasks = zero_shot.load_tasks(args.tasks, args.data_dir, args.limit) if args.tasks else {}
-    loaded = evaluate.load(args.workdir, args.step) if args.workdir else evaluate.load_checkpoint(args.checkpoint)
+    loaded = model_source.load(args)
     task_results = evaluate.zero_shot_tasks(loaded, tasks, batch_size=args.batch_size, tokenizer=args.tokenizer)
     context = loaded.config.seq_len // 2 if args.context is None else args.context
     text_results = evaluate.text_perplexity(loaded, args.text, batch_size=args.batch_size, tokenizer=args.tokenizer,

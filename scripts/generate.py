@@ -38,6 +38,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
+from seqmodels import model_source  # noqa: E402
+
 REPLACEMENT_CHAR = "\ufffd"  # What a partial UTF-8 sequence decodes to until its last byte arrives.
 
 
@@ -130,10 +132,7 @@ def generate_file(generator, tokenizer, prompts: list[str], args) -> list[dict]:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-  source = parser.add_mutually_exclusive_group(required=True)
-  source.add_argument("--workdir")
-  source.add_argument("--checkpoint")
-  parser.add_argument("--step", type=int)
+  model_source.add_arguments(parser)
   prompt = parser.add_mutually_exclusive_group(required=True)
   prompt.add_argument("--prompt")
   prompt.add_argument("--prompts_file")
@@ -148,8 +147,7 @@ def main(argv=None) -> int:
   parser.add_argument("--tokenizer")
   parser.add_argument("--prefill_tokens", type=int, default=16384)
   args = parser.parse_args(argv)
-  if args.checkpoint and args.step is not None:
-    parser.error("--step goes with --workdir; a --checkpoint directory holds one set of weights")
+  model_source.check(parser, args)
   for name in ("max_new_tokens", "batch_size", "prefill_tokens"):
     if getattr(args, name) < 1:
       parser.error(f"--{name} must be at least 1")
@@ -164,7 +162,7 @@ def main(argv=None) -> int:
     if args.prompt is not None and not args.prompt:
       raise UserError("--prompt is empty; give it some text")
     prompts = read_prompts(args.prompts_file) if args.prompts_file else [args.prompt]
-    loaded = evaluate.load(args.workdir, args.step) if args.workdir else evaluate.load_checkpoint(args.checkpoint)
+    loaded = model_source.load(args)
     generate.check_causal(loaded.config.model)
     tokenizer = evaluate.model_tokenizer(loaded, args.tokenizer)
     sampling = generate.Sampling(args.temperature, args.top_k, args.top_p)
