@@ -159,6 +159,16 @@ def _prepare_c(c):
   return c, c_last
 
 
+def _store_final_state(staging, value, destination):
+  """Writes a kernel's last (dk, dv) float32 value to HBM through `staging`, once the chunk loop's
+  own stores out of it have left."""
+  plgpu.wait_smem_to_gmem(0)
+  staging[...] = value
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(staging, destination)
+  plgpu.wait_smem_to_gmem(0)
+
+
 def forward(q, k, v, c, h0, *, chunk_size, interpret):
   """o (bf16), the final state and the (batch, heads, chunks, dk, dv) chunk-start states."""
   del chunk_size  # Always CHUNK here.
@@ -259,11 +269,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, c_ref, c_last_ref, h0_ref, o_ref, s_las
     return s
 
   s = lax.fori_loop(0, n_chunks, step, s)
-  plgpu.wait_smem_to_gmem(0)
-  state_f32[...] = s
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(state_f32, s_last_ref.at[b, h])
-  plgpu.wait_smem_to_gmem(0)
+  _store_final_state(state_f32, s, s_last_ref.at[b, h])
 
 
 def backward(q, k, v, c, states, do, ds_last, *, chunk_size, interpret):
@@ -398,8 +404,4 @@ def _backward_kernel(q_ref, k_ref, v_ref, c_ref, c_last_ref, states_ref, do_ref,
     return ds
 
   ds = lax.fori_loop(0, n_chunks, step, ds)
-  plgpu.wait_smem_to_gmem(0)
-  state_f32[...] = ds
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(state_f32, dh0_ref.at[b, h])
-  plgpu.wait_smem_to_gmem(0)
+  _store_final_state(state_f32, ds, dh0_ref.at[b, h])

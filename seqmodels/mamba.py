@@ -12,8 +12,9 @@ Per block, with E = expand, N = d_state, R = dt_rank = ceil(d / 16):
 
 The same code runs the parallel forward (training), prefill and one-token decoding: a cache holds
 the last d_conv - 1 conv inputs and the (batch, Ed, N) SSM state, and a decode step is a length-1
-forward that starts from them. On GPU a decode step runs everything after x_proj (dt_proj through
-the gate) as one kernel (kernels/selective_scan_step.py): a step's time is its kernel launches.
+forward that starts from them. With model.scan_impl "pallas" a decode step runs everything after
+x_proj (dt_proj through the gate) as one kernel (kernels/selective_scan_step.py), since a step's
+time is its kernel launches.
 """
 
 import math

@@ -11,6 +11,9 @@ from kernels import linear_attention
 from oracle import assert_gradients_match_oracle, to_jax, to_numpy
 
 IMPLS = ("reference", "associative", "chunked", "auto")
+# The Pallas kernels (TPU interpret mode on CPU) take the forward checks; their gradients are checked
+# against float64 autodiff in test_linear_attention_pallas.py, where finite differences would be slow.
+FORWARD_IMPLS = (*IMPLS, "pallas")
 BATCH, HEADS, DK, DV = 2, 3, 4, 5
 # Small enough that every test length spans several chunks, most of them with a padded tail.
 CHUNK = 4
@@ -72,7 +75,7 @@ def setup(length=7, decay="token", with_h0=False, decay_range=(-1.0, -0.01), see
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", FORWARD_IMPLS)
 def test_forward_matches_oracle(impl, case):
   inputs, flags = setup(**CASES[case])
   arrays = to_jax(inputs)
@@ -88,7 +91,7 @@ def test_forward_matches_oracle(impl, case):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", FORWARD_IMPLS)
 def test_bfloat16_inputs_accumulate_in_float32(impl):
   inputs, flags = setup(**CASES["reverse_h0_state_per_channel"])
   arrays = to_jax(inputs, jnp.bfloat16)

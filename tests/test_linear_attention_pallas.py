@@ -1,5 +1,6 @@
-"""linear_attention(impl="pallas"): the TPU kernels in TPU interpret mode against the float64 oracle,
-and the Mosaic GPU kernels lowered for CUDA (their numerics only a GPU checks: see kernels/NOTES.md)."""
+"""linear_attention(impl="pallas"): the TPU kernels' gradients in TPU interpret mode against float64
+autodiff, and both Mosaic backends lowered without their device (the GPU kernels' numerics only a GPU
+checks: see kernels/NOTES.md). test_linear_attention.py checks the forward against the oracle."""
 
 import functools
 
@@ -10,33 +11,7 @@ import pytest
 
 from kernels import linear_attention, linear_attention_gpu, linear_attention_tpu
 from oracle import to_jax, to_numpy
-from test_linear_attention import CASES, CHUNK, oracle, setup
-
-attention = functools.partial(linear_attention, impl="pallas", chunk_size=CHUNK)
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_forward_matches_oracle(case):
-  inputs, flags = setup(**CASES[case])
-  arrays = to_jax(inputs)
-  got = jax.jit(functools.partial(attention, **flags))(**arrays)
-  want = oracle(**to_numpy(arrays), **flags)
-  if flags.get("return_state"):
-    (got, s), (want, want_s) = got, want
-    assert s.dtype == jnp.float32
-    np.testing.assert_allclose(s, want_s, rtol=1e-5, atol=1e-5)
-  assert got.dtype == jnp.float32 and got.shape == inputs["v"].shape
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-
-
-def test_bfloat16_inputs_accumulate_in_float32():
-  inputs, flags = setup(**CASES["reverse_h0_state_per_channel"])
-  arrays = to_jax(inputs, jnp.bfloat16)
-  o, s = jax.jit(functools.partial(attention, **flags))(**arrays)
-  want_o, want_s = oracle(**to_numpy(arrays), **flags)
-  assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(o, np.float64), want_o, rtol=2e-2, atol=2e-2)
-  np.testing.assert_allclose(s, want_s, rtol=1e-5, atol=1e-5)
+from test_linear_attention import CHUNK, oracle, setup
 
 
 def _gradients(impl, inputs, flags, dtype, weights, chunk_size=CHUNK):
@@ -96,20 +71,15 @@ def _abstract(batch, length, heads, dk, dv, dg):
 
 
 @pytest.mark.parametrize("per_channel", (False, True))
-def test_mosaic_gpu_kernels_lower_for_cuda(per_channel):
-  """Layout inference, the wgmma operand layouts and the SMEM budget, checked without a GPU."""
-  qk, v, c, state, states = _abstract(2, 128, 3, 128, 64, 128 if per_channel else 1)
-  forward = functools.partial(linear_attention_gpu.forward, chunk_size=64, interpret=False)
-  backward = functools.partial(linear_attention_gpu.backward, chunk_size=64, interpret=False)
-  jax.jit(forward).trace(qk, qk, v, c, state).lower(lowering_platforms=("cuda",))
-  jax.jit(backward).trace(qk, qk, v, c, states, v, state).lower(lowering_platforms=("cuda",))
-
-
-@pytest.mark.parametrize("per_channel", (False, True))
-def test_mosaic_tpu_kernels_lower_for_tpu(per_channel):
-  """Mosaic TPU lowering (block shapes, dot and reduction forms), checked without a TPU."""
-  qk, v, c, state, states = _abstract(1, 128, 2, 128, 128, 128 if per_channel else 1)
-  forward = functools.partial(linear_attention_tpu.forward, chunk_size=64, interpret=False)
-  backward = functools.partial(linear_attention_tpu.backward, chunk_size=64, interpret=False)
-  jax.jit(forward).trace(qk, qk, v, c, state).lower(lowering_platforms=("tpu",))
-  jax.jit(backward).trace(qk, qk, v, c, states, v, state).lower(lowering_platforms=("tpu",))
+@pytest.mark.parametrize("kernels, platform, shape", [
+    (linear_attention_gpu, "cuda", (2, 128, 3, 128, 64)),
+    (linear_attention_tpu, "tpu", (1, 128, 2, 128, 128)),
+], ids=["mosaic_gpu", "mosaic_tpu"])
+def test_kernels_lower_without_the_device(kernels, platform, shape, per_channel):
+  """Mosaic GPU: layout inference, the wgmma operand layouts and the SMEM budget; Mosaic TPU: block
+  shapes, dot and reduction forms. Both checked without the accelerator."""
+  qk, v, c, state, states = _abstract(*shape, 128 if per_channel else 1)
+  forward = functools.partial(kernels.forward, chunk_size=64, interpret=False)
+  backward = functools.partial(kernels.backward, chunk_size=64, interpret=False)
+  jax.jit(forward).trace(qk, qk, v, c, state).lower(lowering_platforms=(platform,))
+  jax.jit(backward).trace(qk, qk, v, c, states, v, state).lower(lowering_platforms=(platform,))
