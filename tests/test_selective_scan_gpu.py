@@ -89,7 +89,11 @@ def test_mosaic_gpu_backward_matches_float64_autodiff(n, groups, dtype, reverse,
 
   def loss(arrays, scan):
     y, h = scan(arrays)
-    return (y.astype(jnp.float32) * weights[0]).sum() + (h * weights[1]).sum()
+    # The weights become arrays of the state's dtype here: multiplied as float64 NumPy arrays, the
+    # float32 and float64 passes shared one cached one-op executable, which a float32 pass then ran
+    # on float32 buffers (an XLA input mismatch, depending on the tests run before).
+    y_weight, h_weight = (jnp.asarray(w, h.dtype) for w in weights)
+    return (y.astype(h.dtype) * y_weight).sum() + (h * h_weight).sum()
 
   def kernels(a):
     return selective_scan_pallas(a["x"], a["dt"], a["A"], a["B"], a["C"], a["D"], a.get("z"),
