@@ -19,6 +19,7 @@ pair per `steps` steps instead of a shuffle tree and a barrier per sum. The bloc
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -29,6 +30,18 @@ CHANNELS = 128  # one warpgroup, one channel per thread
 # barrier) before each TMA store and after each wait for TMA stores to finish reading. The
 # backward always orders its own: it stores 2n + 3 rows a step.
 AUTO_BARRIERS = True
+# The forward holds a chunk's y rows in registers and stores them after its last step: no shared
+# store between two steps' loads, which the compiler cannot move a load above (it cannot tell the
+# buffers apart), so the steps' loads and exps may overlap.
+BATCH_Y_STORES = True
+# Steps the backward recomputes and holds in registers at once (a divisor of the 128 / 2n steps
+# whose dB, dC terms fill the reduction tile): the states before and after each step and its
+# decays, (span + 1) n + span n registers; 4 used 255 registers and spilled (kernels/NOTES.md).
+BACKWARD_SPAN = 2
+# The reduction tile's barriers inside a chunk are plain warpgroup barriers (bar.sync): only
+# threads of the warpgroup read the tile, so no proxy fence is needed; the chunk's last one stays a
+# commit_smem (fence and barrier), as the TMA stores that follow read what the threads wrote.
+PLAIN_TILE_BARRIER = True
 
 
 def supported(d, groups, n, chunk):
@@ -116,7 +129,7 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
   h0 = jnp.swapaxes(h0, 1, 2).astype(jnp.float32)
   seq_inputs = [x, dt] + [z] * has_z
 
-  def kernel(*refs):
+  def selective_scan_forward(*refs):  # the name profilers show
     num_in = 6 + has_z
     z_g = refs[2] if has_z else None
     B_g, C_g, params_g, h0_g = refs[2 + has_z:num_in]
@@ -164,6 +177,7 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
         for i in range(n):
           state_s[slot, i] = h[i]
       h = list(h)
+      ys = []
       for t in range(chunk):
         step = _Step(seq_s, bc_s, slot, t, k * chunk, bias_row, n=n, length=length, chunk=chunk,
                      softplus=softplus)
@@ -171,7 +185,11 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
         y = _tree_sum([D_row * step.x] + [hi * ci for hi, ci in zip(h, step.C())])
         if has_z:
           y = y * _silu(seq_s[2][slot, t].astype(jnp.float32))
-        y_s[slot, t] = y.astype(y_s.dtype)
+        ys.append(y.astype(y_s.dtype))
+        if not BATCH_Y_STORES:
+          y_s[slot, t] = ys.pop()
+      for t, y in enumerate(ys):
+        y_s[slot, t] = y
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(y_s.at[slot], y_g.at[b, pl.ds(k * chunk, chunk), cols])
       if save_chunks:
@@ -199,12 +217,18 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
                 plgpu.Barrier(num_arrivals=len(seq_inputs) + 2, num_barriers=2),
                 plgpu.Barrier(num_arrivals=2)])
   call = plgpu.kernel(
-      kernel, out_type=out_type, scratch_types=scratch, grid=(batch, d // CHANNELS),
+      selective_scan_forward, out_type=out_type, scratch_types=scratch, grid=(batch, d // CHANNELS),
       grid_names=("b", "c"), interpret=interpret, compiler_params=_compiler_params(AUTO_BARRIERS))
   outs = call(*seq_inputs, B, C, params, h0)
   y, h_last = outs[:2]
   h_last = jnp.swapaxes(h_last, 1, 2)
   return (y, h_last, outs[2]) if save_chunks else (y, h_last)
+
+
+@plgpu.inline_mgpu()
+def _warpgroup_barrier(_):
+  """bar.sync of the warpgroup: orders its threads' shared-memory accesses, no proxy fence."""
+  mgpu.utils.warpgroup_barrier()
 
 
 def _silu(v):
@@ -222,8 +246,9 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
   batch, padded_length, d = x.shape
   groups, n = B.shape[2:]
   num_chunks = padded_length // chunk
-  steps = _reduction_steps(n)
-  spans = chunk // steps  # reduction spans per chunk
+  steps = _reduction_steps(n)  # steps per reduction tile
+  span = min(BACKWARD_SPAN, steps)  # steps recomputed in registers at once
+  spans = chunk // span
   blocks = d // CHANNELS
   has_z = z is not None
   params, B, C = _prepare(x, A, B, C, D, dt_bias)
@@ -231,7 +256,7 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
   # x, dt and z's buffers take dx, ddt and dz once a step has read them: one slot per input.
   seq_inputs = [x, dt] + [z] * has_z + [dy]
 
-  def kernel(*refs):
+  def selective_scan_backward(*refs):  # the name profilers show
     num_seq = len(seq_inputs)
     seq_g = refs[:num_seq]
     B_g, C_g, params_g, chunks_g, dh_last_g = refs[num_seq:num_seq + 5]
@@ -266,6 +291,8 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
       plgpu.copy_gmem_to_smem(chunks_g.at[b, k, :, cols], state_s.at[slot], bars.at[slot])
 
     fetch(num_chunks - 1, 0)
+    # The interpreter runs a warpgroup as one program and has no inline Mosaic GPU code.
+    tile_barrier = _warpgroup_barrier if PLAIN_TILE_BARRIER and not interpret else plgpu.commit_smem
 
     def adjoint_step(step, decay, h_prev, h, carry, slot, t):
       """Back-propagates through one step, given its decays and the states before and after it;
@@ -305,14 +332,14 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
       plgpu.barrier_wait(bars.at[slot])
       read = lambda slot_t: _Step(seq_s, bc_s, slot, slot_t, k * chunk, bias_row, n=n,
                                   length=length, chunk=chunk, softplus=softplus)
-      # The state at the start of every reduction span.
+      # The state at the start of every span after the first (spans_s[s - 1] for span s).
       h = [state_s[slot, j] for j in range(n)]
       for s in range(1, spans):
-        for t in range((s - 1) * steps, s * steps):
+        for t in range((s - 1) * span, s * span):
           step = read(t)
           h = step.advance(h, step.decays(A_rows))
         for j in range(n):
-          spans_s[s, j] = h[j]
+          spans_s[s - 1, j] = h[j]
       # The previous chunk's gradient copies must have read the other slot before it refills;
       # waiting here, after the span pass, gives them that pass's time.
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -322,28 +349,35 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
         fetch(k - 1, 1 - slot)
 
       for s in reversed(range(spans)):
-        h = [state_s[slot, j] for j in range(n)] if s == 0 else [spans_s[s, j] for j in range(n)]
-        span_steps = [read(t) for t in range(s * steps, (s + 1) * steps)]
+        start = state_s.at[slot] if s == 0 else spans_s.at[s - 1]
+        h = [start[j] for j in range(n)]
+        span_steps = [read(t) for t in range(s * span, (s + 1) * span)]
         states, decays = [h], []
         for step in span_steps:
           decays.append(step.decays(A_rows))
           states.append(step.advance(states[-1], decays[-1]))
         # The adjoint reuses the span's decays: n registers a step instead of n more exps (4.33
         # against 4.48 ms for the backward on an H100: kernels/NOTES.md).
-        for j in reversed(range(steps)):
+        for j in reversed(range(span)):
           carry = adjoint_step(span_steps[j], decays[j], states[j], states[j + 1], carry, slot,
-                               s * steps + j)
-        plgpu.commit_smem()
+                               s * span + j)
+        if (s * span) % steps:
+          continue  # the tile's rows of earlier steps are still to come
+        tile_barrier()
         # Thread r sums row r of the tile: one step's dB or dC term for one state.
         partial = [terms_s[pl.ds(0, CHANNELS), col] for col in range(8)]
         for col in range(8, CHANNELS):
           partial[col % 8] = partial[col % 8] + terms_s[pl.ds(0, CHANNELS), col]
-        dbc_s[slot, s] = _tree_sum(partial)
-        plgpu.commit_smem()
+        dbc_s[slot, s * span // steps] = _tree_sum(partial)
+        if s:
+          tile_barrier()
+        else:  # the chunk's last: the TMA stores below read what the threads wrote
+          plgpu.commit_smem()
       rows = pl.ds(k * chunk, chunk)
       for src, dst in zip(seq_s, grads_g):
         plgpu.copy_smem_to_gmem(src.at[slot], dst.at[b, rows, cols])
-      plgpu.copy_smem_to_gmem(dbc_s.at[slot], dbc_g.at[b, c, pl.ds(k * spans, spans)])
+      tiles = chunk // steps
+      plgpu.copy_smem_to_gmem(dbc_s.at[slot], dbc_g.at[b, c, pl.ds(k * tiles, tiles)])
       return carry
 
     dh, dA, dD, dbias = jax.lax.fori_loop(0, num_chunks, chunk_body, carry)
@@ -366,14 +400,14 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
   scratch = ([plgpu.SMEM((2, chunk, CHANNELS), a.dtype) for a in seq_inputs]
              + [plgpu.SMEM((2, chunk, n), a.dtype) for a in (B, C)]
              + [plgpu.SMEM((2, n, CHANNELS), f32), plgpu.SMEM((n + 2, CHANNELS), f32),
-                plgpu.SMEM((max(spans, 2), n, CHANNELS), f32),
+                plgpu.SMEM((max(spans - 1, 2), n, CHANNELS), f32),
                 # One word of padding per row: row r's word col sits in bank (r + col) % 32.
                 plgpu.SMEM((CHANNELS, CHANNELS + 1), f32),
-                plgpu.SMEM((2, spans, CHANNELS), f32), plgpu.SMEM((2, CHANNELS), f32),
+                plgpu.SMEM((2, chunk // steps, CHANNELS), f32), plgpu.SMEM((2, CHANNELS), f32),
                 plgpu.Barrier(num_arrivals=len(seq_inputs) + 3, num_barriers=2),
                 plgpu.Barrier(num_arrivals=2)])
   call = plgpu.kernel(
-      kernel, out_type=out_type, scratch_types=scratch, grid=(batch, blocks),
+      selective_scan_backward, out_type=out_type, scratch_types=scratch, grid=(batch, blocks),
       grid_names=("b", "c"), interpret=interpret, compiler_params=_compiler_params(False))
   outs = call(*seq_inputs, B, C, params, chunks, dh_last)
   dx, ddt = outs[0], outs[1]

@@ -8,6 +8,10 @@
   python scripts/bench_scan.py --check              # first checks each impl against a float32 reference
   python scripts/bench_scan.py --workload selective_scan --impl pallas pallas_triton  # Mosaic vs Triton
   python scripts/bench_scan.py --mixer              # times the Mamba-130m mixer around the scan
+  python scripts/bench_scan.py --workload selective_scan --impl pallas --variants '' \
+      selective_scan_gpu.BACKWARD_SPAN=4            # kernel variants side by side in one run
+  ncu --kernel-name regex:mosaic_gpu python scripts/bench_scan.py --workload selective_scan \
+      --impl pallas --once                          # one forward+backward each, for a profiler
 
 For each impl and shape it prints the median forward and forward+backward times (block_until_ready
 around each call, after warm-up, rotating over several input sets so repeated calls do not hit the
@@ -21,6 +25,7 @@ bytes. `WORKLOADS` maps names to them; a new op adds one class and one entry.
 import argparse
 import functools
 import importlib
+import itertools
 import statistics
 import sys
 import time
@@ -216,6 +221,15 @@ def time_impl(workload, impl, shape, sets, repeats):
   return fwd, fwd_bwd
 
 
+def run_once(workload, impl, inputs):
+  """One forward+backward of impl, compiled first: each kernel launches once, for a profiler."""
+  def forward_backward(ins):
+    out, vjp = jax.vjp(lambda i: workload.run(impl, i), ins)
+    return vjp(jnp.ones_like(out))
+
+  jax.block_until_ready(jax.jit(forward_backward).lower(inputs).compile()(inputs))
+
+
 def check(workload, impl, shape):
   """Per check case: its label, and the relative L2 errors of impl's outputs and input gradients
   against float32 'reference' on the same values (random cotangents for every output)."""
@@ -284,6 +298,18 @@ def time_mixer(impls, repeats):
             flush=True)
 
 
+def apply_settings(settings):
+  """Sets kernel tuning constants ("module.NAME=VALUE", int or bool); returns the old settings."""
+  old = []
+  for setting in settings:
+    name, value = setting.split("=")
+    module_name, constant = name.rsplit(".", 1)
+    module = importlib.import_module(f"kernels.{module_name}")
+    old.append(f"{name}={int(getattr(module, constant))}")
+    setattr(module, constant, type(getattr(module, constant))(int(value)))
+  return old
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--workload", nargs="*", default=list(WORKLOADS), choices=list(WORKLOADS))
@@ -296,17 +322,24 @@ def main():
   parser.add_argument("--set", nargs="*", default=[],
                       help="kernel tuning constants, e.g. selective_scan_pallas.TRITON_WARPS=1 "
                            "selective_scan_gpu.AUTO_BARRIERS=0")
+  parser.add_argument("--variants", nargs="*", default=[""],
+                      help="time each impl once per variant, side by side in this run: each a "
+                           "comma-separated list of settings as for --set ('' for none)")
+  parser.add_argument("--once", action="store_true",
+                      help="run each impl's forward+backward once, untimed (under a profiler)")
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--sets", type=int, default=3, help="input sets to rotate over")
   args = parser.parse_args()
 
-  for setting in args.set:
-    name, value = setting.split("=")
-    module_name, constant = name.rsplit(".", 1)
-    module = importlib.import_module(f"kernels.{module_name}")
-    setattr(module, constant, type(getattr(module, constant))(int(value)))  # int or bool
+  apply_settings(args.set)
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, {' '.join(args.set)}",
         flush=True)
+  if args.once:
+    for name in args.workload:
+      workload = WORKLOADS[name]
+      for impl in args.impl or workload.impls:
+        run_once(workload, impl, workload.inputs(0, **workload.default_shape))
+    return
   bandwidth = copy_bandwidth(args.repeats)
   print(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)
   if args.mixer:
@@ -335,27 +368,32 @@ def main():
                        fwd / (fwd_bytes / bandwidth * 1e3), fwd_bwd,
                        fwd_bwd / (fwd_bwd_bytes / bandwidth * 1e3)))
           print(f"{name} peer {peer}:  " + "  ".join(map(str, rows[-1])), flush=True)
-      for impl in impls:
+      for impl, variant in itertools.product(impls, args.variants):
+        label = " ".join([impl] + [v.rsplit(".", 1)[-1] for v in variant.split(",") if v])
+        restore = apply_settings([v for v in variant.split(",") if v])
         try:
           fwd, fwd_bwd = time_impl(workload, impl, shape, sets, args.repeats)
         except Exception as error:  # An impl that fails to build is reported, not fatal.
-          print(f"{name} {impl} length {length}: failed: {type(error).__name__}: {error}"[:2000])
+          print(f"{name} {label} length {length}: failed: {type(error).__name__}: {error}"[:2000])
+          apply_settings(restore)
           continue
-        rows.append((name, impl, length, fwd, fwd_bytes / (fwd * 1e-3) / 1e9,
+        rows.append((name, label, length, fwd, fwd_bytes / (fwd * 1e-3) / 1e9,
                      fwd / (fwd_bytes / bandwidth * 1e3), fwd_bwd,
                      fwd_bwd / (fwd_bwd_bytes / bandwidth * 1e3)))
         print("  ".join(map(str, rows[-1])), flush=True)
         if args.check:
           small = {**shape, "length": min(length, 256)}
-          for label, out_errs, grad_errs in check(workload, impl, small):
-            print(f"check {name} {impl} {small} {label}: output rel errs "
+          for case, out_errs, grad_errs in check(workload, impl, small):
+            print(f"check {name} {label} {small} {case}: output rel errs "
                   + ", ".join(f"{e:.2e}" for e in out_errs) + "; input-gradient rel errs "
                   + ", ".join(f"{k} {v:.1e}" for k, v in grad_errs.items()), flush=True)
+        apply_settings(restore)
 
-  print(f"\n{'workload':<16}{'impl':<13}{'length':>7}{'fwd ms':>9}{'GB/s':>7}{'x floor':>8}"
+  width = max([13] + [len(row[1]) + 1 for row in rows])
+  print(f"\n{'workload':<16}{'impl':<{width}}{'length':>7}{'fwd ms':>9}{'GB/s':>7}{'x floor':>8}"
         f"{'fwd+bwd ms':>11}{'x floor':>8}")
   for name, impl, length, fwd, gbs, fwd_ratio, fwd_bwd, fwd_bwd_ratio in rows:
-    print(f"{name:<16}{impl:<13}{length:>7}{fwd:>9.3f}{gbs:>7.0f}{fwd_ratio:>8.1f}"
+    print(f"{name:<16}{impl:<{width}}{length:>7}{fwd:>9.3f}{gbs:>7.0f}{fwd_ratio:>8.1f}"
           f"{fwd_bwd:>11.3f}{fwd_bwd_ratio:>8.1f}")
 
 
