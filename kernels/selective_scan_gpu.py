@@ -30,10 +30,6 @@ CHANNELS = 128  # one warpgroup, one channel per thread
 # barrier) before each TMA store and after each wait for TMA stores to finish reading. The
 # backward always orders its own: it stores 2n + 3 rows a step.
 AUTO_BARRIERS = True
-# The forward holds a chunk's y rows in registers and stores them after its last step: no shared
-# store between two steps' loads, which the compiler cannot move a load above (it cannot tell the
-# buffers apart), so the steps' loads and exps may overlap.
-BATCH_Y_STORES = True
 # Steps the backward recomputes and holds in registers at once (a divisor of the 128 / 2n steps
 # whose dB, dC terms fill the reduction tile): the states before and after each step and its
 # decays, (span + 1) n + span n registers; 4 used 255 registers and spilled (kernels/NOTES.md).
@@ -42,6 +38,10 @@ BACKWARD_SPAN = 2
 # threads of the warpgroup read the tile, so no proxy fence is needed; the chunk's last one stays a
 # commit_smem (fence and barrier), as the TMA stores that follow read what the threads wrote.
 PLAIN_TILE_BARRIER = True
+# Warpgroups per forward block, each holding n / FORWARD_WARPGROUPS of a channel's states: two
+# give each SM scheduler two warps to switch between where one leaves every latency exposed. The
+# first warpgroup adds the others' partial sums of y (through shared memory, once per chunk).
+FORWARD_WARPGROUPS = 2
 
 
 def supported(d, groups, n, chunk):
@@ -77,8 +77,9 @@ class _Step:
   length), and B_t, C_t as per-state scalars, read from shared memory where used: held across the
   backward's span of steps they would cost 2n registers a step."""
 
-  def __init__(self, seq_s, bc_s, slot, t, first_step, bias_row, *, n, length, chunk, softplus):
-    self.bc_s, self.slot, self.t, self.n = bc_s, slot, t, n
+  def __init__(self, seq_s, bc_s, slot, t, first_step, bias_row, *, states, length, chunk,
+               softplus):
+    self.bc_s, self.slot, self.t, self.states = bc_s, slot, t, states
     self.x = seq_s[0][slot, t].astype(jnp.float32)
     self.dt_raw = seq_s[1][slot, t].astype(jnp.float32) + bias_row
     self.dt = _softplus(self.dt_raw) if softplus else self.dt_raw
@@ -88,10 +89,10 @@ class _Step:
       self.dt = self.dt * self.valid
 
   def B(self):
-    return [self.bc_s[0][self.slot, self.t, i].astype(jnp.float32) for i in range(self.n)]
+    return [self.bc_s[0][self.slot, self.t, i].astype(jnp.float32) for i in self.states]
 
   def C(self):
-    return [self.bc_s[1][self.slot, self.t, i].astype(jnp.float32) for i in range(self.n)]
+    return [self.bc_s[1][self.slot, self.t, i].astype(jnp.float32) for i in self.states]
 
   def decays(self, A_rows):
     return [jnp.exp(self.dt * a) for a in A_rows]
@@ -129,6 +130,9 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
   h0 = jnp.swapaxes(h0, 1, 2).astype(jnp.float32)
   seq_inputs = [x, dt] + [z] * has_z
 
+  wgs = FORWARD_WARPGROUPS
+  m = n // wgs  # states per warpgroup
+
   def selective_scan_forward(*refs):  # the name profilers show
     num_in = 6 + has_z
     z_g = refs[2] if has_z else None
@@ -137,19 +141,29 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
     y_g, h_last_g = outs[:2]
     chunks_g = outs[2] if save_chunks else None
     scratch = refs[num_in + 2 + save_chunks:]
-    seq_s, bc_s, params_s, h0_s, state_s, y_s, bars, setup_bar = (
-        scratch[:len(seq_inputs)], scratch[len(seq_inputs):-6], *scratch[-6:])
+    seq_s, bc_s = scratch[:len(seq_inputs)], scratch[len(seq_inputs):len(seq_inputs) + 2]
+    params_s, h0_s, state_s, y_s, part_s, bars, part_bars, setup_bar = scratch[len(seq_inputs) + 2:]
     b = jax.lax.axis_index("b")
     c = jax.lax.axis_index("c")
+    wg = jax.lax.axis_index("wg") if wgs > 1 else 0
+    first = wg * m  # this warpgroup's states are first .. first + m - 1
+    states = [first + i for i in range(m)]
     cols = pl.ds(c * CHANNELS, CHANNELS)
     group_cols = pl.ds((c * CHANNELS) // (d // groups) * n, n)
 
-    plgpu.copy_gmem_to_smem(params_g.at[:, cols], params_s, setup_bar)
-    plgpu.copy_gmem_to_smem(h0_g.at[b, :, cols], h0_s, setup_bar)
+    def lead(body):
+      """Runs body in the first warpgroup only: it alone issues the input copies and writes y."""
+      return body() if wgs == 1 else pl.when(wg == 0)(body)
+
+    @lead
+    def _():
+      plgpu.copy_gmem_to_smem(params_g.at[:, cols], params_s, setup_bar)
+      plgpu.copy_gmem_to_smem(h0_g.at[b, :, cols], h0_s, setup_bar)
+
     plgpu.barrier_wait(setup_bar)
-    A_rows = [params_s[i] for i in range(n)]
+    A_rows = [params_s[i] for i in states]
     D_row, bias_row = params_s[n], params_s[n + 1]
-    h = tuple(h0_s[i] for i in range(n))
+    h = tuple(h0_s[i] for i in states)
 
     def fetch(k, slot):
       rows = pl.ds(k * chunk, chunk)
@@ -158,51 +172,83 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
       for src, dst in zip((B_g, C_g), bc_s):
         plgpu.copy_gmem_to_smem(src.at[b, rows, group_cols], dst.at[slot], bars.at[slot])
 
-    fetch(0, 0)
-    stores_per_chunk = 1 + save_chunks
+    lead(lambda: fetch(0, 0))
+    # Each warpgroup stores its own rows of the saved state, the first one y as well.
+    my_states = pl.ds(first, m)
+
+    def wait_for_reads(lead_pending, other_pending):
+      """Waits until this warpgroup's copies out of shared memory, all but the last `pending`
+      (counts differ: only the first warpgroup copies y), have read it; the barrier tells the
+      warpgroup's other threads."""
+      if wgs == 1:
+        plgpu.wait_smem_to_gmem(lead_pending, wait_read_only=True)
+      else:
+        pl.when(wg == 0)(lambda: plgpu.wait_smem_to_gmem(lead_pending, wait_read_only=True))
+        pl.when(wg > 0)(lambda: plgpu.wait_smem_to_gmem(other_pending, wait_read_only=True))
+      plgpu.commit_smem()
 
     def chunk_body(k, h):
       slot = k % 2
 
-      @pl.when(k + 1 < num_chunks)
+      @lead
       def _():
-        fetch(k + 1, 1 - slot)
+        @pl.when(k + 1 < num_chunks)
+        def _():
+          # The other warpgroups read the other slot last chunk, before their partial sums of
+          # that chunk reached the first warpgroup: it is free.
+          fetch(k + 1, 1 - slot)
 
       plgpu.barrier_wait(bars.at[slot])
-      # The copies out of this slot's buffers two chunks ago must have read them, before any
-      # thread writes there: one thread issued and waits for them, the barrier tells the rest.
-      plgpu.wait_smem_to_gmem(stores_per_chunk, wait_read_only=True)
-      plgpu.commit_smem()
       if save_chunks:
-        for i in range(n):
-          state_s[slot, i] = h[i]
+        # The state copy out of this slot two chunks ago must have read it. Pending after it: the
+        # first warpgroup's y copy then both copies of the last chunk; the others' last copy.
+        wait_for_reads(3, 1)
+        for i in range(m):
+          state_s[slot, first + i] = h[i]
       h = list(h)
-      ys = []
+      # Each step's sum over this warpgroup's states of h_i C_i, held until the chunk's end: no
+      # shared store between two steps' loads, which the compiler cannot move a load above.
+      parts = []
       for t in range(chunk):
-        step = _Step(seq_s, bc_s, slot, t, k * chunk, bias_row, n=n, length=length, chunk=chunk,
-                     softplus=softplus)
+        step = _Step(seq_s, bc_s, slot, t, k * chunk, bias_row, states=states, length=length,
+                     chunk=chunk, softplus=softplus)
         h = step.advance(h, step.decays(A_rows))
-        y = _tree_sum([D_row * step.x] + [hi * ci for hi, ci in zip(h, step.C())])
-        if has_z:
-          y = y * _silu(seq_s[2][slot, t].astype(jnp.float32))
-        ys.append(y.astype(y_s.dtype))
-        if not BATCH_Y_STORES:
-          y_s[slot, t] = ys.pop()
-      for t, y in enumerate(ys):
-        y_s[slot, t] = y
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(y_s.at[slot], y_g.at[b, pl.ds(k * chunk, chunk), cols])
+        parts.append(_tree_sum([hi * ci for hi, ci in zip(h, step.C())]))
       if save_chunks:
-        plgpu.copy_smem_to_gmem(state_s.at[slot], chunks_g.at[b, k, :, cols])
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(state_s.at[slot, my_states], chunks_g.at[b, k, my_states, cols])
+      if wgs > 1:
+        @pl.when(wg > 0)
+        def _():
+          for t, part in enumerate(parts):
+            part_s[wg - 1, slot, t] = part
+          plgpu.barrier_arrive(part_bars.at[slot])
+
+      @lead
+      def _():
+        if wgs > 1:
+          plgpu.barrier_wait(part_bars.at[slot])
+        # The y copy out of this slot two chunks ago must have read it (then come the last
+        # chunk's copies and this chunk's state copy).
+        plgpu.wait_smem_to_gmem(1 + 2 * save_chunks, wait_read_only=True)
+        plgpu.commit_smem()
+        for t, part in enumerate(parts):
+          x_t = seq_s[0][slot, t].astype(jnp.float32)
+          y = _tree_sum([part, D_row * x_t] + [part_s[w, slot, t] for w in range(wgs - 1)])
+          if has_z:
+            y = y * _silu(seq_s[2][slot, t].astype(jnp.float32))
+          y_s[slot, t] = y.astype(y_s.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(y_s.at[slot], y_g.at[b, pl.ds(k * chunk, chunk), cols])
       return tuple(h)
 
     h = jax.lax.fori_loop(0, num_chunks, chunk_body, h)
     plgpu.wait_smem_to_gmem(0)
     plgpu.commit_smem()
-    for i in range(n):
-      state_s[0, i] = h[i]
+    for i in range(m):
+      state_s[0, first + i] = h[i]
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(state_s.at[0], h_last_g.at[b, :, cols])
+    plgpu.copy_smem_to_gmem(state_s.at[0, my_states], h_last_g.at[b, my_states, cols])
     plgpu.wait_smem_to_gmem(0)
 
   out_type = [jax.ShapeDtypeStruct(x.shape, x.dtype),
@@ -214,11 +260,16 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
              + [plgpu.SMEM((n + 2, CHANNELS), jnp.float32), plgpu.SMEM((n, CHANNELS), jnp.float32),
                 plgpu.SMEM((2, n, CHANNELS), jnp.float32),
                 plgpu.SMEM((2, chunk, CHANNELS), x.dtype),
+                # The other warpgroups' partial sums of y, each step's sum over their states.
+                plgpu.SMEM((max(wgs - 1, 1), 2, chunk, CHANNELS), jnp.float32),
                 plgpu.Barrier(num_arrivals=len(seq_inputs) + 2, num_barriers=2),
+                plgpu.Barrier(num_arrivals=max(wgs - 1, 1), num_barriers=2),
                 plgpu.Barrier(num_arrivals=2)])
   call = plgpu.kernel(
       selective_scan_forward, out_type=out_type, scratch_types=scratch, grid=(batch, d // CHANNELS),
-      grid_names=("b", "c"), interpret=interpret, compiler_params=_compiler_params(AUTO_BARRIERS))
+      grid_names=("b", "c"), num_threads=wgs if wgs > 1 else None,
+      thread_name="wg" if wgs > 1 else None, interpret=interpret,
+      compiler_params=_compiler_params(AUTO_BARRIERS))
   outs = call(*seq_inputs, B, C, params, h0)
   y, h_last = outs[:2]
   h_last = jnp.swapaxes(h_last, 1, 2)
@@ -330,7 +381,7 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
       k = num_chunks - 1 - i
       slot = i % 2
       plgpu.barrier_wait(bars.at[slot])
-      read = lambda slot_t: _Step(seq_s, bc_s, slot, slot_t, k * chunk, bias_row, n=n,
+      read = lambda slot_t: _Step(seq_s, bc_s, slot, slot_t, k * chunk, bias_row, states=range(n),
                                   length=length, chunk=chunk, softplus=softplus)
       # The state at the start of every span after the first (spans_s[s - 1] for span s).
       h = [state_s[slot, j] for j in range(n)]
