@@ -24,12 +24,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 CHANNELS = 128  # one warpgroup, one channel per thread
-# Pallas's automatic barriers put a warpgroup barrier before and after every shared-memory store,
-# two per step for y alone, which lines the four warps up every step. False turns them off; the
-# kernel then orders its shared memory itself: commit_smem (a proxy fence and a warpgroup
-# barrier) before each TMA store and after each wait for TMA stores to finish reading. The
-# backward always orders its own: it stores 2n + 3 rows a step.
-AUTO_BARRIERS = True
+# Pallas's automatic barriers put a warpgroup barrier before and after every shared-memory store.
+# The kernels order their shared memory themselves (commit_smem, a proxy fence and a warpgroup
+# barrier, before each TMA store and after each wait for TMA stores to finish reading; mbarriers
+# between warpgroups), so these stay off; True turns them on in the forward (with them, the
+# two-warpgroup forward spent 22% of its stall samples at barriers: kernels/NOTES.md).
+AUTO_BARRIERS = False
 # Steps the backward recomputes and holds in registers at once (a divisor of the 128 / 2n steps
 # whose dB, dC terms fill the reduction tile): the states before and after each step and its
 # decays, (span + 1) n + span n registers; 4 used 255 registers and spilled (kernels/NOTES.md).
@@ -42,6 +42,11 @@ PLAIN_TILE_BARRIER = True
 # give each SM scheduler two warps to switch between where one leaves every latency exposed. The
 # first warpgroup adds the others' partial sums of y (through shared memory, once per chunk).
 FORWARD_WARPGROUPS = 2
+# The backward runs a chunk's reduction tiles (and the pass that recomputes its span-start states)
+# as loops rather than unrolled: the unrolled chunk was 10,208 instructions, 160 KB of code, more
+# than the SM's instruction cache, and its warps waited on instruction fetch 72% of the time
+# (Nsight Compute's no_instruction stall, kernels/NOTES.md).
+BACKWARD_LOOP = True
 
 
 def supported(d, groups, n, chunk):
@@ -55,6 +60,15 @@ def supported(d, groups, n, chunk):
 def _reduction_steps(n):
   """Steps whose dB_t and dC_t terms (2n rows each) fill the backward's 128-row reduction tile."""
   return CHANNELS // (2 * n)
+
+
+def _loop(lower, upper, body, carry):
+  """fori_loop, or the body unrolled where BACKWARD_LOOP is off."""
+  if BACKWARD_LOOP:
+    return jax.lax.fori_loop(lower, upper, body, carry)
+  for i in range(lower, upper):
+    carry = body(i, carry)
+  return carry
 
 
 def _tree_sum(terms):
@@ -300,6 +314,7 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
   steps = _reduction_steps(n)  # steps per reduction tile
   span = min(BACKWARD_SPAN, steps)  # steps recomputed in registers at once
   spans = chunk // span
+  tiles = chunk // steps  # reduction tiles per chunk
   blocks = d // CHANNELS
   has_z = z is not None
   params, B, C = _prepare(x, A, B, C, D, dt_bias)
@@ -313,7 +328,7 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
     B_g, C_g, params_g, chunks_g, dh_last_g = refs[num_seq:num_seq + 5]
     grads_g = refs[num_seq + 5:num_seq + 5 + num_seq - 1]  # dx, ddt, dz
     dbc_g, dA_g, dh0_g, sums_g = refs[2 * num_seq + 4:2 * num_seq + 8]
-    (*seq_s, B_s, C_s, state_s, params_s, spans_s, terms_s, dbc_s, sums_s, bars,
+    (*seq_s, B_s, C_s, starts_s, params_s, terms_s, dbc_s, sums_s, bars,
      setup_bar) = refs[2 * num_seq + 8:]
     bc_s = (B_s, C_s)
     b = jax.lax.axis_index("b")
@@ -322,16 +337,16 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
     group_cols = pl.ds((c * CHANNELS) // (d // groups) * n, n)
 
     plgpu.copy_gmem_to_smem(params_g.at[:, cols], params_s, setup_bar)
-    plgpu.copy_gmem_to_smem(dh_last_g.at[b, :, cols], spans_s.at[0], setup_bar)
+    plgpu.copy_gmem_to_smem(dh_last_g.at[b, :, cols], starts_s.at[2], setup_bar)
     plgpu.barrier_wait(setup_bar)
     A_rows = [params_s[i] for i in range(n)]
     D_row, bias_row = params_s[n], params_s[n + 1]
     # The loop's carry must enter in the layout the body gives it (a load's, not a constant's):
     # zeros go through shared memory. Each thread reads back only the column it wrote, of these
-    # and of spans_s, so neither needs a barrier.
+    # and of starts_s, so neither needs a barrier.
     sums_s[0] = jnp.zeros((CHANNELS,), jnp.float32)
     zeros = sums_s[0]
-    carry = (tuple(spans_s[0, i] for i in range(n)), (zeros,) * n, zeros, zeros)
+    carry = (tuple(starts_s[2, i] for i in range(n)), (zeros,) * n, zeros, zeros)
 
     def fetch(k, slot):
       rows = pl.ds(k * chunk, chunk)
@@ -339,13 +354,13 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
         plgpu.copy_gmem_to_smem(src.at[b, rows, cols], dst.at[slot], bars.at[slot])
       for src, dst in zip((B_g, C_g), bc_s):
         plgpu.copy_gmem_to_smem(src.at[b, rows, group_cols], dst.at[slot], bars.at[slot])
-      plgpu.copy_gmem_to_smem(chunks_g.at[b, k, :, cols], state_s.at[slot], bars.at[slot])
+      plgpu.copy_gmem_to_smem(chunks_g.at[b, k, :, cols], starts_s.at[slot], bars.at[slot])
 
     fetch(num_chunks - 1, 0)
     # The interpreter runs a warpgroup as one program and has no inline Mosaic GPU code.
     tile_barrier = _warpgroup_barrier if PLAIN_TILE_BARRIER and not interpret else plgpu.commit_smem
 
-    def adjoint_step(step, decay, h_prev, h, carry, slot, t):
+    def adjoint_step(step, decay, h_prev, h, carry, slot, t, row):
       """Back-propagates through one step, given its decays and the states before and after it;
       writes dx, ddt, dz over the step's x, dt, z and its dB_t, dC_t terms into the reduction
       tile."""
@@ -359,7 +374,6 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
         seq_s[2][slot, t] = (dyv * y_pre * sig * (1.0 + zv * (1.0 - sig))).astype(seq_s[2].dtype)
         dyv = dyv * zv * sig
       dh = [dhi + dyv * ci for dhi, ci in zip(dh, C_t)]
-      row = (t % steps) * 2 * n
       drive = step.dt * step.x
       for i in range(n):
         terms_s[row + i, pl.ds(0, CHANNELS)] = dh[i] * drive
@@ -383,14 +397,19 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
       plgpu.barrier_wait(bars.at[slot])
       read = lambda slot_t: _Step(seq_s, bc_s, slot, slot_t, k * chunk, bias_row, states=range(n),
                                   length=length, chunk=chunk, softplus=softplus)
-      # The state at the start of every span after the first (spans_s[s - 1] for span s).
-      h = [state_s[slot, j] for j in range(n)]
-      for s in range(1, spans):
-        for t in range((s - 1) * span, s * span):
-          step = read(t)
+      # The state at the start of every span s: starts_s[start(s)]. The saved one, span 0's,
+      # came into starts_s[slot]; span s > 0's goes to starts_s[s + 1].
+      start = lambda s: s + 1 - (s == 0) * (s + 1 - slot)
+
+      def span_start(s, h):
+        for t in range(span):
+          step = read((s - 1) * span + t)
           h = step.advance(h, step.decays(A_rows))
         for j in range(n):
-          spans_s[s - 1, j] = h[j]
+          starts_s[s + 1, j] = h[j]
+        return h
+
+      _loop(1, spans, span_start, [starts_s[slot, j] for j in range(n)])
       # The previous chunk's gradient copies must have read the other slot before it refills;
       # waiting here, after the span pass, gives them that pass's time.
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -399,47 +418,49 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
       def _():
         fetch(k - 1, 1 - slot)
 
-      for s in reversed(range(spans)):
-        start = state_s.at[slot] if s == 0 else spans_s.at[s - 1]
-        h = [start[j] for j in range(n)]
-        span_steps = [read(t) for t in range(s * span, (s + 1) * span)]
-        states, decays = [h], []
-        for step in span_steps:
-          decays.append(step.decays(A_rows))
-          states.append(step.advance(states[-1], decays[-1]))
-        # The adjoint reuses the span's decays: n registers a step instead of n more exps (4.33
-        # against 4.48 ms for the backward on an H100: kernels/NOTES.md).
-        for j in reversed(range(span)):
-          carry = adjoint_step(span_steps[j], decays[j], states[j], states[j + 1], carry, slot,
-                               s * span + j)
-        if (s * span) % steps:
-          continue  # the tile's rows of earlier steps are still to come
+      def tile_body(i, carry):
+        """The adjoint through the steps of one reduction tile, last step first, then the
+        tile's row sums."""
+        tile = tiles - 1 - i
+        for local in reversed(range(steps // span)):
+          s = tile * (steps // span) + local
+          h = [starts_s[start(s), j] for j in range(n)]
+          span_steps = [read(s * span + t) for t in range(span)]
+          states, decays = [h], []
+          for step in span_steps:
+            decays.append(step.decays(A_rows))
+            states.append(step.advance(states[-1], decays[-1]))
+          # The adjoint reuses the span's decays: n registers a step instead of n more exps
+          # (4.33 against 4.48 ms for the backward on an H100: kernels/NOTES.md).
+          for t in reversed(range(span)):
+            carry = adjoint_step(span_steps[t], decays[t], states[t], states[t + 1], carry, slot,
+                                 s * span + t, row=(local * span + t) * 2 * n)
         tile_barrier()
         # Thread r sums row r of the tile: one step's dB or dC term for one state.
         partial = [terms_s[pl.ds(0, CHANNELS), col] for col in range(8)]
         for col in range(8, CHANNELS):
           partial[col % 8] = partial[col % 8] + terms_s[pl.ds(0, CHANNELS), col]
-        dbc_s[slot, s * span // steps] = _tree_sum(partial)
-        if s:
-          tile_barrier()
-        else:  # the chunk's last: the TMA stores below read what the threads wrote
-          plgpu.commit_smem()
+        dbc_s[slot, tile] = _tree_sum(partial)
+        tile_barrier()
+        return carry
+
+      carry = _loop(0, tiles, tile_body, carry)
+      plgpu.commit_smem()  # the TMA stores below read what the threads wrote
       rows = pl.ds(k * chunk, chunk)
       for src, dst in zip(seq_s, grads_g):
         plgpu.copy_smem_to_gmem(src.at[slot], dst.at[b, rows, cols])
-      tiles = chunk // steps
       plgpu.copy_smem_to_gmem(dbc_s.at[slot], dbc_g.at[b, c, pl.ds(k * tiles, tiles)])
       return carry
 
     dh, dA, dD, dbias = jax.lax.fori_loop(0, num_chunks, chunk_body, carry)
     for j in range(n):
-      spans_s[0, j] = dA[j]
-      spans_s[1, j] = dh[j]
+      starts_s[0, j] = dA[j]
+      starts_s[1, j] = dh[j]
     sums_s[0] = dD
     sums_s[1] = dbias
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(spans_s.at[0], dA_g.at[b, :, cols])
-    plgpu.copy_smem_to_gmem(spans_s.at[1], dh0_g.at[b, :, cols])
+    plgpu.copy_smem_to_gmem(starts_s.at[0], dA_g.at[b, :, cols])
+    plgpu.copy_smem_to_gmem(starts_s.at[1], dh0_g.at[b, :, cols])
     plgpu.copy_smem_to_gmem(sums_s, sums_g.at[b, :, cols])
     plgpu.wait_smem_to_gmem(0)
 
@@ -450,11 +471,11 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
                  jax.ShapeDtypeStruct((batch, 2, d), f32)])
   scratch = ([plgpu.SMEM((2, chunk, CHANNELS), a.dtype) for a in seq_inputs]
              + [plgpu.SMEM((2, chunk, n), a.dtype) for a in (B, C)]
-             + [plgpu.SMEM((2, n, CHANNELS), f32), plgpu.SMEM((n + 2, CHANNELS), f32),
-                plgpu.SMEM((max(spans - 1, 2), n, CHANNELS), f32),
+             # The saved chunk states (two slots), then the span starts they lead to.
+             + [plgpu.SMEM((spans + 1, n, CHANNELS), f32), plgpu.SMEM((n + 2, CHANNELS), f32),
                 # One word of padding per row: row r's word col sits in bank (r + col) % 32.
                 plgpu.SMEM((CHANNELS, CHANNELS + 1), f32),
-                plgpu.SMEM((2, chunk // steps, CHANNELS), f32), plgpu.SMEM((2, CHANNELS), f32),
+                plgpu.SMEM((2, tiles, CHANNELS), f32), plgpu.SMEM((2, CHANNELS), f32),
                 plgpu.Barrier(num_arrivals=len(seq_inputs) + 3, num_barriers=2),
                 plgpu.Barrier(num_arrivals=2)])
   call = plgpu.kernel(
