@@ -1,20 +1,24 @@
 """The selective scan's forward and backward as Mosaic GPU kernels (Hopper), Pallas's warpgroup-level
 GPU backend.
 
-One CUDA block per (batch element, 128 channels): one warpgroup, one channel per thread, the n
-states of a channel in that thread's registers. B_t and C_t are the same for every channel of a
-group, so each thread reads them as scalars from shared memory (a broadcast, no bank conflicts).
-Time goes by in chunks of `chunk` steps: the tensor-memory accelerator (TMA) brings the next
-chunk's inputs into shared memory while this one computes, and the outputs leave the same way.
+One CUDA block per (batch element, 128 channels), one channel per thread of a warpgroup. B_t and
+C_t are the same for every channel of a group, so each thread reads them as scalars from shared
+memory (a broadcast, no bank conflicts). Time goes by in chunks of `chunk` steps: the
+tensor-memory accelerator (TMA) brings the next chunk's inputs into shared memory while this one
+computes, and the outputs leave the same way.
 
-The forward saves the state before each chunk; the backward walks the chunks in reverse, recomputes
-the states inside a chunk from the saved one (the state every `steps` steps into shared memory,
-then `steps` states at a time in registers) and runs the adjoint recurrence. Its gradients of B_t
-and C_t sum over the block's 128 channels, across threads: each thread writes its 2n terms per step
-as a column of a shared-memory tile, 128 rows for `steps` = 128 / 2n steps, and after those steps
-thread r sums row r (128 loads, conflict-free with rows padded to 129 words). That is one barrier
-pair per `steps` steps instead of a shuffle tree and a barrier per sum. The block sums leave as
-(batch, d / 128, length, n) partials that XLA adds over the blocks of a group.
+The forward splits a channel's n states over FORWARD_WARPGROUPS warpgroups (a share of the states
+in each thread's registers), so each SM scheduler has more than one warp to issue from; once per
+chunk the first warpgroup adds the others' partial sums of y, applies D and the gate and stores y.
+It saves the state before each chunk. The backward (one warpgroup) walks the chunks in reverse,
+recomputes the states at the start of every span of BACKWARD_SPAN steps from the saved one into
+shared memory, then, span by span in reverse, a span's states in registers, and runs the adjoint
+recurrence. Its gradients of B_t and C_t sum over the block's 128 channels, across threads: each
+thread writes its 2n terms per step as a column of a shared-memory tile, 128 rows for `steps` =
+128 / 2n steps, and after those steps thread r sums row r (128 loads, conflict-free with rows
+padded to 129 words): one barrier pair per tile instead of a shuffle tree and a barrier per sum.
+The tiles of a chunk run as a loop, not unrolled, so the code fits the instruction cache. The block
+sums leave as (batch, d / 128, length, n) partials that XLA adds over the blocks of a group.
 """
 
 import jax
@@ -24,29 +28,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 CHANNELS = 128  # one warpgroup, one channel per thread
-# Pallas's automatic barriers put a warpgroup barrier before and after every shared-memory store.
-# The kernels order their shared memory themselves (commit_smem, a proxy fence and a warpgroup
-# barrier, before each TMA store and after each wait for TMA stores to finish reading; mbarriers
-# between warpgroups), so these stay off; True turns them on in the forward (with them, the
-# two-warpgroup forward spent 22% of its stall samples at barriers: kernels/NOTES.md).
-AUTO_BARRIERS = False
+# Warpgroups per forward block, each holding n / FORWARD_WARPGROUPS of a channel's states, so
+# each SM scheduler has that many warps to switch between; the first warpgroup adds the others'
+# partial sums of y (through shared memory, once per chunk). Kernel times on an H100
+# (kernels/NOTES.md): 1: 0.63 ms, 2: 0.33 ms, 4: 0.36 ms.
+FORWARD_WARPGROUPS = 2
 # Steps the backward recomputes and holds in registers at once (a divisor of the 128 / 2n steps
 # whose dB, dC terms fill the reduction tile): the states before and after each step and its
-# decays, (span + 1) n + span n registers; 4 used 255 registers and spilled (kernels/NOTES.md).
+# decays, (span + 1) n + span n registers. Kernel times on an H100: 2: 1.21 ms, 4: 1.26 ms.
 BACKWARD_SPAN = 2
-# The reduction tile's barriers inside a chunk are plain warpgroup barriers (bar.sync): only
-# threads of the warpgroup read the tile, so no proxy fence is needed; the chunk's last one stays a
-# commit_smem (fence and barrier), as the TMA stores that follow read what the threads wrote.
-PLAIN_TILE_BARRIER = True
-# Warpgroups per forward block, each holding n / FORWARD_WARPGROUPS of a channel's states: two
-# give each SM scheduler two warps to switch between where one leaves every latency exposed. The
-# first warpgroup adds the others' partial sums of y (through shared memory, once per chunk).
-FORWARD_WARPGROUPS = 2
-# The backward runs a chunk's reduction tiles (and the pass that recomputes its span-start states)
-# as loops rather than unrolled: the unrolled chunk was 10,208 instructions, 160 KB of code, more
-# than the SM's instruction cache, and its warps waited on instruction fetch 72% of the time
-# (Nsight Compute's no_instruction stall, kernels/NOTES.md).
-BACKWARD_LOOP = True
 
 
 def supported(d, groups, n, chunk):
@@ -60,15 +50,6 @@ def supported(d, groups, n, chunk):
 def _reduction_steps(n):
   """Steps whose dB_t and dC_t terms (2n rows each) fill the backward's 128-row reduction tile."""
   return CHANNELS // (2 * n)
-
-
-def _loop(lower, upper, body, carry):
-  """fori_loop, or the body unrolled where BACKWARD_LOOP is off."""
-  if BACKWARD_LOOP:
-    return jax.lax.fori_loop(lower, upper, body, carry)
-  for i in range(lower, upper):
-    carry = body(i, carry)
-  return carry
 
 
 def _tree_sum(terms):
@@ -126,8 +107,13 @@ def _prepare(x, A, B, C, D, dt_bias):
   return params, flat(B), flat(C)
 
 
-def _compiler_params(auto_barriers):
-  return plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=not auto_barriers,
+def _compiler_params():
+  """Without Pallas's automatic barriers (one before and one after every shared-memory store):
+  the kernels order their shared memory themselves, commit_smem (a proxy fence and a warpgroup
+  barrier) before each TMA store and after each wait for TMA stores to finish reading, mbarriers
+  between warpgroups. With them the forward spent 22% of its stall samples at barriers and took
+  0.47 against 0.33 ms (kernels/NOTES.md)."""
+  return plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=True,
                               lowering_semantics=plgpu.LoweringSemantics.Lane)
 
 
@@ -159,7 +145,7 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
     params_s, h0_s, state_s, y_s, part_s, bars, part_bars, setup_bar = scratch[len(seq_inputs) + 2:]
     b = jax.lax.axis_index("b")
     c = jax.lax.axis_index("c")
-    wg = jax.lax.axis_index("wg") if wgs > 1 else 0
+    wg = jax.lax.axis_index("wg")
     first = wg * m  # this warpgroup's states are first .. first + m - 1
     states = [first + i for i in range(m)]
     cols = pl.ds(c * CHANNELS, CHANNELS)
@@ -167,7 +153,7 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
 
     def lead(body):
       """Runs body in the first warpgroup only: it alone issues the input copies and writes y."""
-      return body() if wgs == 1 else pl.when(wg == 0)(body)
+      return pl.when(wg == 0)(body)
 
     @lead
     def _():
@@ -194,11 +180,8 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
       """Waits until this warpgroup's copies out of shared memory, all but the last `pending`
       (counts differ: only the first warpgroup copies y), have read it; the barrier tells the
       warpgroup's other threads."""
-      if wgs == 1:
-        plgpu.wait_smem_to_gmem(lead_pending, wait_read_only=True)
-      else:
-        pl.when(wg == 0)(lambda: plgpu.wait_smem_to_gmem(lead_pending, wait_read_only=True))
-        pl.when(wg > 0)(lambda: plgpu.wait_smem_to_gmem(other_pending, wait_read_only=True))
+      pl.when(wg == 0)(lambda: plgpu.wait_smem_to_gmem(lead_pending, wait_read_only=True))
+      pl.when(wg > 0)(lambda: plgpu.wait_smem_to_gmem(other_pending, wait_read_only=True))
       plgpu.commit_smem()
 
     def chunk_body(k, h):
@@ -220,8 +203,8 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
         for i in range(m):
           state_s[slot, first + i] = h[i]
       h = list(h)
-      # Each step's sum over this warpgroup's states of h_i C_i, held until the chunk's end: no
-      # shared store between two steps' loads, which the compiler cannot move a load above.
+      # Each step's sum over this warpgroup's states of h_i C_i, held until the chunk's end, when
+      # the first warpgroup adds the others'.
       parts = []
       for t in range(chunk):
         step = _Step(seq_s, bc_s, slot, t, k * chunk, bias_row, states=states, length=length,
@@ -281,9 +264,8 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
                 plgpu.Barrier(num_arrivals=2)])
   call = plgpu.kernel(
       selective_scan_forward, out_type=out_type, scratch_types=scratch, grid=(batch, d // CHANNELS),
-      grid_names=("b", "c"), num_threads=wgs if wgs > 1 else None,
-      thread_name="wg" if wgs > 1 else None, interpret=interpret,
-      compiler_params=_compiler_params(AUTO_BARRIERS))
+      grid_names=("b", "c"), num_threads=wgs, thread_name="wg", interpret=interpret,
+      compiler_params=_compiler_params())
   outs = call(*seq_inputs, B, C, params, h0)
   y, h_last = outs[:2]
   h_last = jnp.swapaxes(h_last, 1, 2)
@@ -357,8 +339,10 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
       plgpu.copy_gmem_to_smem(chunks_g.at[b, k, :, cols], starts_s.at[slot], bars.at[slot])
 
     fetch(num_chunks - 1, 0)
-    # The interpreter runs a warpgroup as one program and has no inline Mosaic GPU code.
-    tile_barrier = _warpgroup_barrier if PLAIN_TILE_BARRIER and not interpret else plgpu.commit_smem
+    # The tile's barriers need no proxy fence (only the warpgroup's threads read the tile): a
+    # plain bar.sync. The interpreter runs a warpgroup as one program and has no inline Mosaic GPU
+    # code: it takes commit_smem.
+    tile_barrier = plgpu.commit_smem if interpret else _warpgroup_barrier
 
     def adjoint_step(step, decay, h_prev, h, carry, slot, t, row):
       """Back-propagates through one step, given its decays and the states before and after it;
@@ -409,7 +393,7 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
           starts_s[s + 1, j] = h[j]
         return h
 
-      _loop(1, spans, span_start, [starts_s[slot, j] for j in range(n)])
+      jax.lax.fori_loop(1, spans, span_start, [starts_s[slot, j] for j in range(n)])
       # The previous chunk's gradient copies must have read the other slot before it refills;
       # waiting here, after the span pass, gives them that pass's time.
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -444,7 +428,7 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
         tile_barrier()
         return carry
 
-      carry = _loop(0, tiles, tile_body, carry)
+      carry = jax.lax.fori_loop(0, tiles, tile_body, carry)
       plgpu.commit_smem()  # the TMA stores below read what the threads wrote
       rows = pl.ds(k * chunk, chunk)
       for src, dst in zip(seq_s, grads_g):
@@ -480,7 +464,7 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
                 plgpu.Barrier(num_arrivals=2)])
   call = plgpu.kernel(
       selective_scan_backward, out_type=out_type, scratch_types=scratch, grid=(batch, blocks),
-      grid_names=("b", "c"), interpret=interpret, compiler_params=_compiler_params(False))
+      grid_names=("b", "c"), interpret=interpret, compiler_params=_compiler_params())
   outs = call(*seq_inputs, B, C, params, chunks, dh_last)
   dx, ddt = outs[0], outs[1]
   dz = outs[2] if has_z else None

@@ -328,7 +328,7 @@ def main():
   parser.add_argument("--shape", default="", help="overrides of the default shape, e.g. batch=1,d=64")
   parser.add_argument("--set", nargs="*", default=[],
                       help="kernel tuning constants, e.g. selective_scan_pallas.TRITON_WARPS=1 "
-                           "selective_scan_gpu.AUTO_BARRIERS=0")
+                           "selective_scan_gpu.FORWARD_WARPGROUPS=4")
   parser.add_argument("--variants", nargs="*", default=[""],
                       help="time each impl once per variant, side by side in this run: each a "
                            "comma-separated list of settings as for --set ('' for none)")
@@ -344,8 +344,11 @@ def main():
   if args.once:
     for name in args.workload:
       workload = WORKLOADS[name]
-      for impl in args.impl or workload.impls:
+      for impl, variant in itertools.product(args.impl or workload.impls, args.variants):
+        print(f"once: {name} {impl} {variant}", flush=True)
+        restore = apply_settings([v for v in variant.split(",") if v])
         run_once(workload, impl, workload.inputs(0, **workload.default_shape))
+        apply_settings(restore)
     return
   bandwidth = copy_bandwidth(args.repeats)
   print(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)

@@ -33,16 +33,17 @@ def _on_device(inputs, dtype):
           for k, v in inputs.items()}
 
 
-@pytest.mark.parametrize("groups, dtype, auto_barriers",
-                         [(2, jnp.float32, True), (1, jnp.bfloat16, False)])
-def test_mosaic_gpu_forward_matches_oracle(groups, dtype, auto_barriers, monkeypatch):
+@pytest.mark.parametrize("groups, dtype, warpgroups",
+                         [(2, jnp.float32, 2), (1, jnp.bfloat16, 4)])
+def test_mosaic_gpu_forward_matches_oracle(groups, dtype, warpgroups, monkeypatch):
   """Two channel blocks, an odd length (padding steps must leave the state alone), h0, D, z,
   dt_bias and softplus; the saved chunk states are the oracle's states at the chunk boundaries.
+  The states split over 2 or 4 warpgroups, whose partial sums of y the first one adds.
 
   The interpreter runs a warpgroup as one program, so it checks the arithmetic and the copies, not
   the barriers between warps: those only a GPU run checks (scripts/bench_scan.py --check).
   """
-  monkeypatch.setattr(selective_scan_gpu, "AUTO_BARRIERS", auto_barriers)
+  monkeypatch.setattr(selective_scan_gpu, "FORWARD_WARPGROUPS", warpgroups)
   d = 2 * selective_scan_gpu.CHANNELS if groups == 2 else selective_scan_gpu.CHANNELS
   inputs = _random_inputs(np.random.default_rng(0), d, N_STATE, groups, dtype)
   padded_length = -(-LENGTH // CHUNK) * CHUNK
@@ -75,7 +76,7 @@ def test_mosaic_gpu_backward_matches_float64_autodiff(n, groups, dtype, reverse,
   """Forward and backward through selective_scan_pallas's custom_vjp in the GPU interpreter, with
   h0, D, dt_bias, softplus and the final state's cotangent, at an odd length (two chunks of
   8); with the z gate or without it (DenseMamba's readout scan). n = 16 sums dB_t and dC_t over 4
-  steps at a time, two spans a chunk; n = 8 over 8, one.
+  steps at a time, two reduction tiles a chunk; n = 8 over 8, one; both recompute spans of 2.
   The reference is autodiff of impl="reference" in float64 on the same (rounded) values."""
   d = 2 * selective_scan_gpu.CHANNELS
   rng = np.random.default_rng(1)
