@@ -341,13 +341,14 @@ def main():
   apply_settings(args.set)
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, {' '.join(args.set)}",
         flush=True)
+  overrides = dict((k, int(v)) for k, v in (kv.split("=") for kv in args.shape.split(",") if kv))
   if args.once:
     for name in args.workload:
       workload = WORKLOADS[name]
       for impl, variant in itertools.product(args.impl or workload.impls, args.variants):
         print(f"once: {name} {impl} {variant}", flush=True)
         restore = apply_settings([v for v in variant.split(",") if v])
-        run_once(workload, impl, workload.inputs(0, **workload.default_shape))
+        run_once(workload, impl, workload.inputs(0, **{**workload.default_shape, **overrides}))
         apply_settings(restore)
     return
   bandwidth = copy_bandwidth(args.repeats)
@@ -365,7 +366,6 @@ def main():
         print(f"{name} peer {peer}: {status}")
       for peer, (fwd, fwd_bwd) in workload.published.items():
         print(f"{name} published {peer}: forward {fwd} ms, forward+backward {fwd_bwd} ms")
-    overrides = dict((k, int(v)) for k, v in (kv.split("=") for kv in args.shape.split(",") if kv))
     if "length" in overrides and not args.seq:
       lengths = (overrides["length"],)
     for length in lengths:
