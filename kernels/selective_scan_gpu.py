@@ -23,15 +23,15 @@ sums leave as (batch, d / 128, length, n) partials that XLA adds over the blocks
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 CHANNELS = 128  # one warpgroup, one channel per thread
 # Warpgroups per forward block, each holding n / FORWARD_WARPGROUPS of a channel's states, so
 # each SM scheduler has that many warps to switch between; the first warpgroup adds the others'
 # partial sums of y (through shared memory, once per chunk). Kernel times on an H100
-# (kernels/NOTES.md): 1: 0.63 ms, 2: 0.33 ms, 4: 0.36 ms.
+# (kernels/NOTES.md): 2: 0.33 ms, 4: 0.36 ms; the one-warpgroup forward before them 0.63 ms.
 FORWARD_WARPGROUPS = 2
 # Steps the backward recomputes and holds in registers at once (a divisor of the 128 / 2n steps
 # whose dB, dC terms fill the reduction tile): the states before and after each step and its
@@ -177,9 +177,9 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
     my_states = pl.ds(first, m)
 
     def wait_for_reads(lead_pending, other_pending):
-      """Waits until this warpgroup's copies out of shared memory, all but the last `pending`
-      (counts differ: only the first warpgroup copies y), have read it; the barrier tells the
-      warpgroup's other threads."""
+      """Waits until this warpgroup's copies out of shared memory, all but its last
+      `lead_pending` (the first warpgroup, which also copies y) or `other_pending` (the others),
+      have read it; the barrier tells the warpgroup's other threads."""
       pl.when(wg == 0)(lambda: plgpu.wait_smem_to_gmem(lead_pending, wait_read_only=True))
       pl.when(wg > 0)(lambda: plgpu.wait_smem_to_gmem(other_pending, wait_read_only=True))
       plgpu.commit_smem()
