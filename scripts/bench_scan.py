@@ -20,7 +20,6 @@ bytes. `WORKLOADS` maps names to them; a new op adds one class and one entry.
 
 import argparse
 import functools
-import importlib
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 
+import kernels  # noqa: E402
 from kernels import linear_attention, selective_scan  # noqa: E402
 
 SEQ_SWEEP = (512, 1024, 2048, 4096, 8192, 16384)
@@ -300,11 +300,7 @@ def main():
   parser.add_argument("--sets", type=int, default=3, help="input sets to rotate over")
   args = parser.parse_args()
 
-  for setting in args.set:
-    name, value = setting.split("=")
-    module_name, constant = name.rsplit(".", 1)
-    module = importlib.import_module(f"kernels.{module_name}")
-    setattr(module, constant, type(getattr(module, constant))(int(value)))  # int or bool
+  kernels.set_tuning(args.set)
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, {' '.join(args.set)}",
         flush=True)
   bandwidth = copy_bandwidth(args.repeats)
