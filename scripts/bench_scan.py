@@ -279,8 +279,6 @@ def time_mixer(impls, repeats, fused=False, check_fused=False, batch=8, length=2
         return vjp(jax.tree.map(jnp.ones_like, out))
       return run
 
-    if check_fused:
-      check_fused_mixer(cfg, sets[0][0])
     scan_sets = [jax.jit(scan_inputs)(params, *u) for u in sets]
     pieces = {"scan inputs (in_proj, conv, silu, x_proj, dt_proj)": (scan_inputs, [(params, *u) for u in sets]),
               "scan (with D, gate, dt_bias, softplus)": (scan_only, scan_sets),
@@ -289,10 +287,16 @@ def time_mixer(impls, repeats, fused=False, check_fused=False, batch=8, length=2
       pieces["whole mixer, fused_inner"] = (functools.partial(whole, fused_inner=True),
                                             [(params, *u) for u in sets])
     for label, (fn, fn_sets) in pieces.items():
-      fwd = median_ms(jax.jit(fn), fn_sets, repeats)
-      fwd_bwd = median_ms(forward_backward(fn), fn_sets, repeats)
+      try:
+        fwd = median_ms(jax.jit(fn), fn_sets, repeats)
+        fwd_bwd = median_ms(forward_backward(fn), fn_sets, repeats)
+      except Exception as error:  # A piece that fails to build is reported, not fatal.
+        print(f"mixer {impl}: {label}: failed: {type(error).__name__}: {error}"[:2000], flush=True)
+        continue
       print(f"mixer {impl}: {label}: forward {fwd:.3f} ms, forward+backward {fwd_bwd:.3f} ms",
             flush=True)
+    if check_fused:
+      check_fused_mixer(cfg, sets[0][0])
 
 
 def check_fused_mixer(cfg, u):
