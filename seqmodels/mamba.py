@@ -112,7 +112,7 @@ class MambaMixer(nnx.Module):
   def __call__(self, u, cache=None):
     if cache is not None and u.shape[1] == 1 and self.fused_decoding():
       return self.decode_step(u[:, 0], cache)
-    if self.fused_inner:
+    if self.fused_inner and u.shape[1] > 1:  # A one-token step would pad to a whole conv segment.
       return self.fused_forward(u, cache)
     x, dt, A, B, C, z, conv_state = self.scan_inputs(u, None if cache is None else cache["conv"])
     with jax.named_scope("scan"):  # Profiles (scripts/bench_train.py) attribute its ops to the scan.
