@@ -26,12 +26,11 @@ skipped. Points whose cache alone would not fit in memory are skipped as "oom (e
 that fails to allocate as "oom".
 
 --check first compares each Mamba model's fused decoding step (kernels/selective_scan_step.py, what
---scan_impl pallas runs) with XLA's ops on a random state. --profile DIR traces 8 decoding
+--scan_impl auto and pallas run on a GPU) with XLA's ops on a random state. --profile DIR traces 8 decoding
 steps of every decode point with jax.profiler into DIR/<model>_b<batch>_p<prompt>/ and prints the
 device time and kernels per step and the costliest ops (seqmodels/profiling.py). --scan_impl
-pallas decodes Mamba with that kernel; auto (default) and reference with XLA's ops, until the kernel
-is measured on a GPU. Writes bench_generate.json, generation_table.md and two plots,
-generate_throughput.png (tokens/s against batch at prompt 2048) and generate_latency.png (per-token
+reference decodes Mamba with XLA's ops instead of that kernel. Writes bench_generate.json,
+generation_table.md and two plots, generate_throughput.png (tokens/s against batch at prompt 2048) and generate_latency.png (per-token
 latency against prompt length at batch 64), to --out_dir; --report_from FILE rewrites them from a
 bench_generate.json without measuring. Results and the command that made them: docs/generation.md.
 """
@@ -449,8 +448,8 @@ def main(argv=None):
   parser.add_argument("--length_multiple", type=int, default=64)
   parser.add_argument("--prefill_tokens", type=int, default=16384)
   parser.add_argument("--out_dir", default="docs")
-  parser.add_argument("--scan_impl", default="auto", help="model.scan_impl of the Mamba models; pallas decodes with "
-                      "the fused step kernel, auto and reference with XLA's ops")
+  parser.add_argument("--scan_impl", default="auto", help="model.scan_impl of the Mamba models; auto and pallas decode "
+                      "with the fused step kernel on a GPU, reference with XLA's ops")
   parser.add_argument("--check", action="store_true", help="first compare each Mamba model's fused decoding step "
                       "with XLA's ops on a random state (printed and recorded as kind 'check')")
   parser.add_argument("--compile_threads", type=int, default=8, help="decoding loops compiled at once")

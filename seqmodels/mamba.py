@@ -12,9 +12,9 @@ Per block, with E = expand, N = d_state, R = dt_rank = ceil(d / 16):
 
 The same code runs the parallel forward (training), prefill and one-token decoding: a cache holds
 the last d_conv - 1 conv inputs and the (batch, Ed, N) SSM state, and a decode step is a length-1
-forward that starts from them. With model.scan_impl "pallas" a decode step runs everything after
-x_proj (dt_proj through the gate) as one kernel (kernels/selective_scan_step.py), since a step's
-time is its kernel launches. With model.fused_inner the training forward and prefill run the
+forward that starts from them. On a GPU (scan_impl "auto" or "pallas") a decode step runs
+everything after x_proj (dt_proj through the gate) as one kernel (kernels/selective_scan_step.py):
+a step's time is many small kernels, each far under the memory bandwidth. With model.fused_inner the training forward and prefill run the
 middle, from in_proj's output to the gated scan output, as one custom_vjp with a conv kernel
 (kernels/mamba_inner.py).
 """
@@ -144,10 +144,12 @@ class MambaMixer(nnx.Module):
     return self.out_proj(y), {"conv": conv_inputs[:, -kept:], "ssm": ssm_state}
 
   def fused_decoding(self) -> bool:
-    """Whether a one-token step runs kernels/selective_scan_step.py: with scan_impl "pallas", on one
-    device, for sizes the kernel takes. "auto" keeps XLA's ops until the kernel is measured on a GPU
-    (kernels/NOTES.md); `scripts/bench_generate.py --scan_impl pallas --check` measures it."""
-    if self.scan_impl != "pallas" or not selective_scan_step.supported(self.d_inner, self.d_state):
+    """Whether a one-token step runs kernels/selective_scan_step.py: with scan_impl "pallas", or
+    "auto" on a GPU (1.61 against 1.73 ms a token for mamba-370m at batch 64 on an H100, NOTES.md),
+    on one device, for sizes the kernel takes. On CPU "auto" keeps XLA's ops, which the kernel's
+    interpret mode would only slow down."""
+    chosen = self.scan_impl == "pallas" or (self.scan_impl == "auto" and jax.default_backend() == "gpu")
+    if not chosen or not selective_scan_step.supported(self.d_inner, self.d_state):
       return False
     mesh = jax.sharding.get_abstract_mesh()
     return mesh.empty or mesh.size == 1  # The kernel sees whole arrays, not a device's block.
