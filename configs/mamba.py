@@ -45,6 +45,9 @@ def mamba_model():
   model.dt_max = 0.1
   model.dt_init_floor = 1e-4
   model.scan_impl = "auto"
+  # The mixer's conv, x_proj, dt_proj and scan as one custom_vjp with a conv kernel
+  # (kernels/mamba_inner.py); one GPU, or CPU in interpret mode. Measured in kernels/NOTES.md.
+  model.fused_inner = False
   return model
 
 

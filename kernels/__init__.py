@@ -9,7 +9,25 @@ which one ran. Mamba's one-token decoding step has a kernel of its own on GPU
 (kernels/selective_scan_step.py), which seqmodels/mamba.py picks the same way.
 """
 
+import importlib
+
 from kernels.linear_attention import linear_attention
 from kernels.selective_scan import selective_scan
 
-__all__ = ["linear_attention", "selective_scan"]
+__all__ = ["linear_attention", "selective_scan", "set_tuning"]
+
+
+def set_tuning(settings):
+  """Sets kernel tuning constants from "module.NAME=INT" strings (the benchmarks' --set), e.g.
+  "selective_scan_step.TRITON_WARPS=8"; a bool constant takes 0 or 1."""
+  for setting in settings:
+    name, _, value = setting.partition("=")
+    module_name, _, constant = name.rpartition(".")
+    try:
+      module = importlib.import_module(f"kernels.{module_name}")
+    except (ImportError, ValueError):  # ValueError: an empty module name
+      module = None
+    if not hasattr(module, constant) or not value.lstrip("-").isdigit():
+      raise SystemExit(f"error: --set {setting}: expected module.CONSTANT=INTEGER naming a constant in kernels/")
+    setattr(module, constant, type(getattr(module, constant))(int(value)))
+

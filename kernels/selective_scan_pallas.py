@@ -49,10 +49,8 @@ def selective_scan_pallas(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, revers
   pallas_call's `interpret` (True, or pltpu.InterpretParams() for TPU interpret mode), or with
   plgpu.InterpretGPUParams() the Mosaic GPU kernels run in Pallas's GPU interpreter.
   """
-  if interpret is None and jax.default_backend() == "cpu":
-    interpret = True
-  chunk, subchunk = (INTERPRET_CHUNK, INTERPRET_SUBCHUNK) if interpret else (CHUNK, SUBCHUNK)
   acc = accumulation_dtype(x, dt, A, B, C, D, z, dt_bias, h0)
+  config = scan_config(x.shape[1], dt_softplus, acc, interpret)
   batch, length, d = x.shape
   n = A.shape[1]
   if B.ndim == 3:
@@ -64,18 +62,26 @@ def selective_scan_pallas(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, revers
   seq = (x, dt, B, C, z)
   if reverse:
     seq = tuple(None if a is None else jnp.flip(a, axis=1) for a in seq)
-  padded = -length % chunk
+  padded = -length % config.chunk
   if padded:
     seq = tuple(None if a is None else jnp.pad(a, [(0, 0), (0, padded)] + [(0, 0)] * (a.ndim - 2))
                 for a in seq)
   x, dt, B, C, z = seq
-  config = _Config(length=length, softplus=dt_softplus, acc=jnp.dtype(acc), interpret=interpret,
-                   chunk=chunk, subchunk=subchunk)
   y, h_last = _scan(config, x, dt, A, B, C, D, dt_bias, z, h0)
   y = y[:, :length]
   if reverse:
     y = jnp.flip(y, axis=1)
   return (y, h_last) if return_state else y
+
+
+def scan_config(length, dt_softplus, acc, interpret=None):
+  """The static settings of a scan of `length` steps accumulating in `acc`, for `forward` and
+  `backward`; their inputs are padded to a multiple of its `chunk` steps."""
+  if interpret is None and jax.default_backend() == "cpu":
+    interpret = True
+  chunk, subchunk = (INTERPRET_CHUNK, INTERPRET_SUBCHUNK) if interpret else (CHUNK, SUBCHUNK)
+  return _Config(length=length, softplus=dt_softplus, acc=jnp.dtype(acc), interpret=interpret,
+                 chunk=chunk, subchunk=subchunk)
 
 
 class _Config(typing.NamedTuple):
@@ -286,7 +292,10 @@ def _mosaic_gpu(config, x, B):
           and selective_scan_gpu.supported(x.shape[2], groups, n, config.chunk))
 
 
-def _forward(config, x, dt, A, B, C, D, dt_bias, z, h0, save_chunks):
+def forward(config, x, dt, A, B, C, D, dt_bias, z, h0, save_chunks):
+  """y and the final state; with save_chunks also the state before each chunk, which `backward`
+  reads. Sequence inputs are padded to whole chunks, B and C are (batch, length, groups, n), and D,
+  dt_bias and h0 are arrays."""
   if _mosaic_gpu(config, x, B):
     return selective_scan_gpu.forward(x, dt, A, B, C, D, dt_bias, z, h0, length=config.length,
                                       softplus=config.softplus, chunk=config.chunk,
@@ -310,16 +319,18 @@ def _forward(config, x, dt, A, B, C, D, dt_bias, z, h0, save_chunks):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _scan(config, x, dt, A, B, C, D, dt_bias, z, h0):
-  y, h_last = _forward(config, x, dt, A, B, C, D, dt_bias, z, h0, save_chunks=False)
+  y, h_last = forward(config, x, dt, A, B, C, D, dt_bias, z, h0, save_chunks=False)
   return y, h_last
 
 
 def _scan_fwd(config, x, dt, A, B, C, D, dt_bias, z, h0):
-  y, h_last, chunks = _forward(config, x, dt, A, B, C, D, dt_bias, z, h0, save_chunks=True)
+  y, h_last, chunks = forward(config, x, dt, A, B, C, D, dt_bias, z, h0, save_chunks=True)
   return (y, h_last), (x, dt, A, B, C, D, dt_bias, z, h0, chunks)
 
 
-def _scan_bwd(config, residuals, cotangents):
+def backward(config, residuals, cotangents):
+  """The gradients of every input of `forward`, given its inputs and saved chunk states as
+  residuals (x, dt, A, B, C, D, dt_bias, z, h0, chunks) and the cotangents (dy, dh_last)."""
   x, dt, A, B, C, D, dt_bias, z, h0, chunks = residuals
   dy, dh_last = cotangents
   batch, padded_length, d = x.shape
@@ -370,4 +381,4 @@ def _portable_backward(config, x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_las
   return (outs[0], outs[1], dz, *outs[2 + has_z:])
 
 
-_scan.defvjp(_scan_fwd, _scan_bwd)
+_scan.defvjp(_scan_fwd, backward)

@@ -26,12 +26,11 @@ skipped. Points whose cache alone would not fit in memory are skipped as "oom (e
 that fails to allocate as "oom".
 
 --check first compares each Mamba model's fused decoding step (kernels/selective_scan_step.py, what
---scan_impl pallas runs) with XLA's ops on a random state. --profile DIR traces 8 decoding
+--scan_impl auto and pallas run on a GPU) with XLA's ops on a random state. --profile DIR traces 8 decoding
 steps of every decode point with jax.profiler into DIR/<model>_b<batch>_p<prompt>/ and prints the
 device time and kernels per step and the costliest ops (seqmodels/profiling.py). --scan_impl
-pallas decodes Mamba with that kernel; auto (default) and reference with XLA's ops, until the kernel
-is measured on a GPU. Writes bench_generate.json, generation_table.md and two plots,
-generate_throughput.png (tokens/s against batch at prompt 2048) and generate_latency.png (per-token
+reference decodes Mamba with XLA's ops instead of that kernel. Writes bench_generate.json,
+generation_table.md and two plots, generate_throughput.png (tokens/s against batch at prompt 2048) and generate_latency.png (per-token
 latency against prompt length at batch 64), to --out_dir; --report_from FILE rewrites them from a
 bench_generate.json without measuring. Results and the command that made them: docs/generation.md.
 """
@@ -56,6 +55,7 @@ import jax.numpy as jnp  # noqa: E402
 from seqmodels import config as config_lib  # noqa: E402
 from flax import nnx  # noqa: E402
 
+import kernels  # noqa: E402
 from seqmodels import generate, layers, lm, profiling  # noqa: E402
 
 # name: (config file, variant, share of the time budget)
@@ -221,7 +221,7 @@ class Bench:
     batch = self.args.target[0]
     try:
       errors = check_fused_step(generate.inference_model(model).backbone.blocks[0].mixer, batch)
-      close = errors["output"] < 2e-2 and errors["ssm_state"] < 1e-2 and errors["conv_state"] < 1e-6
+      close = errors["output"] < 2e-2 and errors["ssm_state"] < 1e-2 and errors["conv_state"] < 1e-2
       status = "ok" if close else "too far from XLA's ops"
     except Exception as e:  # A kernel that does not compile on this device.
       errors, status = {}, f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
@@ -448,13 +448,15 @@ def main(argv=None):
   parser.add_argument("--length_multiple", type=int, default=64)
   parser.add_argument("--prefill_tokens", type=int, default=16384)
   parser.add_argument("--out_dir", default="docs")
-  parser.add_argument("--scan_impl", default="auto", help="model.scan_impl of the Mamba models; pallas decodes with "
-                      "the fused step kernel, auto and reference with XLA's ops")
+  parser.add_argument("--scan_impl", default="auto", help="model.scan_impl of the Mamba models; auto and pallas decode "
+                      "with the fused step kernel on a GPU, reference with XLA's ops")
   parser.add_argument("--check", action="store_true", help="first compare each Mamba model's fused decoding step "
                       "with XLA's ops on a random state (printed and recorded as kind 'check')")
   parser.add_argument("--compile_threads", type=int, default=8, help="decoding loops compiled at once")
   parser.add_argument("--profile", default="", help="trace 8 decoding steps of each decode point into this folder "
                       "and print the device ops and kernels per step")
+  parser.add_argument("--set", nargs="*", default=[],
+                      help="kernel tuning constants, e.g. selective_scan_step.TRITON_WARPS=8")
   parser.add_argument("--no_plots", action="store_true")
   parser.add_argument("--quick", action="store_true", help="tiny models and sizes: a smoke test for a CPU")
   parser.add_argument("--report_from", help="a bench_generate.json: rewrite its table (and plots) without measuring")
@@ -470,6 +472,7 @@ def main(argv=None):
   args.target = [int(x) for x in args.target.split(",")]
   args.end_to_end = [m for m in args.end_to_end.split(",") if m]
   os.makedirs(args.out_dir, exist_ok=True)
+  kernels.set_tuning(args.set)
 
   # Compiled programs go to a disk cache, so that a shape timed by the decode loop and again end to
   # end compiles once.

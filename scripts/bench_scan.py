@@ -8,6 +8,7 @@
   python scripts/bench_scan.py --check              # first checks each impl against a float32 reference
   python scripts/bench_scan.py --workload selective_scan --impl pallas pallas_triton  # Mosaic vs Triton
   python scripts/bench_scan.py --mixer              # times the Mamba-130m mixer around the scan
+  python scripts/bench_scan.py --mixer --fused --check --impl pallas   # fused_inner vs unfused
   python scripts/bench_scan.py --workload selective_scan --impl pallas --variants '' \
       selective_scan_gpu.BACKWARD_SPAN=4            # kernel variants side by side in one run
   ncu --kernel-name regex:mosaic_gpu python scripts/bench_scan.py --workload selective_scan \
@@ -36,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 
+import kernels  # noqa: E402
 from kernels import linear_attention, selective_scan  # noqa: E402
 
 SEQ_SWEEP = (512, 1024, 2048, 4096, 8192, 16384)
@@ -260,24 +262,29 @@ def check(workload, impl, shape):
   return results
 
 
-def time_mixer(impls, repeats):
-  """Times the Mamba-130m mixer at batch 8 x 2048, bf16: its scan inputs, the scan, and the whole.
+def time_mixer(impls, repeats, fused=False, check_fused=False, batch=8, length=2048):
+  """Times the Mamba-130m mixer at batch 8 x 2048 (or --shape batch=..,length=..), bf16: its scan inputs, the scan, and the whole.
 
-  The whole minus the scan is what a fused inner path could save at most.
+  The whole minus the scan is what a fused inner path could save at most. With `fused`, the whole
+  mixer with model.fused_inner (kernels/mamba_inner.py) is timed beside it on the same inputs, and
+  with `check_fused` its output and parameter gradients are first compared with the unfused
+  mixer's, both bf16, and with the unfused mixer's in float32.
   """
   from flax import nnx
 
   from configs import mamba as mamba_config
   from seqmodels.mamba import MambaMixer
   cfg = mamba_config.get_config("130m").model
-  sets = [(jax.random.normal(jax.random.key(s), (8, 2048, cfg.d_model), jnp.bfloat16),)
+  sets = [(jax.random.normal(jax.random.key(s), (batch, length, cfg.d_model), jnp.bfloat16),)
           for s in range(2)]
   for impl in impls:
     cfg.scan_impl = impl
     graph, params = nnx.split(MambaMixer(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
 
-    def whole(params, u):
-      return nnx.merge(graph, params)(u)[0]
+    def whole(params, u, fused_inner=False):
+      mixer = nnx.merge(graph, params)
+      mixer.fused_inner = fused_inner
+      return mixer(u)[0]
 
     def scan_inputs(params, u):
       mixer = nnx.merge(graph, params)
@@ -298,22 +305,68 @@ def time_mixer(impls, repeats):
     pieces = {"scan inputs (in_proj, conv, silu, x_proj, dt_proj)": (scan_inputs, [(params, *u) for u in sets]),
               "scan (with D, gate, dt_bias, softplus)": (scan_only, scan_sets),
               "whole mixer (+ out_proj)": (whole, [(params, *u) for u in sets])}
+    if fused:
+      pieces["whole mixer, fused_inner"] = (functools.partial(whole, fused_inner=True),
+                                            [(params, *u) for u in sets])
     for label, (fn, fn_sets) in pieces.items():
-      fwd = median_ms(jax.jit(fn), fn_sets, repeats)
-      fwd_bwd = median_ms(forward_backward(fn), fn_sets, repeats)
+      try:
+        fwd = median_ms(jax.jit(fn), fn_sets, repeats)
+        fwd_bwd = median_ms(forward_backward(fn), fn_sets, repeats)
+      except Exception as error:  # A piece that fails to build is reported, not fatal.
+        print(f"mixer {impl}: {label}: failed: {type(error).__name__}: {error}"[:2000], flush=True)
+        continue
       print(f"mixer {impl}: {label}: forward {fwd:.3f} ms, forward+backward {fwd_bwd:.3f} ms",
             flush=True)
+    if check_fused:
+      check_fused_mixer(cfg, sets[0][0])
+
+
+def check_fused_mixer(cfg, u):
+  """Prints the relative L2 errors of the fused and the unfused bf16 mixer's output and parameter
+  gradients against the unfused mixer computing in float32 (same parameters, same bf16 input)."""
+  from flax import nnx
+
+  from seqmodels.mamba import MambaMixer
+  weights = jax.random.normal(jax.random.key(9), u.shape, jnp.float32)
+
+  def output_and_grads(dtype, fused_inner):
+    mixer = MambaMixer(cfg, dtype=dtype, rngs=nnx.Rngs(0))  # The parameters are float32 in both.
+    mixer.fused_inner = fused_inner
+    graph, params = nnx.split(mixer)
+
+    def loss(params):
+      y = nnx.merge(graph, params)(u.astype(dtype))[0]
+      return jnp.sum(y.astype(jnp.float32) * weights), y
+    grads, y = jax.jit(jax.grad(loss, has_aux=True))(params)
+    return y, grads
+
+  relative = lambda g, w: float(jnp.linalg.norm((g.astype(jnp.float32) - w).ravel())
+                                / jnp.linalg.norm(w.ravel()))
+  want = output_and_grads(jnp.float32, False)
+  for label, fused_inner in (("unfused", False), ("fused_inner", True)):
+    got = output_and_grads(jnp.bfloat16, fused_inner)
+    errors = jax.tree_util.tree_leaves_with_path(jax.tree.map(relative, got[1], want[1]))
+    print(f"check mixer {label} bf16 vs unfused float32: output {relative(got[0], want[0]):.2e}; "
+          + ", ".join(f"{jax.tree_util.keystr(path)} {e:.1e}" for path, e in errors), flush=True)
+
+
+def shape_overrides(text):
+  """--shape's "batch=1,d=64" as {"batch": 1, "d": 64}."""
+  return dict((k, int(v)) for k, v in (kv.split("=") for kv in text.split(",") if kv))
 
 
 def apply_settings(settings):
-  """Sets kernel tuning constants ("module.NAME=VALUE", int or bool); returns the old settings."""
+  """kernels.set_tuning(settings); returns the settings that restore the constants it changed."""
   old = []
   for setting in settings:
-    name, value = setting.split("=")
-    module_name, constant = name.rsplit(".", 1)
-    module = importlib.import_module(f"kernels.{module_name}")
-    old.append(f"{name}={int(getattr(module, constant))}")
-    setattr(module, constant, type(getattr(module, constant))(int(value)))
+    name = setting.partition("=")[0]
+    module_name, _, constant = name.rpartition(".")
+    try:
+      module = importlib.import_module(f"kernels.{module_name}")
+      old.append(f"{name}={int(getattr(module, constant))}")
+    except (ImportError, ValueError, AttributeError):
+      pass  # set_tuning names the problem
+  kernels.set_tuning(settings)
   return old
 
 
@@ -325,6 +378,8 @@ def main():
   parser.add_argument("--compare", action="store_true", help="include installed peers")
   parser.add_argument("--check", action="store_true", help="check accuracy before timing")
   parser.add_argument("--mixer", action="store_true", help="time the Mamba-130m mixer's pieces")
+  parser.add_argument("--fused", action="store_true",
+                      help="with --mixer: time the mixer with model.fused_inner beside it")
   parser.add_argument("--shape", default="", help="overrides of the default shape, e.g. batch=1,d=64")
   parser.add_argument("--set", nargs="*", default=[],
                       help="kernel tuning constants, e.g. selective_scan_pallas.TRITON_WARPS=1 "
@@ -338,10 +393,10 @@ def main():
   parser.add_argument("--sets", type=int, default=3, help="input sets to rotate over")
   args = parser.parse_args()
 
-  apply_settings(args.set)
+  kernels.set_tuning(args.set)
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, {' '.join(args.set)}",
         flush=True)
-  overrides = dict((k, int(v)) for k, v in (kv.split("=") for kv in args.shape.split(",") if kv))
+  overrides = shape_overrides(args.shape)
   if args.once:
     for name in args.workload:
       workload = WORKLOADS[name]
@@ -354,7 +409,8 @@ def main():
   bandwidth = copy_bandwidth(args.repeats)
   print(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)
   if args.mixer:
-    time_mixer(args.impl or ("pallas", "associative"), args.repeats)
+    time_mixer(args.impl or ("pallas", "associative"), args.repeats, args.fused,
+               args.fused and args.check, **shape_overrides(args.shape))
     return
   rows = []
   for name in args.workload:

@@ -120,6 +120,10 @@ class DenseMambaBlock(MambaBlock):
 
   @staticmethod
   def check_config(cfg):
+    if cfg.get("fused_inner", False):
+      # Its mixer keeps x and dt for the layers above and gates after the dense term.
+      raise UserError("model.fused_inner applies to architecture 'mamba', not 'dense_mamba'; "
+                      "set model.fused_inner=False")
     MambaBlock.check_config(cfg)
     if cfg.dense_m < 1:
       raise UserError(f"model.dense_m must be >= 1 (earlier layers each layer reads), got {cfg.dense_m}; "

@@ -12,9 +12,11 @@ Per block, with E = expand, N = d_state, R = dt_rank = ceil(d / 16):
 
 The same code runs the parallel forward (training), prefill and one-token decoding: a cache holds
 the last d_conv - 1 conv inputs and the (batch, Ed, N) SSM state, and a decode step is a length-1
-forward that starts from them. With model.scan_impl "pallas" a decode step runs everything after
-x_proj (dt_proj through the gate) as one kernel (kernels/selective_scan_step.py), since a step's
-time is its kernel launches.
+forward that starts from them. On a GPU (scan_impl "auto" or "pallas") a decode step runs
+everything after x_proj (dt_proj through the gate) as one kernel (kernels/selective_scan_step.py):
+a step's time is many small kernels, each far under the memory bandwidth. With model.fused_inner the training forward and prefill run the
+middle, from in_proj's output to the gated scan output, as one custom_vjp with a conv kernel
+(kernels/mamba_inner.py).
 """
 
 import math
@@ -23,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels import selective_scan_step
+from kernels import mamba_inner, selective_scan_step
 from seqmodels import layers
 from seqmodels.sharding import selective_scan
 from seqmodels.errors import UserError
@@ -69,6 +71,7 @@ class MambaMixer(nnx.Module):
     rank = dt_rank(cfg)
     self.d_inner, self.d_state, self.d_conv, self.rank = d_inner, n, cfg.d_conv, rank
     self.scan_impl = cfg.scan_impl
+    self.fused_inner = cfg.get("fused_inner", False)  # Configs saved before the key lack it.
     self.dtype = dtype
 
     self.in_proj = layers.linear(d, 2 * d_inner, axes=("embed", "inner"), dtype=dtype, rngs=rngs)
@@ -109,6 +112,8 @@ class MambaMixer(nnx.Module):
   def __call__(self, u, cache=None):
     if cache is not None and u.shape[1] == 1 and self.fused_decoding():
       return self.decode_step(u[:, 0], cache)
+    if self.fused_inner and u.shape[1] > 1:  # A one-token step would pad to a whole conv segment.
+      return self.fused_forward(u, cache)
     x, dt, A, B, C, z, conv_state = self.scan_inputs(u, None if cache is None else cache["conv"])
     with jax.named_scope("scan"):  # Profiles (scripts/bench_train.py) attribute its ops to the scan.
       scan = selective_scan(x, dt, A, B, C, self.D[...], z=z, dt_bias=self.dt_bias[...], dt_softplus=True,
@@ -119,11 +124,32 @@ class MambaMixer(nnx.Module):
     y, ssm_state = scan
     return self.out_proj(y), {"conv": conv_state, "ssm": ssm_state}
 
+  def fused_forward(self, u, cache):
+    """The forward with the middle of the mixer in kernels/mamba_inner.py (model.fused_inner)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not (mesh.empty or mesh.size == 1):
+      raise UserError(f"model.fused_inner runs on one device, not a mesh of {mesh.size}; "
+                      "set model.fused_inner=False")
+    xz = self.in_proj(u)
+    start = self.init_cache(u.shape[0]) if cache is None else cache
+    with jax.named_scope("scan"):
+      y, ssm_state = mamba_inner.mamba_inner(
+          xz, start["conv"], self.conv1d.kernel[...], self.conv1d.bias[...], self.x_proj.kernel[...],
+          self.dt_proj.kernel[...], self.dt_bias[...], self.A_log[...], self.D[...], start["ssm"])
+    if cache is None:
+      return self.out_proj(y), None
+    # The last d_conv - 1 conv inputs, reaching back into the old state when u is shorter.
+    kept = self.d_conv - 1
+    conv_inputs = jnp.concatenate([cache["conv"].astype(xz.dtype), xz[:, -kept:, :self.d_inner]], axis=1)
+    return self.out_proj(y), {"conv": conv_inputs[:, -kept:], "ssm": ssm_state}
+
   def fused_decoding(self) -> bool:
-    """Whether a one-token step runs kernels/selective_scan_step.py: with scan_impl "pallas", on one
-    device, for sizes the kernel takes. "auto" keeps XLA's ops until the kernel is measured on a GPU
-    (kernels/NOTES.md); `scripts/bench_generate.py --scan_impl pallas --check` measures it."""
-    if self.scan_impl != "pallas" or not selective_scan_step.supported(self.d_inner, self.d_state):
+    """Whether a one-token step runs kernels/selective_scan_step.py: with scan_impl "pallas", or
+    "auto" on a GPU (1.61 against 1.73 ms a token for mamba-370m at batch 64 on an H100, NOTES.md),
+    on one device, for sizes the kernel takes. On CPU "auto" keeps XLA's ops, which the kernel's
+    interpret mode would only slow down."""
+    chosen = self.scan_impl == "pallas" or (self.scan_impl == "auto" and jax.default_backend() == "gpu")
+    if not chosen or not selective_scan_step.supported(self.d_inner, self.d_state):
       return False
     mesh = jax.sharding.get_abstract_mesh()
     return mesh.empty or mesh.size == 1  # The kernel sees whole arrays, not a device's block.
@@ -158,6 +184,17 @@ class MambaBlock(nnx.Module):
     for key in ("d_state", "expand", "d_conv"):
       if cfg[key] <= 0:
         raise UserError(f"model.{key} must be positive, got {cfg[key]}; fix the config")
+    if cfg.get("fused_inner", False):
+      d_inner = cfg.expand * cfg.d_model
+      if cfg.scan_impl not in ("auto", "pallas"):
+        raise UserError(f"model.fused_inner runs the Pallas scan, not scan_impl={cfg.scan_impl!r}; "
+                        "set model.scan_impl=pallas or model.fused_inner=False")
+      if not mamba_inner.supported(d_inner):
+        raise UserError(f"model.fused_inner needs expand * d_model = {d_inner} to be a multiple of "
+                        "128; set model.fused_inner=False")
+      if jax.default_backend() == "tpu":
+        raise UserError("model.fused_inner has no TPU kernels (its conv kernel is Mosaic GPU); "
+                        "set model.fused_inner=False")
 
   def init_cache(self, batch, max_length):
     del max_length  # A recurrent state does not grow with the sequence.

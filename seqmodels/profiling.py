@@ -102,7 +102,7 @@ def summarize_trace(path, hlo_text, steps, top=15):
     scope = scopes.get(op_args.get("hlo_op", ""), "") + " " + scopes.get(e["name"], "")
     category = categorize(e["name"], scope)
     key = (e["name"][:80], category)
-    by_op.setdefault(key, [0.0, 0])
+    by_op.setdefault(key, [0.0, 0, " ".join(scope.split())[:300]])
     by_op[key][0] += e["dur"] / steps / 1e3
     by_op[key][1] += 1
     by_category[category] = by_category.get(category, 0.0) + e["dur"] / steps / 1e3
@@ -112,8 +112,8 @@ def summarize_trace(path, hlo_text, steps, top=15):
   total = sum(by_category.values())
   ranked = sorted(by_op.items(), key=lambda kv: -kv[1][0])[:top]
   return {"device_ms_per_step": total, "ms_by_category": by_category, "kernels_per_step": kernels / steps,
-          "top_ops": [{"name": name, "category": cat, "ms": ms, "count": count / steps}
-                      for (name, cat), (ms, count) in ranked]}
+          "top_ops": [{"name": name, "category": cat, "ms": ms, "count": count / steps, "scope": scope}
+                      for (name, cat), (ms, count, scope) in ranked]}
 
 
 def format_summary(summary, unit="step"):
@@ -123,6 +123,7 @@ def format_summary(summary, unit="step"):
   lines = [f"device time {total:.3f} ms/{unit}, {summary['kernels_per_step']:.0f} kernels/{unit}: " + ", ".join(
       f"{cat} {ms:.3f} ms ({ms / total:.0%})" for cat, ms in sorted(summary["ms_by_category"].items(),
                                                                      key=lambda kv: -kv[1]))]
-  lines += [f"  {op['ms']:8.3f} ms  {op['count']:5.0f} x  {op['category']:<9} {op['name']}"
+  # The end of an op's jax name stack says which layer code it came from.
+  lines += [f"  {op['ms']:8.3f} ms  {op['count']:5.0f} x  {op['category']:<9} {op['name']}  {op['scope'][-90:]}"
             for op in summary["top_ops"]]
   return "\n".join(lines)

@@ -194,7 +194,9 @@ def test_profile_summary_groups_device_ops():
   summary = profiling.summarize_trace(path, hlo, steps=1)
   os.remove(path)
   assert summary["ms_by_category"] == {"scan": 3.0, "matmul": 1.0, "attention": 0.5, "other": 0.0}
-  assert summary["top_ops"][0] == {"name": "input_concatenate_fusion_7", "category": "scan", "ms": 3.0, "count": 1}
+  assert summary["top_ops"][0] == {"name": "input_concatenate_fusion_7", "category": "scan", "ms": 3.0, "count": 1,
+                                   "scope": "jit(_train_step)/concatenate jit(_train_step)/transpose(jvp(scan))/mul "
+                                            "jit(_train_step)/concatenate"}
   assert summary["kernels_per_step"] == 3  # The copy is a device op but not a kernel.
 
 

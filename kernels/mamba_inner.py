@@ -1,0 +1,144 @@
+"""The middle of Mamba's mixer, from in_proj's output to the gated scan output, as one custom_vjp.
+
+    x       = silu(causal_depthwise_conv1d(xz[..., :d]) + conv_bias)    kernels/causal_conv1d.py
+    dt, B, C = split(x @ x_proj);  dt = dt @ dt_proj
+    y       = S6(x, softplus(dt + dt_bias), -exp(A_log), B, C) + D x,  y *= silu(z = xz[..., d:])
+
+The unfused mixer (seqmodels/mamba.py) is XLA ops around the scan kernel: the split of xz, the
+concatenate of the conv state, the shifted slices and silu, the split of x_proj's output, and in
+the backward their transposes (pads and adds). Here the conv and silu are one kernel that reads x
+out of xz, and the backward is written out: it recomputes x (one conv pass) and dt (one small
+matmul) instead of keeping them, so a layer's residuals are xz, x_proj's small output and the
+scan's chunk states (as mamba_ssm's mamba_inner_fn keeps), and its conv kernel writes the gradient
+of xz whole, dz included. z and the dt/B/C pieces are still slices of xz and x_proj's output: the
+scan kernels read separate arrays.
+
+Runs on one GPU (Mosaic GPU kernels) and on CPU (the conv in Pallas's Mosaic GPU interpreter, the
+scan's portable Pallas kernels in interpret mode); there is no TPU version of the conv kernel.
+"""
+
+import functools
+import math
+import typing
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels import causal_conv1d, selective_scan_pallas
+
+
+def supported(d_inner) -> bool:
+  """Whether the kernels take Mamba's inner width: whole 128-channel blocks."""
+  return d_inner % causal_conv1d.CHANNELS == 0
+
+
+def mamba_inner(xz, conv_state, conv_kernel, conv_bias, x_proj, dt_proj, dt_bias, A_log, D, h0):
+  """The gated scan output for in_proj's output xz, and the final SSM state.
+
+  Args:
+    xz: (batch, length, 2 d) in the compute dtype: x and the gate z.
+    conv_state: (batch, width - 1, d), the conv inputs before the first step.
+    conv_kernel, conv_bias: (width, d) and (d,) float32.
+    x_proj, dt_proj: (d, rank + 2 n) and (rank, d) float32 matmul kernels, applied in xz's dtype.
+    dt_bias, A_log, D: (d,), (d, n) and (d,) float32.
+    h0: (batch, d, n) float32, the SSM state before the first step.
+
+  Returns:
+    y (batch, length, d) in xz's dtype, and the state after the last step (batch, d, n) float32.
+  """
+  batch, length, _ = xz.shape
+  interpret = jax.default_backend() == "cpu"
+  segment = causal_conv1d.segment_length(interpret)
+  scan = selective_scan_pallas.scan_config(length, True, jnp.float32, interpret or None)
+  config = _Config(rank=dt_proj.shape[0], segment=segment, scan=scan,
+                   conv_interpret=plgpu.InterpretGPUParams() if interpret else None)
+  padded = -length % math.lcm(segment, scan.chunk)
+  if padded:
+    xz = jnp.pad(xz, [(0, 0), (0, padded), (0, 0)])
+  y, h_last = _inner(config, xz, conv_state.astype(xz.dtype), conv_kernel, conv_bias, x_proj,
+                     dt_proj, dt_bias, A_log, D, h0)
+  return y[:, :length], h_last
+
+
+class _Config(typing.NamedTuple):
+  rank: int  # dt_rank, the first columns of x_proj's output
+  segment: int  # steps per conv kernel block
+  scan: object  # selective_scan_pallas.scan_config
+  conv_interpret: object
+
+
+def _linear(x, kernel):
+  """x @ kernel in x's dtype, as nnx.Linear computes it."""
+  return jax.lax.dot_general(x, kernel.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _conv(config, xz, conv_state, conv_kernel, conv_bias):
+  """The conv's left halo, and x after the conv, its bias and silu."""
+  halo = causal_conv1d.left_halo(xz[..., :conv_kernel.shape[1]], conv_state, config.segment)
+  return halo, causal_conv1d.forward(xz, halo, conv_kernel, conv_bias,
+                                     interpret=config.conv_interpret)
+
+
+def _forward(config, save_chunks, xz, conv_state, conv_kernel, conv_bias, x_proj, dt_proj, dt_bias,
+             A_log, D, h0):
+  _, x = _conv(config, xz, conv_state, conv_kernel, conv_bias)
+  xdbc = _linear(x, x_proj)
+  dt, A, B, C, z = _ssm_inputs(config, xz, xdbc, dt_proj, A_log)
+  outs = selective_scan_pallas.forward(config.scan, x, dt, A, B, C, D, dt_bias, z, h0, save_chunks)
+  return outs, xdbc
+
+
+def _ssm_inputs(config, xz, xdbc, dt_proj, A_log):
+  """dt, A, B, C and z for the scan, from xz and x_proj's output xdbc."""
+  d, n = A_log.shape
+  dt = _linear(xdbc[..., :config.rank], dt_proj)
+  bc = xdbc[..., config.rank:].reshape(*xdbc.shape[:2], 2, 1, n)
+  return dt, -jnp.exp(A_log), bc[:, :, 0], bc[:, :, 1], xz[..., d:]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _inner(config, xz, conv_state, conv_kernel, conv_bias, x_proj, dt_proj, dt_bias, A_log, D, h0):
+  (y, h_last), _ = _forward(config, False, xz, conv_state, conv_kernel, conv_bias, x_proj, dt_proj,
+                            dt_bias, A_log, D, h0)
+  return y, h_last
+
+
+def _inner_fwd(config, xz, conv_state, conv_kernel, conv_bias, x_proj, dt_proj, dt_bias, A_log, D,
+               h0):
+  (y, h_last, chunks), xdbc = _forward(config, True, xz, conv_state, conv_kernel, conv_bias, x_proj,
+                                       dt_proj, dt_bias, A_log, D, h0)
+  residuals = (xz, conv_state, conv_kernel, conv_bias, x_proj, dt_proj, dt_bias, A_log, D, h0,
+               xdbc, chunks)
+  return (y, h_last), residuals
+
+
+def _inner_bwd(config, residuals, cotangents):
+  (xz, conv_state, conv_kernel, conv_bias, x_proj, dt_proj, dt_bias, A_log, D, h0, xdbc,
+   chunks) = residuals
+  dy, dh_last = cotangents
+  width, d = conv_kernel.shape
+  # x again from the conv, rather than kept from the forward: one pass over (batch, length, d).
+  halo, x = _conv(config, xz, conv_state, conv_kernel, conv_bias)
+  dt, A, B, C, z = _ssm_inputs(config, xz, xdbc, dt_proj, A_log)
+  dx, ddt, dA, dB, dC, dD, ddt_bias, dz, dh0 = selective_scan_pallas.backward(
+      config.scan, (x, dt, A, B, C, D, dt_bias, z, h0, chunks), (dy.astype(xz.dtype), dh_last))
+
+  _, dt_proj_vjp = jax.vjp(_linear, xdbc[..., :config.rank], dt_proj)
+  d_dt_low, d_dt_proj = dt_proj_vjp(ddt)
+  dxdbc = jnp.concatenate([d_dt_low, dB[:, :, 0].astype(xz.dtype), dC[:, :, 0].astype(xz.dtype)],
+                          axis=-1)
+  _, x_proj_vjp = jax.vjp(_linear, x, x_proj)
+  dx_from_proj, d_x_proj = x_proj_vjp(dxdbc)
+  dx = dx + dx_from_proj
+
+  dxz, dparams, dhalo = causal_conv1d.backward(
+      xz, halo, causal_conv1d.right_halo(xz[..., :d], width, config.segment), conv_kernel, conv_bias,
+      dx, causal_conv1d.right_halo(dx, width, config.segment), dz,
+      interpret=config.conv_interpret)
+  dparams = dparams.sum(axis=(0, 1))
+  return (dxz, dhalo[:, 0].astype(conv_state.dtype), dparams[:width], dparams[width], d_x_proj,
+          d_dt_proj, ddt_bias, dA * A, dD, dh0)
+
+
+_inner.defvjp(_inner_fwd, _inner_bwd)
