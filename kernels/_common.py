@@ -18,6 +18,12 @@ def accumulation_dtype(*arrays):
   return jnp.promote_types(jnp.float32, jnp.result_type(*(a for a in arrays if a is not None)))
 
 
+def sigmoid(v):
+  """1 / (1 + e^-v) from exp and a division, for kernels whose lowering has no logistic
+  (the Mosaic GPU ones)."""
+  return 1.0 / (1.0 + jnp.exp(-v))
+
+
 def compose_affine(earlier, later):
   """Composes the affine maps h -> a * h + b of two adjacent spans, the earlier applied first."""
   a1, b1 = earlier

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels._common import sigmoid
+
 CHANNELS = 128  # one warpgroup, one channel per thread
 SEGMENT = 64  # steps per block compiled
 INTERPRET_SEGMENT = 8  # the interpreter's cost grows with the unrolled steps
@@ -55,10 +57,6 @@ def right_halo(a, width, segment):
 def _weighted_sum(weights, values):
   """sum(w * v), starting from the first product rather than a Python 0."""
   return functools.reduce(jnp.add, [w * v for w, v in zip(weights, values)])
-
-
-def _sigmoid(v):
-  return 1.0 / (1.0 + jnp.exp(-v))
 
 
 def _params(kernel, bias):
@@ -98,7 +96,7 @@ def forward(xz, halo, kernel, bias, *, interpret=None):
     for t in range(segment):
       window = window[-(width - 1):] + [x_s[t].astype(jnp.float32)]
       pre = bias_row + _weighted_sum(weights, window)
-      x_s[t] = (pre * _sigmoid(pre)).astype(x_s.dtype)  # The row is in registers: reuse its slot.
+      x_s[t] = (pre * sigmoid(pre)).astype(x_s.dtype)  # The row is in registers: reuse its slot.
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(x_s, y_g.at[b, rows, cols])
     plgpu.wait_smem_to_gmem(0)
@@ -161,7 +159,7 @@ def backward(xz, halo, x_after, kernel, bias, dy, dy_after, dz, *, interpret=Non
       for t in range(segment + width - 1):
         window = window[-(width - 1):] + [x_at(t)]
         pre = bias_row + _weighted_sum(weights, window)
-        sig = _sigmoid(pre)
+        sig = sigmoid(pre)
         dpre.append(dy_at(t) * sig * (1.0 + pre * (1.0 - sig)))
         if t < segment:  # Steps after the segment are the next segment's outputs.
           dweights = [dpre[t] * v if dw is None else dw + dpre[t] * v

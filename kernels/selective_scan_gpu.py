@@ -27,6 +27,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels._common import sigmoid
+
 CHANNELS = 128  # one warpgroup, one channel per thread
 # Warpgroups per forward block, each holding n / FORWARD_WARPGROUPS of a channel's states, so
 # each SM scheduler has that many warps to switch between; the first warpgroup adds the others'
@@ -61,10 +63,6 @@ def _tree_sum(terms):
 
 def _softplus(v):
   return jnp.maximum(v, 0.0) + jnp.log(1.0 + jnp.exp(-jnp.abs(v)))
-
-
-def _sigmoid(v):
-  return 1.0 / (1.0 + jnp.exp(-v))
 
 
 class _Step:
@@ -279,7 +277,7 @@ def _warpgroup_barrier(_):
 
 
 def _silu(v):
-  return v * _sigmoid(v)
+  return v * sigmoid(v)
 
 
 def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, softplus, chunk,
@@ -353,7 +351,7 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
       C_t = step.C()
       if has_z:
         zv = seq_s[2][slot, t].astype(jnp.float32)
-        sig = _sigmoid(zv)
+        sig = sigmoid(zv)
         y_pre = _tree_sum([D_row * step.x] + [hi * ci for hi, ci in zip(h, C_t)])
         seq_s[2][slot, t] = (dyv * y_pre * sig * (1.0 + zv * (1.0 - sig))).astype(seq_s[2].dtype)
         dyv = dyv * zv * sig
@@ -366,7 +364,7 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
       through = [dhi * hp * e for dhi, hp, e in zip(dh, h_prev, decay)]
       ddt = d_drive * step.x + _tree_sum([th * a for th, a in zip(through, A_rows)])
       if softplus:
-        ddt = ddt * _sigmoid(step.dt_raw)
+        ddt = ddt * sigmoid(step.dt_raw)
       if step.valid is not None:
         ddt = ddt * step.valid
       seq_s[0][slot, t] = (d_drive * step.dt + dyv * D_row).astype(seq_s[0].dtype)
