@@ -25,7 +25,6 @@ bytes. `WORKLOADS` maps names to them; a new op adds one class and one entry.
 
 import argparse
 import functools
-import importlib
 import itertools
 import statistics
 import sys
@@ -235,6 +234,11 @@ def run_once(workload, impl, inputs):
 _reference_results = {}
 
 
+def relative_error(got, want):
+  """||got - want|| / ||want|| over all elements, in float32."""
+  return float(jnp.linalg.norm((got.astype(jnp.float32) - want).ravel()) / jnp.linalg.norm(want.ravel()))
+
+
 def check(workload, impl, shape):
   """Per check case: its label, and the relative L2 errors of impl's outputs and input gradients
   against float32 'reference' on the same values (random cotangents for every output)."""
@@ -246,8 +250,6 @@ def check(workload, impl, shape):
         jax.random.normal(k, o.shape).astype(o.dtype) for k, o in zip(keys, jax.tree.leaves(out))])
     return out, vjp(weights)[0]
 
-  relative = lambda g, w: float(jnp.linalg.norm((g.astype(jnp.float32) - w).ravel())
-                                / jnp.linalg.norm(w.ravel()))
   results = []
   for label, ins, flags in workload.check_cases(shape):
     key = (workload.name, label, tuple(shape.items()))
@@ -257,13 +259,14 @@ def check(workload, impl, shape):
           functools.partial(outputs_and_grads, "reference", flags=flags))(upcast)
     want = _reference_results[key]
     got = jax.jit(functools.partial(outputs_and_grads, impl, flags=flags))(ins)
-    out_errs = jax.tree.leaves(jax.tree.map(relative, got[0], want[0]))
-    results.append((label, out_errs, jax.tree.map(relative, got[1], want[1])))
+    out_errs = jax.tree.leaves(jax.tree.map(relative_error, got[0], want[0]))
+    results.append((label, out_errs, jax.tree.map(relative_error, got[1], want[1])))
   return results
 
 
 def time_mixer(impls, repeats, fused=False, check_fused=False, batch=8, length=2048):
-  """Times the Mamba-130m mixer at batch 8 x 2048 (or --shape batch=..,length=..), bf16: its scan inputs, the scan, and the whole.
+  """Times the Mamba-130m mixer at batch 8 x 2048 (or --shape batch=..,length=..), bf16: its scan
+  inputs, the scan, and the whole.
 
   The whole minus the scan is what a fused inner path could save at most. With `fused`, the whole
   mixer with model.fused_inner (kernels/mamba_inner.py) is timed beside it on the same inputs, and
@@ -340,34 +343,17 @@ def check_fused_mixer(cfg, u):
     grads, y = jax.jit(jax.grad(loss, has_aux=True))(params)
     return y, grads
 
-  relative = lambda g, w: float(jnp.linalg.norm((g.astype(jnp.float32) - w).ravel())
-                                / jnp.linalg.norm(w.ravel()))
   want = output_and_grads(jnp.float32, False)
   for label, fused_inner in (("unfused", False), ("fused_inner", True)):
     got = output_and_grads(jnp.bfloat16, fused_inner)
-    errors = jax.tree_util.tree_leaves_with_path(jax.tree.map(relative, got[1], want[1]))
-    print(f"check mixer {label} bf16 vs unfused float32: output {relative(got[0], want[0]):.2e}; "
+    errors = jax.tree_util.tree_leaves_with_path(jax.tree.map(relative_error, got[1], want[1]))
+    print(f"check mixer {label} bf16 vs unfused float32: output {relative_error(got[0], want[0]):.2e}; "
           + ", ".join(f"{jax.tree_util.keystr(path)} {e:.1e}" for path, e in errors), flush=True)
 
 
 def shape_overrides(text):
   """--shape's "batch=1,d=64" as {"batch": 1, "d": 64}."""
   return dict((k, int(v)) for k, v in (kv.split("=") for kv in text.split(",") if kv))
-
-
-def apply_settings(settings):
-  """kernels.set_tuning(settings); returns the settings that restore the constants it changed."""
-  old = []
-  for setting in settings:
-    name = setting.partition("=")[0]
-    module_name, _, constant = name.rpartition(".")
-    try:
-      module = importlib.import_module(f"kernels.{module_name}")
-      old.append(f"{name}={int(getattr(module, constant))}")
-    except (ImportError, ValueError, AttributeError):
-      pass  # set_tuning names the problem
-  kernels.set_tuning(settings)
-  return old
 
 
 def main():
@@ -402,9 +388,8 @@ def main():
       workload = WORKLOADS[name]
       for impl, variant in itertools.product(args.impl or workload.impls, args.variants):
         print(f"once: {name} {impl} {variant}", flush=True)
-        restore = apply_settings([v for v in variant.split(",") if v])
-        run_once(workload, impl, workload.inputs(0, **{**workload.default_shape, **overrides}))
-        apply_settings(restore)
+        with kernels.tuned([v for v in variant.split(",") if v]):
+          run_once(workload, impl, workload.inputs(0, **{**workload.default_shape, **overrides}))
     return
   bandwidth = copy_bandwidth(args.repeats)
   print(f"copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)
@@ -435,25 +420,24 @@ def main():
                        fwd_bwd / (fwd_bwd_bytes / bandwidth * 1e3)))
           print(f"{name} peer {peer}:  " + "  ".join(map(str, rows[-1])), flush=True)
       for impl, variant in itertools.product(impls, args.variants):
-        label = " ".join([impl] + [v.rsplit(".", 1)[-1] for v in variant.split(",") if v])
-        restore = apply_settings([v for v in variant.split(",") if v])
-        try:
-          fwd, fwd_bwd = time_impl(workload, impl, shape, sets, args.repeats)
-        except Exception as error:  # An impl that fails to build is reported, not fatal.
-          print(f"{name} {label} length {length}: failed: {type(error).__name__}: {error}"[:2000])
-          apply_settings(restore)
-          continue
-        rows.append((name, label, length, fwd, fwd_bytes / (fwd * 1e-3) / 1e9,
-                     fwd / (fwd_bytes / bandwidth * 1e3), fwd_bwd,
-                     fwd_bwd / (fwd_bwd_bytes / bandwidth * 1e3)))
-        print("  ".join(map(str, rows[-1])), flush=True)
-        if args.check:
-          small = {**shape, "length": min(length, 256)}
-          for case, out_errs, grad_errs in check(workload, impl, small):
-            print(f"check {name} {label} {small} {case}: output rel errs "
-                  + ", ".join(f"{e:.2e}" for e in out_errs) + "; input-gradient rel errs "
-                  + ", ".join(f"{k} {v:.1e}" for k, v in grad_errs.items()), flush=True)
-        apply_settings(restore)
+        settings = [v for v in variant.split(",") if v]
+        label = " ".join([impl] + [v.rsplit(".", 1)[-1] for v in settings])
+        with kernels.tuned(settings):
+          try:
+            fwd, fwd_bwd = time_impl(workload, impl, shape, sets, args.repeats)
+          except Exception as error:  # An impl that fails to build is reported, not fatal.
+            print(f"{name} {label} length {length}: failed: {type(error).__name__}: {error}"[:2000])
+            continue
+          rows.append((name, label, length, fwd, fwd_bytes / (fwd * 1e-3) / 1e9,
+                       fwd / (fwd_bytes / bandwidth * 1e3), fwd_bwd,
+                       fwd_bwd / (fwd_bwd_bytes / bandwidth * 1e3)))
+          print("  ".join(map(str, rows[-1])), flush=True)
+          if args.check:
+            small = {**shape, "length": min(length, 256)}
+            for case, out_errs, grad_errs in check(workload, impl, small):
+              print(f"check {name} {label} {small} {case}: output rel errs "
+                    + ", ".join(f"{e:.2e}" for e in out_errs) + "; input-gradient rel errs "
+                    + ", ".join(f"{k} {v:.1e}" for k, v in grad_errs.items()), flush=True)
 
   width = max([13] + [len(row[1]) + 1 for row in rows])
   print(f"\n{'workload':<16}{'impl':<{width}}{'length':>7}{'fwd ms':>9}{'GB/s':>7}{'x floor':>8}"
