@@ -6,14 +6,14 @@ For one token, with dt_low, B, C the pieces of x_proj's output and h the (batch,
     dt' = softplus(dt_proj(dt_low) + dt_bias),   A = -exp(A_log)
     h   = exp(dt' A) h + (dt' x) B,              y = (<C, h> + D x) silu(z)
 
-XLA runs these as a matmul and several fusions, one kernel launch each per layer and token, and
-launches rather than bytes bound a decoding step (docs/generation.md: mamba-130m took about 30 us
-per layer and token at batch 1 and at batch 64 alike). Here one program per (batch row, block of
-channels) does all of it, reading the state once and writing it in place. It reads the conv's new
-input, z and dt_low, B, C straight out of in_proj's and x_proj's outputs, so XLA copies nothing out
-for it, and it also shifts the conv's state (the last d_conv - 1 inputs) in place, which XLA would
-write in a kernel of its own: the conv's output and its new state differ in shape, so XLA does not
-fuse them into one.
+XLA runs these as a matmul and several fusions, one kernel each per layer and token, and a decoding
+step is many such small kernels, each far under the memory bandwidth (docs/generation.md: on an H100
+this kernel took mamba-370m from 1.73 to 1.61 ms a token at batch 64). Here one program per (batch
+row, block of channels) does all of it, reading the state once and writing it in place. It reads the
+conv's new input, z and dt_low, B, C straight out of in_proj's and x_proj's outputs, so XLA copies
+nothing out for it, and it also shifts the conv's state (the last d_conv - 1 inputs) in place, which
+XLA would write in a kernel of its own: the conv's output and its new state differ in shape, so XLA
+does not fuse them into one.
 
 The same body runs through Pallas's Triton backend on GPU and in interpret mode on CPU, where the
 tests check it against the float64 oracle. Triton loads only power-of-two sized blocks, so dt_proj's

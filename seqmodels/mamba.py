@@ -14,9 +14,9 @@ The same code runs the parallel forward (training), prefill and one-token decodi
 the last d_conv - 1 conv inputs and the (batch, Ed, N) SSM state, and a decode step is a length-1
 forward that starts from them. On a GPU (scan_impl "auto" or "pallas") a decode step runs
 everything after x_proj (dt_proj through the gate) as one kernel (kernels/selective_scan_step.py):
-a step's time is many small kernels, each far under the memory bandwidth. With model.fused_inner the training forward and prefill run the
-middle, from in_proj's output to the gated scan output, as one custom_vjp with a conv kernel
-(kernels/mamba_inner.py).
+a step's time is many small kernels, each far under the memory bandwidth. With model.fused_inner
+the training forward and prefill run the middle, from in_proj's output to the gated scan output,
+as one custom_vjp with a conv kernel (kernels/mamba_inner.py).
 """
 
 import math
