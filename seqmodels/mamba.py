@@ -43,6 +43,12 @@ def _dt_bias_init(key, d_inner, dt_min, dt_max, floor):
   return dt + jnp.log(-jnp.expm1(-dt))
 
 
+def _on_one_device() -> bool:
+  """Whether the trace runs on one device: the fused kernels see whole arrays, not a device's block."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh.empty or mesh.size == 1
+
+
 class CausalDepthwiseConv(nnx.Module):
   """Depthwise causal conv over time, channels-last, continuing from `state` (the previous inputs)."""
 
@@ -126,10 +132,9 @@ class MambaMixer(nnx.Module):
 
   def fused_forward(self, u, cache):
     """The forward with the middle of the mixer in kernels/mamba_inner.py (model.fused_inner)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if not (mesh.empty or mesh.size == 1):
-      raise UserError(f"model.fused_inner runs on one device, not a mesh of {mesh.size}; "
-                      "set model.fused_inner=False")
+    if not _on_one_device():
+      raise UserError(f"model.fused_inner runs on one device, not a mesh of "
+                      f"{jax.sharding.get_abstract_mesh().size}; set model.fused_inner=False")
     xz = self.in_proj(u)
     start = self.init_cache(u.shape[0]) if cache is None else cache
     with jax.named_scope("scan"):
@@ -151,8 +156,7 @@ class MambaMixer(nnx.Module):
     chosen = self.scan_impl == "pallas" or (self.scan_impl == "auto" and jax.default_backend() == "gpu")
     if not chosen or not selective_scan_step.supported(self.d_inner, self.d_state):
       return False
-    mesh = jax.sharding.get_abstract_mesh()
-    return mesh.empty or mesh.size == 1  # The kernel sees whole arrays, not a device's block.
+    return _on_one_device()
 
   def decode_step(self, u, cache):
     """One token, u (batch, d_model): in_proj, the conv, x_proj, then one kernel for the rest of the
