@@ -11,6 +11,7 @@ checkpoints exactly; validation batches are a fixed list in stream order.
 
 import codecs
 import collections
+import concurrent.futures
 import dataclasses
 import glob
 import json
@@ -326,6 +327,45 @@ def _train_batches(source, *, global_batch_size, seed, process_index, process_co
   # The data are in memory and a batch is a few slices, so reader threads would only contend for
   # the GIL with the training loop.
   return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=0)))
+
+
+class Prefetcher:
+  """Produces the next batch, through `transform` (e.g. onto the devices), in a background thread.
+
+  The training loop needs its next batch the moment a step is dispatched, and on GPU a dispatch
+  returns only when the device can take the step; reading and placing the batch in that moment
+  left the device idle a few ms a step (train.py on 2 H200s, GPT-125m: next() 3.5 ms at 16 x 2048
+  tokens). The wrapped iterator stays the one to checkpoint: `rewind()` first hands back the batch
+  fetched ahead, so the iterator's state is that after the batches returned.
+  """
+
+  def __init__(self, iterator, transform=lambda batch: batch):
+    self.iterator, self.transform = iterator, transform
+    self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+    self._ahead = None  # (the iterator's state before the fetch, the fetch's future)
+
+  def __iter__(self):
+    return self
+
+  def _fetch(self):
+    return self.transform(next(self.iterator))
+
+  def __next__(self):
+    batch = self._worker.submit(self._fetch).result() if self._ahead is None else self._ahead[1].result()
+    self._ahead = (self.iterator.get_state(), self._worker.submit(self._fetch))
+    return batch
+
+  def rewind(self) -> None:
+    """Drops the batch fetched ahead and restores the iterator's state from before it."""
+    if self._ahead is not None:
+      state, future = self._ahead
+      self._ahead = None
+      concurrent.futures.wait([future])  # Dropped, error and all: fetching it again repeats both.
+      self.iterator.set_state(state)
+
+  def close(self) -> None:
+    self.rewind()
+    self._worker.shutdown()
 
 
 def make_eval_batches(

@@ -246,10 +246,54 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
   last_checkpoint = lambda: None if ckpt.latest_step() is None else ckpt.step_dir(ckpt.latest_step())
   val_metrics, step = {}, start
   pending, fetched, interval_start = [], [], time.perf_counter()
+
+  def fetch(last_step):
+    """Waits for the pending steps' metrics, the last of them step `last_step`, and checks them."""
+    nonlocal pending, fetched
+    newly = jax.device_get(pending)
+    guard.observe([m["nonfinite"] for m in newly], last_step - len(newly) + 1, last_checkpoint())
+    fetched, pending = fetched + newly, []
+
+  def write_record(at_step, validate_now=False, eval_now=False):
+    """Writes the record of the steps fetched since the last one, ending at `at_step`."""
+    nonlocal fetched, interval_start, val_metrics
+    elapsed = time.perf_counter() - interval_start
+    finite = [m for m in fetched if not m["nonfinite"]] or fetched
+    record = {
+        "loss": float(np.mean([m["loss"] for m in finite])),
+        "accuracy": float(np.mean([m["accuracy"] for m in finite])),
+        "grad_norm": float(np.mean([m["grad_norm"] for m in finite])),
+        "lr": float(trainer.schedule(at_step - 1)),
+        "tokens_per_sec": len(fetched) * cfg.batch_size * cfg.seq_len / elapsed,
+        "nonfinite_steps": sum(bool(m["nonfinite"]) for m in fetched),
+    }
+    record.update(utilization(record["tokens_per_sec"], stats["flops_per_token"], trainer.mesh))
+    peak = peak_memory_gb()
+    if peak is not None:
+      record["peak_memory_gb"] = peak
+    if validate_now:
+      val_metrics = trainer.validate(state["params"], val_batches)
+      record.update(val_metrics)
+    if eval_now:
+      scores = zero_shot.evaluate(nnx.merge(trainer.graphdef, state["params"]), cfg.model, tokenizer, eval_tasks,
+                                  batch_size=cfg.batch_size, progress=False)
+      record.update({f"eval/{task}/{k}": v for task, r in scores.items() for k, v in r.items() if k != "n"})
+    metrics.write(at_step, record)
+    bar.set_postfix({**{k: f"{record[k]:.4f}" for k in ("loss", "val_loss") if k in record},
+                     "tok/s": f"{record['tokens_per_sec']:,.0f}",
+                     **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {})}, refresh=False)
+    fetched, interval_start = [], time.perf_counter()
+
+  log_after_next_dispatch = False
+  batches = data.Prefetcher(train_iter, lambda batch: sharding.put_batch(batch, trainer.mesh))
   try:
     while step < end and not stop_signal:
-      batch = sharding.put_batch(next(train_iter), trainer.mesh)
+      batch = next(batches)
       state, step_metrics = trainer.train_step(state, batch)
+      if log_after_next_dispatch:  # The previous step's log, written while this step runs.
+        fetch(step)
+        write_record(step)
+        log_after_next_dispatch = False
       step += 1
       pending.append(step_metrics)
       bar.update(1)
@@ -258,44 +302,28 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
       eval_now = bool(eval_tasks) and step % cfg.eval_every == 0
       save_now = step % cfg.checkpoint_every == 0 and step < end
       log_now = step % cfg.log_every == 0 or validate_now or eval_now or step == end
+      if log_now and not (validate_now or eval_now or save_now or stop_signal or step == end):
+        # Waiting for this step here would leave the device idle while the host logs and
+        # dispatches the next step, which needs neither this step's metrics nor its state.
+        log_after_next_dispatch = True
+        continue
       # Also before every checkpoint and stop, so that no non-finite step goes unseen into a checkpoint.
       if log_now or save_now or stop_signal:
-        newly = jax.device_get(pending)
-        guard.observe([m["nonfinite"] for m in newly], step - len(newly) + 1, last_checkpoint())
-        fetched, pending = fetched + newly, []
+        fetch(step)
       if log_now:
-        elapsed = time.perf_counter() - interval_start
-        finite = [m for m in fetched if not m["nonfinite"]] or fetched
-        record = {
-            "loss": float(np.mean([m["loss"] for m in finite])),
-            "accuracy": float(np.mean([m["accuracy"] for m in finite])),
-            "grad_norm": float(np.mean([m["grad_norm"] for m in finite])),
-            "lr": float(trainer.schedule(step - 1)),
-            "tokens_per_sec": len(fetched) * cfg.batch_size * cfg.seq_len / elapsed,
-            "nonfinite_steps": sum(bool(m["nonfinite"]) for m in fetched),
-        }
-        record.update(utilization(record["tokens_per_sec"], stats["flops_per_token"], trainer.mesh))
-        peak = peak_memory_gb()
-        if peak is not None:
-          record["peak_memory_gb"] = peak
-        if validate_now:
-          val_metrics = trainer.validate(state["params"], val_batches)
-          record.update(val_metrics)
-        if eval_now:
-          scores = zero_shot.evaluate(nnx.merge(trainer.graphdef, state["params"]), cfg.model, tokenizer, eval_tasks,
-                                      batch_size=cfg.batch_size, progress=False)
-          record.update({f"eval/{task}/{k}": v for task, r in scores.items() for k, v in r.items() if k != "n"})
-        metrics.write(step, record)
-        bar.set_postfix({**{k: f"{record[k]:.4f}" for k in ("loss", "val_loss") if k in record},
-                         "tok/s": f"{record['tokens_per_sec']:,.0f}",
-                         **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {})}, refresh=False)
-        fetched, interval_start = [], time.perf_counter()
+        write_record(step, validate_now, eval_now)
       if save_now:
+        batches.rewind()
         ckpt.save(step, state, train_iter)
+    if log_after_next_dispatch:
+      fetch(step)
+      write_record(step)
     if ckpt.latest_step() != step:
       guard.observe(jax.device_get([m["nonfinite"] for m in pending]), step - len(pending) + 1, last_checkpoint())
+      batches.rewind()
       ckpt.save(step, state, train_iter)
   finally:
+    batches.close()
     bar.close()
     ckpt.close()
     metrics.close()

@@ -312,6 +312,50 @@ def test_orbax_checkpoint_resumes_exactly(tmp_path):
   assert [_window_ids(b) for b in _take(resumed, 7)] == expected
 
 
+def test_prefetcher_yields_the_batches_in_order_through_its_transform():
+  plain = [_window_ids(b) for b in _take(_train_iterator(ARANGE_TOKENS, seed=5), 9)]
+  prefetcher = data.Prefetcher(_train_iterator(ARANGE_TOKENS, seed=5), lambda b: _window_ids(b))
+  try:
+    assert _take(prefetcher, 9) == plain
+  finally:
+    prefetcher.close()
+
+
+def test_prefetcher_rewind_leaves_the_iterator_after_the_returned_batches():
+  iterator = _train_iterator(ARANGE_TOKENS, seed=6)
+  prefetcher = data.Prefetcher(iterator)
+  _take(prefetcher, 5)  # A sixth is fetched ahead.
+  prefetcher.rewind()
+  expected = [_window_ids(b) for b in _take(_train_iterator(ARANGE_TOKENS, seed=6), 12)[5:]]
+  resumed = _train_iterator(ARANGE_TOKENS, seed=6)
+  resumed.set_state(iterator.get_state())
+  assert [_window_ids(b) for b in _take(resumed, 7)] == expected
+  assert [_window_ids(b) for b in _take(prefetcher, 7)] == expected  # Goes on after a rewind.
+  prefetcher.close()
+
+
+def test_prefetcher_raises_the_sources_error_at_next():
+  def source():
+    yield {"inputs": np.zeros(2)}
+    raise UserError("data.train_files: bad line")
+
+  class Source:  # The iterator protocol plus the state calls the prefetcher makes.
+    def __init__(self):
+      self.items = source()
+    def __next__(self):
+      return next(self.items)
+    def get_state(self):
+      return {}
+    def set_state(self, state):
+      del state
+
+  prefetcher = data.Prefetcher(Source())
+  next(prefetcher)
+  with pytest.raises(UserError, match="bad line"):
+    next(prefetcher)
+  prefetcher.close()
+
+
 # Unigram entropy.
 
 

@@ -182,8 +182,9 @@ def test_sigint_saves_and_returns_interrupted(tmp_path, monkeypatch):
       os.kill(os.getpid(), signal.SIGINT)
   monkeypatch.setattr(trainer.MetricsWriter, "write", write_then_interrupt)
   result = trainer.train(_config(), str(tmp_path / "run"), progress=False)
-  assert result.interrupted and result.step == 2
-  assert checkpoint.verify(str(tmp_path / "run" / "checkpoints" / "2")) is None
+  # Step 2's record is written once step 3 is dispatched, so the signal finds step 3 running.
+  assert result.interrupted and result.step == 3
+  assert checkpoint.verify(str(tmp_path / "run" / "checkpoints" / "3")) is None
 
 
 def test_nonfinite_step_with_skip_leaves_params_and_optimizer_state_untouched(tmp_path, monkeypatch):
