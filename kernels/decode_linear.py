@@ -1,30 +1,40 @@
 """A decoding step's projection, x @ w for one token of every sequence, as one Pallas kernel that
-also does the RMSNorm before it or the residual add after it.
+also applies the RMSNorm before it or adds the residual after it.
 
-    normed:    y = (rms(x)^-1 (x * scale)) @ w = rms(x)^-1 ((x * scale) @ w)    (x float32)
-    residual:  y = residual + x @ w                                             (y float32)
+    normed:    y = RMSNorm(x) @ w = rms(x)^-1 ((x * scale) @ w)    (x float32: the residual stream)
+    residual:  y = residual + x @ w
 
-A decoding step reads every weight once for a few dozen rows, so each projection should stream its
+A decoding step reads every weight once for a few dozen rows, so a projection should stream its
 weight at the memory bandwidth. XLA's GEMMs for these shapes do not (docs/generation.md: on an H100
-at batch 64, mamba-370m's in_proj ran as a split-K GEMM of 7 us and a reduction of 3 us for an 8 MB
-weight, 2.8 us at 3 TB/s), and the norm and the residual add each ran as a kernel of their own.
-Here one program per block of output columns loops over the whole input dimension, so it holds the
-full rows: it sums the squares for the norm's scale as it goes and multiplies its block of outputs
-by it at the end (the norm is a per-row scale, which commutes with the product), or adds the
-residual to its block. The weight is read once; x comes from L2 to every program.
+at batch 64, mamba-370m's in_proj ran as a split-K GEMM of 7 us plus a reduction of 3 us for an 8 MB
+weight, 2.8 us at 3 TB/s), and the norm and the residual add ran as kernels of their own. Here each
+program multiplies a block of rows by a block of 128 weight columns (256-byte rows of a bf16
+weight) over one split of the input dimension, the splits chosen so that there are about 128
+programs, and adds its partial product atomically into the float32 output: the residual itself
+(in its buffer) or zeros. The norm is a per-row scale, which commutes with the product and the sum
+of the splits: the row's 1/rms comes from one small XLA reduction before the kernel, and each
+program scales its partial product by it. Atomic float adds make the last bits of the sum depend
+on the order the splits finish in.
+
+The first version (one program per 16-32 columns looping over the whole input dimension, no
+atomics) ran slower than XLA's GEMMs: 17 us for mamba-370m's norm + in_proj (kernels/NOTES.md).
 
 The same body runs through Pallas's Triton backend on GPU and in interpret mode on CPU, where the
 tests check it against a float64 reference. Triton multiplies blocks of at least 16 rows, so
 `supported` asks for a power-of-two number of rows from 16 (a batch of 16 or more sequences).
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+ENABLED = True  # False: decoding steps run these projections as XLA's ops (--set decode_linear.ENABLED=0).
 BLOCK_ROWS = 64  # Rows per program; a larger batch runs several row blocks.
-BLOCK_K = 128  # Input features per iteration of a program's loop.
-MIN_PROGRAMS = 128  # Column blocks are halved (down to 16 columns) until there are this many programs.
+BLOCK_N = 128  # Output columns per program: 256-byte rows of a bf16 weight per load.
+BLOCK_K = 64  # Input features per iteration of a program's loop.
+MIN_PROGRAMS = 128  # The input dimension is split until there are this many programs.
 TRITON_WARPS = 4
 TRITON_STAGES = 3  # Software pipelining depth of the loop's loads.
 
@@ -33,37 +43,36 @@ def _is_power_of_two(k):
   return k > 0 and k & (k - 1) == 0
 
 
-def _block_rows(m):
-  return min(m, BLOCK_ROWS)
-
-
-def _block_columns(m, n):
-  columns = 128
-  while columns > 16 and (n % columns or (m // _block_rows(m)) * (n // columns) < MIN_PROGRAMS):
-    columns //= 2
-  return columns
+def _blocks(m, k, n):
+  """(rows, columns, input features per step, splits of the input dimension) of a program."""
+  rows, columns, block_k = min(m, BLOCK_ROWS), math.gcd(n, BLOCK_N), math.gcd(k, BLOCK_K)
+  steps = k // block_k
+  tiles = max(1, m // rows) * (n // columns)
+  split = next((d for d in range(1, steps + 1) if steps % d == 0 and tiles * d >= MIN_PROGRAMS), steps)
+  return rows, columns, block_k, split
 
 
 def supported(m, k, n):
   """Whether the kernel takes an (m, k) @ (k, n) product: power-of-two row blocks of at least 16
-  rows, and k and n in whole blocks."""
-  rows = _block_rows(m)
-  return (rows >= 16 and _is_power_of_two(rows) and m % rows == 0 and k % min(k, BLOCK_K) == 0
-          and _is_power_of_two(min(k, BLOCK_K)) and n % _block_columns(m, n) == 0)
+  rows, and k and n in blocks of at least 16 (Triton's smallest product)."""
+  rows, columns, block_k, _ = _blocks(m, k, n)
+  return ENABLED and rows >= 16 and _is_power_of_two(rows) and m % rows == 0 and columns >= 16 and block_k >= 16
 
 
-def linear(x, w, *, norm_scale=None, eps=None, residual=None, out_dtype=None, interpret=None):
-  """x (m, k) @ w (k, n), with RMSNorm(x) (norm_scale, eps) first or `residual` added after.
+def linear(x, w, *, norm_scale=None, eps=None, residual=None, interpret=None):
+  """x (m, k) @ w (k, n) in float32, with RMSNorm(x) (norm_scale, eps) first or `residual` added.
 
   Args:
-    x: (m, k) float32 with norm_scale (the residual stream), else in w's dtype.
-    w: (k, n) the weight, in the compute dtype.
-    norm_scale: (k,) RMSNorm's scale: the product is RMSNorm(x) @ w, x normalized in float32 and
-      rounded to w's dtype before the product (rounded after the scale, before the row's 1/rms).
+    x: (m, k) float32 with norm_scale (the residual stream), else any float dtype.
+    w: (k, n) the weight, in the compute dtype: the product's operands are rounded to it.
+    norm_scale: (k,) RMSNorm's scale: the product is RMSNorm(x) @ w, with x * norm_scale rounded to
+      w's dtype before the product and the row's 1/rms applied after it (a per-row scale).
     eps: RMSNorm's epsilon, with norm_scale.
-    residual: (m, n) float32 added to the product; the output is float32 and reuses its buffer.
-    out_dtype: the output's dtype without residual; w's dtype if None.
+    residual: (m, n) float32 that the product is added to, in its buffer.
     interpret: None runs compiled on GPU and interpreted on CPU; otherwise passed to pallas_call.
+
+  Returns:
+    (m, n) float32.
   """
   m, k = x.shape
   n = w.shape[1]
@@ -75,52 +84,47 @@ def linear(x, w, *, norm_scale=None, eps=None, residual=None, out_dtype=None, in
   if norm_scale is not None and residual is not None:
     raise ValueError("decode_linear takes a norm before or a residual after the product, not both")
   if not supported(m, k, n):
-    raise ValueError(f"decode_linear needs power-of-two row blocks of at least 16 rows and whole blocks of k and n, "
-                     f"got {x.shape} @ {w.shape}")
+    raise ValueError(f"decode_linear needs power-of-two row blocks of at least 16 rows and k and n in blocks of at "
+                     f"least 16 (and decode_linear.ENABLED), got {x.shape} @ {w.shape}")
   if interpret is None:
     interpret = jax.default_backend() == "cpu"
-  rows, columns, block_k = _block_rows(m), _block_columns(m, n), min(k, BLOCK_K)
+  rows, columns, block_k, split = _blocks(m, k, n)
+  steps = k // block_k // split
   compute = w.dtype
-  out_dtype = jnp.float32 if residual is not None else (out_dtype or compute)
   normed = norm_scale is not None
 
-  def kernel(*refs):
-    x_ref, w_ref = refs[:2]
-    extra_ref, o_ref = (refs[2], refs[3]) if len(refs) == 4 else (None, refs[2])
+  def kernel(x_ref, w_ref, *refs):
+    *scale_refs, _, o_ref = refs  # The accumulator's input block is the output's buffer.
+    first = pl.program_id(2) * steps
 
-    def body(i, carry):
-      acc, squares = carry
-      a = x_ref[:, pl.ds(i * block_k, block_k)]
+    def body(i, acc):
+      offset = (first + i) * block_k
+      a = x_ref[:, pl.ds(offset, block_k)]
       if normed:
-        a = a.astype(jnp.float32)
-        squares = squares + jnp.sum(a * a, axis=1)
-        a = a * extra_ref[0, pl.ds(i * block_k, block_k)]
-      w_block = w_ref[pl.ds(i * block_k, block_k), :].astype(compute)
-      return acc + jnp.dot(a.astype(compute), w_block, preferred_element_type=jnp.float32), squares
+        a = a.astype(jnp.float32) * scale_refs[0][0, pl.ds(offset, block_k)]
+      w_block = w_ref[pl.ds(offset, block_k), :].astype(compute)
+      return acc + jnp.dot(a.astype(compute), w_block, preferred_element_type=jnp.float32)
 
-    start = (jnp.zeros((rows, columns), jnp.float32), jnp.zeros((rows,), jnp.float32))
-    acc, squares = jax.lax.fori_loop(0, k // block_k, body, start)
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros((rows, columns), jnp.float32))
     if normed:
-      acc = acc * jax.lax.rsqrt(squares / k + eps)[:, None]
-    elif extra_ref is not None:
-      acc = acc + extra_ref[...]
-    o_ref[...] = acc.astype(o_ref.dtype)
+      acc = acc * scale_refs[1][...]
+    # The splits of the input dimension add into one output block.
+    plt.atomic_add(o_ref, (slice(None), slice(None)), acc)
 
-  in_specs = [pl.BlockSpec((rows, k), lambda i, j: (i, 0)), pl.BlockSpec((k, columns), lambda i, j: (0, j))]
+  from jax.experimental.pallas import triton as plt
+  in_specs = [pl.BlockSpec((rows, k), lambda i, j, s: (i, 0)), pl.BlockSpec((k, columns), lambda i, j, s: (0, j))]
   args = [x, w]
-  aliases = {}
   if normed:
-    in_specs.append(pl.BlockSpec((1, k), lambda i, j: (0, 0)))
-    args.append(norm_scale.reshape(1, k).astype(jnp.float32))
-  elif residual is not None:
-    in_specs.append(pl.BlockSpec((rows, columns), lambda i, j: (i, j)))
-    args.append(residual.astype(jnp.float32))
-    aliases = {2: 0}
+    # The row's 1/rms, from the whole row: one small XLA reduction before the kernel.
+    squares = jnp.mean(jnp.square(x.astype(jnp.float32)), axis=1, keepdims=True)
+    in_specs += [pl.BlockSpec((1, k), lambda i, j, s: (0, 0)), pl.BlockSpec((rows, 1), lambda i, j, s: (i, 0))]
+    args += [norm_scale.reshape(1, k).astype(jnp.float32), jax.lax.rsqrt(squares + eps)]
+  out_spec = pl.BlockSpec((rows, columns), lambda i, j, s: (i, j))
+  in_specs.append(out_spec)
+  args.append(jnp.zeros((m, n), jnp.float32) if residual is None else residual.astype(jnp.float32))
   params = None
   if jax.default_backend() == "gpu" and not interpret:
-    from jax.experimental.pallas import triton as pltriton
-    params = pltriton.CompilerParams(num_warps=TRITON_WARPS, num_stages=TRITON_STAGES)
-  return pl.pallas_call(kernel, grid=(m // rows, n // columns), in_specs=in_specs,
-                        out_specs=pl.BlockSpec((rows, columns), lambda i, j: (i, j)),
-                        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype), input_output_aliases=aliases,
-                        compiler_params=params, interpret=interpret)(*args)
+    params = plt.CompilerParams(num_warps=TRITON_WARPS, num_stages=TRITON_STAGES)
+  return pl.pallas_call(kernel, grid=(m // rows, n // columns, split), in_specs=in_specs, out_specs=out_spec,
+                        out_shape=jax.ShapeDtypeStruct((m, n), jnp.float32),
+                        input_output_aliases={len(args) - 1: 0}, compiler_params=params, interpret=interpret)(*args)

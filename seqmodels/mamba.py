@@ -43,12 +43,6 @@ def _dt_bias_init(key, d_inner, dt_min, dt_max, floor):
   return dt + jnp.log(-jnp.expm1(-dt))
 
 
-def _on_one_device() -> bool:
-  """Whether the trace runs on one device: the fused kernels see whole arrays, not a device's block."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return mesh.empty or mesh.size == 1
-
-
 class CausalDepthwiseConv(nnx.Module):
   """Depthwise causal conv over time, channels-last, continuing from `state` (the previous inputs)."""
 
@@ -130,7 +124,7 @@ class MambaMixer(nnx.Module):
 
   def fused_forward(self, u, cache):
     """The forward with the middle of the mixer in kernels/mamba_inner.py (model.fused_inner)."""
-    if not _on_one_device():
+    if not layers.on_one_device():
       raise UserError(f"model.fused_inner runs on one device, not a mesh of "
                       f"{jax.sharding.get_abstract_mesh().size}; set model.fused_inner=False")
     xz = self.in_proj(u)
@@ -154,7 +148,7 @@ class MambaMixer(nnx.Module):
     chosen = self.scan_impl == "pallas" or (self.scan_impl == "auto" and jax.default_backend() == "gpu")
     if not chosen or not selective_scan_step.supported(self.d_inner, self.d_state):
       return False
-    return _on_one_device()
+    return layers.on_one_device()
 
   def fused_projections(self, batch, norm) -> bool:
     """Whether a fused decoding step also runs in_proj with the norm before it and out_proj with the
@@ -173,7 +167,7 @@ class MambaMixer(nnx.Module):
     else:
       xz = self.in_proj(norm(u))
     x, _ = self.conv1d(xz[:, None, :self.d_inner], cache["conv"])  # The kernel writes the new conv state.
-    x = jax.nn.silu(x[:, 0])
+    x = jax.nn.silu(x[:, 0]).astype(self.dtype)  # decode_linear's xz is float32.
     y, ssm_state, conv_state = selective_scan_step.decode_step(
         xz, cache["conv"], x, self.x_proj(x), self.dt_proj.kernel[...], self.dt_bias[...], self.A_log[...],
         self.D[...], cache["ssm"])
