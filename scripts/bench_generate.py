@@ -25,14 +25,12 @@ the batch sweep), each model within its share of the budget; what did not fit is
 skipped. Points whose cache alone would not fit in memory are skipped as "oom (estimated)", a run
 that fails to allocate as "oom".
 
-On a GPU, Mamba decodes through kernels/selective_scan_step.py and both Mamba and Transformer++
-run each norm + projection and projection + residual add of a decoding step as one
-kernels/decode_linear.py kernel. --check first compares each Mamba and Transformer++ model's
-decoding step through these kernels with XLA's ops on a random state. --profile DIR traces 8
+--check first compares each Mamba model's fused decoding step (kernels/selective_scan_step.py, what
+--scan_impl auto and pallas run on a GPU) with XLA's ops on a random state. --profile DIR traces 8
 decoding steps of every decode point with jax.profiler into DIR/<model>_b<batch>_p<prompt>/ and
-prints the device time and kernels per step and the costliest ops (seqmodels/profiling.py), and
-writes every device op in time order to ops.tsv there. --xla_decoding decodes both with XLA's ops
-alone; --scan_impl reference runs only Mamba's S6 step with XLA's ops. Writes
+prints the device time and kernels per step and the costliest ops (seqmodels/profiling.py); it
+writes every device op of the 8 steps in time order to ops.tsv there, to read a step kernel by kernel.
+--scan_impl reference decodes Mamba with XLA's ops instead of that kernel. Writes
 bench_generate.json, generation_table.md and two plots, generate_throughput.png (tokens/s against
 batch at prompt 2048) and generate_latency.png (per-token latency against prompt length at batch
 64), to --out_dir; --report_from FILE rewrites them from a bench_generate.json without measuring.
@@ -105,42 +103,26 @@ def random_state(generator, batch: int, prompt: int, new_tokens: int, cfg, key):
       keys=jax.random.split(key, batch), position=jnp.int32(prompt), done=jnp.zeros(batch, bool))
 
 
-def use_decode_kernels(block, fused: bool):
-  """Sets whether a block's decoding step runs our kernels (Mamba: kernels/selective_scan_step.py and
-  kernels/decode_linear.py, the scan_impl; Transformer++: kernels/decode_linear.py) or XLA's ops."""
-  if hasattr(block, "mixer"):
-    block.mixer.scan_impl = "pallas" if fused else "reference"
-  else:
-    block.decode_kernels = fused
-
-
-def check_fused_step(block, batch, seed=0):
-  """‖fused - XLA‖ / ‖XLA‖ for one decoding step of a block from a random cache: the update it adds
-  to the residual stream and each cache array (Mamba: "ssm_state", "conv_state"; Transformer++:
-  "k_state", "v_state"), with our decoding kernels against XLA's ops (use_decode_kernels)."""
-  leaves, treedef = jax.tree.flatten_with_path(jax.eval_shape(lambda: block.init_cache(batch, 64)))
-  keys = jax.random.split(jax.random.key(seed), len(leaves) + 1)
-  u = jax.random.normal(keys[0], (batch, 1, block.norm.scale.shape[0] if hasattr(block, "norm")
-                                  else block.d_model), jnp.float32)
-  # Scalars are positions: the step writes at 32 of 64.
-  cache = jax.tree.unflatten(treedef, [jnp.full(x.shape, 32, x.dtype) if x.ndim == 0 else
-                                       jax.random.normal(k, x.shape, x.dtype) for (_, x), k in zip(leaves, keys[1:])])
+def check_fused_step(mixer, batch, seed=0):
+  """‖fused - XLA‖ / ‖XLA‖ for one decoding step of a Mamba mixer from a random state: its output
+  and new SSM state, kernels/selective_scan_step.py against XLA's ops (scan_impl "reference")."""
+  keys = jax.random.split(jax.random.key(seed), 3)
+  u = jax.random.normal(keys[0], (batch, 1, mixer.in_proj.in_features), mixer.dtype)
+  cache = {"conv": jax.random.normal(keys[1], (batch, mixer.d_conv - 1, mixer.d_inner), mixer.dtype),
+           "ssm": jax.random.normal(keys[2], (batch, mixer.d_inner, mixer.d_state), jnp.float32)}
   outs = {}
-  for fused in (True, False):
-    variant = nnx.clone(block)
-    use_decode_kernels(variant, fused)
+  for impl in ("pallas", "reference"):
+    variant = nnx.clone(mixer)
+    variant.scan_impl = impl
     graphdef, params = nnx.split(variant)
-    outs[fused] = jax.jit(lambda params, u, cache: nnx.merge(graphdef, params)(u, cache))(params, u, cache)
+    outs[impl] = jax.jit(lambda params, u, cache: nnx.merge(graphdef, params)(u, cache))(params, u, cache)
 
   def relative(a, b):
     a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
-  (out, state), (out_ref, state_ref) = outs[True], outs[False]
-  errors = {"output": relative(out - u, out_ref - u)}
-  for (path, x), y in zip(jax.tree.leaves_with_path(state), jax.tree.leaves(state_ref)):
-    if x.ndim:
-      errors[f"{jax.tree_util.keystr(path[-1:], simple=True)}_state"] = relative(x, y)
-  return errors
+  (y, state), (y_ref, state_ref) = outs["pallas"], outs["reference"]
+  return {"output": relative(y, y_ref), "ssm_state": relative(state["ssm"], state_ref["ssm"]),
+          "conv_state": relative(state["conv"], state_ref["conv"])}
 
 
 def nbytes(tree) -> int:
@@ -235,13 +217,13 @@ class Bench:
     return summary
 
   def check(self, name, model):
-    """Compares a model's decoding step through our kernels with XLA's ops. Where a kernel fails, or
-    is further from XLA's ops than bf16 rounding explains, the model decodes with XLA's ops instead
+    """Compares a Mamba model's fused decoding step with XLA's ops. Where the kernel fails, or is
+    further from XLA's ops than bf16 rounding explains, the model decodes with XLA's ops instead
     (recorded in the check's status), so that the run still measures it."""
     batch = self.args.target[0]
     try:
-      errors = check_fused_step(generate.inference_model(model).backbone.blocks[0], batch)
-      close = errors["output"] < 2e-2 and all(v < 1e-2 for k, v in errors.items() if k != "output")
+      errors = check_fused_step(generate.inference_model(model).backbone.blocks[0].mixer, batch)
+      close = errors["output"] < 2e-2 and errors["ssm_state"] < 1e-2 and errors["conv_state"] < 1e-2
       status = "ok" if close else "too far from XLA's ops"
     except Exception as e:  # A kernel that does not compile on this device.
       errors, status = {}, f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
@@ -249,9 +231,9 @@ class Bench:
           ", ".join(f"{k} {v:.2e}" for k, v in errors.items()), flush=True)
     self.record(model=name, kind="check", batch=batch, prompt=None, status=status, **errors)
     if status != "ok":
-      print(f"{name}: decoding with XLA's ops instead", flush=True)
+      print(f"{name}: decoding with XLA's ops (scan_impl reference) instead", flush=True)
       for block in model.backbone.blocks:
-        use_decode_kernels(block, False)
+        block.mixer.scan_impl = "reference"
 
   def shapes(self, generator, batch, prompt):
     """What decides the decoding loop's compiled program: the cache's shapes."""
@@ -282,10 +264,7 @@ class Bench:
   def run_model(self, name, deadline):
     cfg = model_config(name, self.args.quick, self.args.scan_impl)
     model = lm.build(cfg)
-    if self.args.xla_decoding and cfg.architecture in ("mamba", "gpt"):
-      for block in model.backbone.blocks:
-        use_decode_kernels(block, False)
-    elif self.args.check and cfg.architecture in ("mamba", "gpt"):
+    if self.args.check and cfg.architecture == "mamba":
       self.check(name, model)
     generator = generate.Generator(model, vocab_size=cfg.vocab_size, length_multiple=self.args.length_multiple,
                                    prefill_tokens=self.args.prefill_tokens)
@@ -413,8 +392,8 @@ def write_report(path, data, command):
     lines.append(f"- {name} per-token latency at batch {target_batch}, prompt {prompts[0]} -> {prompts[-1]}: "
                  f"{lo:.3f} -> {hi:.3f} ms ({change:+.1%}; target within 10%: {'met' if abs(change) <= 0.1 else 'NOT met'})")
   for r in (r for r in results if r["kind"] == "check"):
-    errors = ", relative error: " + ", ".join(f"{k.replace('_', ' ')} {r[k]:.1e}" for k in r
-                                               if k == "output" or k.endswith("_state")) if "output" in r else ""
+    errors = (f", relative error: output {r['output']:.1e}, SSM state {r['ssm_state']:.1e}, conv state "
+              f"{r['conv_state']:.1e}") if "output" in r else ""
     fallback = "" if r["status"] == "ok" else "; decoded with XLA's ops instead"
     lines.append(f"- {r['model']} fused decoding step against XLA's ops, batch {r['batch']}: {r['status']}{errors}"
                  f"{fallback}")
@@ -473,11 +452,8 @@ def main(argv=None):
   parser.add_argument("--out_dir", default="docs")
   parser.add_argument("--scan_impl", default="auto", help="model.scan_impl of the Mamba models; auto and pallas decode "
                       "with the fused step kernel on a GPU, reference with XLA's ops")
-  parser.add_argument("--check", action="store_true", help="first compare each Mamba and Transformer++ model's "
-                      "decoding step through our kernels with XLA's ops on a random state (printed and recorded as "
-                      "kind 'check')")
-  parser.add_argument("--xla_decoding", action="store_true", help="decode Mamba and Transformer++ with XLA's ops "
-                      "alone, without kernels/selective_scan_step.py and kernels/decode_linear.py")
+  parser.add_argument("--check", action="store_true", help="first compare each Mamba model's fused decoding step "
+                      "with XLA's ops on a random state (printed and recorded as kind 'check')")
   parser.add_argument("--compile_threads", type=int, default=8, help="decoding loops compiled at once")
   parser.add_argument("--profile", default="", help="trace 8 decoding steps of each decode point into this folder "
                       "and print the device ops and kernels per step")

@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels import decode_linear
 from seqmodels import layers, sharding
 from seqmodels.errors import UserError
 
@@ -65,14 +64,8 @@ class CausalSelfAttention(nnx.Module):
             "pos": jnp.zeros((), jnp.int32)}
 
   def __call__(self, x, cache=None):
-    o, cache = self.attend(self.qkv(x), cache)
-    return self.out(o), cache
-
-  def attend(self, qkv, cache=None):
-    """Attention from qkv (batch, length, 3d), the qkv projection's output: the heads' outputs
-    (batch, length, d) before the out projection, and the new cache."""
-    batch, length, _ = qkv.shape
-    q, k, v = jnp.split(qkv.reshape(batch, length, 3 * self.n_head, self.head_dim), 3, axis=2)
+    batch, length, _ = x.shape
+    q, k, v = jnp.split(self.qkv(x).reshape(batch, length, 3 * self.n_head, self.head_dim), 3, axis=2)
     start = 0 if cache is None else cache["pos"]
     positions = start + jnp.arange(length)
     if self.rope_theta is not None:
@@ -87,7 +80,7 @@ class CausalSelfAttention(nnx.Module):
       visible = jnp.arange(k_all.shape[2])[None, :] <= positions[:, None]  # (length, max_length)
       o = cached_attention(q, k_all, v_all, visible)
       cache = {"k": k_all, "v": v_all, "pos": start + length}
-    return o.reshape(batch, length, -1), cache
+    return self.out(o.reshape(batch, length, -1)), cache
 
 
 def cached_attention(q, k_all, v_all, visible):
@@ -116,19 +109,7 @@ class SwiGLU(nnx.Module):
     return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
 
 
-def _weight(linear):
-  return linear.kernel[...].astype(linear.dtype)
-
-
-def _normed_projection(u, norm, linear):
-  """linear(norm(u)) for one token's float32 residual stream u, in one decode_linear kernel."""
-  return decode_linear.linear(u, _weight(linear), norm_scale=norm.scale[...], eps=norm.eps)
-
-
 class TransformerBlock(nnx.Module):
-  # Whether a one-token step runs its projections with the norms and residual adds as
-  # kernels/decode_linear.py: "auto" on a GPU (as Mamba's decoding step does), True, or False.
-  decode_kernels = "auto"
 
   def __init__(self, cfg, layer_index, *, dtype, rngs):
     del layer_index
@@ -152,37 +133,10 @@ class TransformerBlock(nnx.Module):
     return self.attn.init_cache(batch, max_length)
 
   def __call__(self, u, cache=None):
-    if cache is not None and u.shape[1] == 1 and self.fused_decoding(u.shape[0]):
-      return self.decode_step(u, cache)
     y, cache = self.attn(self.attn_norm(u), cache)
     u = u + y.astype(jnp.float32)
     u = u + self.mlp(self.mlp_norm(u)).astype(jnp.float32)
     return u, cache
-
-  def fused_decoding(self, batch) -> bool:
-    """Whether a one-token step runs kernels/decode_linear.py (with decode_kernels "auto" on a GPU,
-    or True): for RMSNorms, the SwiGLU MLP, projections without biases and a batch the kernel
-    takes, on one device."""
-    chosen = self.decode_kernels is True or (self.decode_kernels == "auto" and jax.default_backend() == "gpu")
-    if not (chosen and isinstance(self.mlp, SwiGLU) and isinstance(self.attn_norm, layers.RMSNorm)
-            and isinstance(self.mlp_norm, layers.RMSNorm)):
-      return False
-    projections = (self.attn.qkv, self.attn.out, self.mlp.gate, self.mlp.up, self.mlp.down)
-    return (not any(p.use_bias for p in projections) and layers.on_one_device()
-            and all(decode_linear.supported(batch, p.in_features, p.out_features) for p in projections))
-
-  def decode_step(self, u, cache):
-    """The block for one token, u (batch, 1, d) float32: each norm runs inside the projections after
-    it and each residual add inside the projection before it (kernels/decode_linear.py); the
-    same Linear weights in the compute dtype, the same math."""
-    u = u[:, 0]
-    qkv = _normed_projection(u, self.attn_norm, self.attn.qkv)
-    o, cache = self.attn.attend(qkv[:, None], cache)
-    u = decode_linear.linear(o[:, 0], _weight(self.attn.out), residual=u)
-    hidden = (jax.nn.silu(_normed_projection(u, self.mlp_norm, self.mlp.gate))
-              * _normed_projection(u, self.mlp_norm, self.mlp.up))
-    u = decode_linear.linear(hidden, _weight(self.mlp.down), residual=u)
-    return u[:, None], cache
 
   def extra_flops_per_token(self, seq_len):
     # Attention scores and the weighted sum: 2 matmuls of 2 * seq_len * d flops each per token,

@@ -50,12 +50,6 @@ def compute_dtype(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def on_one_device() -> bool:
-  """Whether the trace runs on one device: fused kernels see whole arrays, not a device's block."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return mesh.empty or mesh.size == 1
-
-
 def linear(d_in, d_out, *, axes, dtype, rngs, use_bias=False, kernel_init=torch_default_init):
   """A float32 Linear whose kernel's (input, output) dimensions have the logical names `axes`."""
   return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,

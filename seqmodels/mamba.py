@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels import decode_linear, mamba_inner, selective_scan_step
+from kernels import mamba_inner, selective_scan_step
 from seqmodels import layers
 from seqmodels.sharding import selective_scan
 from seqmodels.errors import UserError
@@ -41,6 +41,12 @@ def _dt_bias_init(key, d_inner, dt_min, dt_max, floor):
   dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
   dt = jnp.maximum(dt, floor)
   return dt + jnp.log(-jnp.expm1(-dt))
+
+
+def _on_one_device() -> bool:
+  """Whether the trace runs on one device: the fused kernels see whole arrays, not a device's block."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh.empty or mesh.size == 1
 
 
 class CausalDepthwiseConv(nnx.Module):
@@ -69,7 +75,7 @@ class MambaMixer(nnx.Module):
     d, n = cfg.d_model, cfg.d_state
     d_inner = cfg.expand * d
     rank = dt_rank(cfg)
-    self.d_model, self.d_inner, self.d_state, self.d_conv, self.rank = d, d_inner, n, cfg.d_conv, rank
+    self.d_inner, self.d_state, self.d_conv, self.rank = d_inner, n, cfg.d_conv, rank
     self.scan_impl = cfg.scan_impl
     self.fused_inner = cfg.get("fused_inner", False)  # Configs saved before the key lack it.
     self.dtype = dtype
@@ -110,6 +116,8 @@ class MambaMixer(nnx.Module):
     return x, dt, A, B, C, z, conv_state
 
   def __call__(self, u, cache=None):
+    if cache is not None and u.shape[1] == 1 and self.fused_decoding():
+      return self.decode_step(u[:, 0], cache)
     if self.fused_inner and u.shape[1] > 1:  # A one-token step would pad to a whole conv segment.
       return self.fused_forward(u, cache)
     x, dt, A, B, C, z, conv_state = self.scan_inputs(u, None if cache is None else cache["conv"])
@@ -124,7 +132,7 @@ class MambaMixer(nnx.Module):
 
   def fused_forward(self, u, cache):
     """The forward with the middle of the mixer in kernels/mamba_inner.py (model.fused_inner)."""
-    if not layers.on_one_device():
+    if not _on_one_device():
       raise UserError(f"model.fused_inner runs on one device, not a mesh of "
                       f"{jax.sharding.get_abstract_mesh().size}; set model.fused_inner=False")
     xz = self.in_proj(u)
@@ -148,33 +156,18 @@ class MambaMixer(nnx.Module):
     chosen = self.scan_impl == "pallas" or (self.scan_impl == "auto" and jax.default_backend() == "gpu")
     if not chosen or not selective_scan_step.supported(self.d_inner, self.d_state):
       return False
-    return layers.on_one_device()
+    return _on_one_device()
 
-  def fused_projections(self, batch, norm) -> bool:
-    """Whether a fused decoding step also runs in_proj with the norm before it and out_proj with the
-    residual add after it as kernels/decode_linear.py (an RMSNorm, and a batch the kernel takes)."""
-    return (isinstance(norm, layers.RMSNorm) and decode_linear.supported(batch, self.d_model, 2 * self.d_inner)
-            and decode_linear.supported(batch, self.d_inner, self.d_model))
-
-  def decode_step(self, u, cache, norm):
-    """One token of the block around this mixer, u + mixer(norm(u)) for u (batch, d_model) float32:
-    in_proj (with the norm), the conv, x_proj, one kernel for the rest of the SSM and the conv
-    state's shift, and out_proj (with the residual add). Returns the new u and cache."""
-    fused = self.fused_projections(u.shape[0], norm)
-    if fused:
-      xz = decode_linear.linear(u, self.in_proj.kernel[...].astype(self.dtype), norm_scale=norm.scale[...],
-                                eps=norm.eps)
-    else:
-      xz = self.in_proj(norm(u))
+  def decode_step(self, u, cache):
+    """One token, u (batch, d_model): in_proj, the conv, x_proj, then one kernel for the rest of the
+    SSM and the conv state's shift."""
+    xz = self.in_proj(u)
     x, _ = self.conv1d(xz[:, None, :self.d_inner], cache["conv"])  # The kernel writes the new conv state.
-    x = jax.nn.silu(x[:, 0]).astype(self.dtype)  # decode_linear's xz is float32.
+    x = jax.nn.silu(x[:, 0])
     y, ssm_state, conv_state = selective_scan_step.decode_step(
         xz, cache["conv"], x, self.x_proj(x), self.dt_proj.kernel[...], self.dt_bias[...], self.A_log[...],
         self.D[...], cache["ssm"])
-    cache = {"conv": conv_state, "ssm": ssm_state}
-    if fused:
-      return decode_linear.linear(y, self.out_proj.kernel[...].astype(self.dtype), residual=u), cache
-    return u + self.out_proj(y).astype(jnp.float32), cache
+    return self.out_proj(y)[:, None], {"conv": conv_state, "ssm": ssm_state}
 
   def extra_flops_per_token(self):
     # The scan itself, beyond the matmuls: about 9 flops per (channel, state) element per token
@@ -212,9 +205,6 @@ class MambaBlock(nnx.Module):
     return self.mixer.init_cache(batch)
 
   def __call__(self, u, cache=None):
-    if cache is not None and u.shape[1] == 1 and self.mixer.fused_decoding():
-      u, cache = self.mixer.decode_step(u[:, 0], cache, self.norm)
-      return u[:, None], cache
     y, cache = self.mixer(self.norm(u), cache)
     return u + y.astype(jnp.float32), cache
 

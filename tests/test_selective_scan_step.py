@@ -57,22 +57,19 @@ def test_unsupported_sizes_are_refused():
                                     jnp.zeros(64), jnp.zeros((2, 64, 16)))
 
 
-@pytest.mark.parametrize("scan_impl, batch", [("pallas", 2), ("pallas", 16), ("reference", 2)])
-def test_mamba_decoding_steps_equal_the_parallel_forward(scan_impl, batch):
+@pytest.mark.parametrize("scan_impl", ["pallas", "reference"])
+def test_mamba_decoding_steps_equal_the_parallel_forward(scan_impl):
   """Prefill 5 tokens, then 3 single-token steps (the fused kernel with "pallas", XLA's step with
-  "reference"): the logits equal the parallel forward's at those positions. At batch 16 the fused
-  step also runs the norm + in_proj and out_proj + residual kernels (kernels/decode_linear.py)."""
+  "reference"): the logits equal the parallel forward's at those positions."""
   cfg = tiny_config("mamba").model
   model = lm.build(cfg, seed=2)
-  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, 8)), jnp.int32)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 8)), jnp.int32)
   full = model(tokens)
-  logits, cache = model.prefill(tokens[:, :5], model.init_cache(batch))
+  logits, cache = model.prefill(tokens[:, :5], model.init_cache(2))
   np.testing.assert_allclose(logits[:, -1], full[:, 4], rtol=2e-4, atol=2e-4)
   for block in model.backbone.blocks:
     block.mixer.scan_impl = scan_impl
-  block = model.backbone.blocks[0]
-  assert block.mixer.fused_decoding() == (scan_impl == "pallas")
-  assert block.mixer.fused_projections(batch, block.norm) == (batch == 16)
+  assert model.backbone.blocks[0].mixer.fused_decoding() == (scan_impl == "pallas")
   step = nnx.jit(lambda model, tokens_t, cache: model.step(tokens_t, cache))
   for t in range(5, 8):
     logits, cache = step(model, tokens[:, t], cache)
