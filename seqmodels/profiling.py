@@ -5,7 +5,7 @@
 
 `trace` runs a function under jax.profiler, reads the Perfetto trace it writes and returns the
 device time per step by category (matmul, attention, scan, other), the costliest ops, and the
-number of device kernels per step. Categories come from the kernel names and from the jax name
+number of device kernels per step; it also writes every device op in time order to ops.tsv. Categories come from the kernel names and from the jax name
 stacks that the compiled HLO attaches to each op (`scan`: ops under a "scan" named scope).
 
 XLA:GPU runs its command buffers (CUDA graphs) op by op while a profile is active, so a trace
@@ -40,6 +40,7 @@ def trace(run, directory, *, hlo_text, steps):
                   key=os.path.getmtime)
   if not traces:
     return {"error": "no perfetto trace written"}
+  write_timeline(device_ops(traces[-1], hlo_text), os.path.join(directory, "ops.tsv"))
   return summarize_trace(traces[-1], hlo_text, steps)
 
 
@@ -80,9 +81,9 @@ def categorize(name, scope):
   return "other"
 
 
-def summarize_trace(path, hlo_text, steps, top=15):
-  """Device op time per step from a perfetto trace: totals by category, the `top` costliest ops,
-  and kernels (device ops other than copies and memsets) per step."""
+def device_ops(path, hlo_text):
+  """The device ops of a perfetto trace in time order: dicts of start and duration (us), kernel
+  name, category and jax name stack."""
   with gzip.open(path) as f:
     events = json.load(f)
   events = events["traceEvents"] if isinstance(events, dict) else events
@@ -93,20 +94,35 @@ def summarize_trace(path, hlo_text, steps, top=15):
   streams = {(e["pid"], e["tid"]) for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"
              and e.get("pid") in device_pids and re.search(r"stream", e["args"].get("name", ""), re.I)}
   scopes = op_scopes(hlo_text)
-  by_op, by_category, kernels = {}, {}, 0
+  ops = []
   for e in events:
     if e.get("ph") != "X" or e.get("pid") not in device_pids or (streams and (e["pid"], e.get("tid")) not in streams):
       continue
-    op_args = e.get("args", {})
     # Under CUDA graphs hlo_op names the command buffer; the kernel is then named after its fusion.
-    scope = scopes.get(op_args.get("hlo_op", ""), "") + " " + scopes.get(e["name"], "")
-    category = categorize(e["name"], scope)
-    key = (e["name"][:80], category)
-    by_op.setdefault(key, [0.0, 0, " ".join(scope.split())[:300]])
-    by_op[key][0] += e["dur"] / steps / 1e3
+    scope = scopes.get(e.get("args", {}).get("hlo_op", ""), "") + " " + scopes.get(e["name"], "")
+    ops.append({"start": e.get("ts", 0.0), "us": e["dur"], "name": e["name"], "category": categorize(e["name"], scope),
+                "scope": " ".join(scope.split())})
+  return sorted(ops, key=lambda op: op["start"])
+
+
+def write_timeline(ops, path):
+  """Every device op, one a line in time order (tab-separated), for reading a step kernel by kernel."""
+  with open(path, "w") as f:
+    f.write("start_us\tus\tcategory\tkernel\tscope\n")
+    f.writelines(f"{op['start']:.3f}\t{op['us']:.3f}\t{op['category']}\t{op['name']}\t{op['scope']}\n" for op in ops)
+
+
+def summarize_trace(path, hlo_text, steps, top=15):
+  """Device op time per step from a perfetto trace: totals by category, the `top` costliest ops,
+  and kernels (device ops other than copies and memsets) per step."""
+  by_op, by_category, kernels = {}, {}, 0
+  for op in device_ops(path, hlo_text):
+    key = (op["name"][:80], op["category"])
+    by_op.setdefault(key, [0.0, 0, op["scope"][:300]])
+    by_op[key][0] += op["us"] / steps / 1e3
     by_op[key][1] += 1
-    by_category[category] = by_category.get(category, 0.0) + e["dur"] / steps / 1e3
-    kernels += not COPIES.search(e["name"])
+    by_category[op["category"]] = by_category.get(op["category"], 0.0) + op["us"] / steps / 1e3
+    kernels += not COPIES.search(op["name"])
   if not by_category:
     return {"error": "the trace holds no device ops (a CPU backend traces host work only)"}
   total = sum(by_category.values())

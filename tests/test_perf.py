@@ -192,7 +192,15 @@ def test_profile_summary_groups_device_ops():
   with gzip.open(path, "wt") as f:
     json.dump({"traceEvents": events}, f)
   summary = profiling.summarize_trace(path, hlo, steps=1)
+  timeline = path + ".tsv"
+  profiling.write_timeline(profiling.device_ops(path, hlo), timeline)
   os.remove(path)
+  rows = [line.split("\t") for line in open(timeline).read().splitlines()]
+  os.remove(timeline)
+  # Every device op of the stream, one a line; the derived "XLA Ops" line and host work are not.
+  assert [row[3] for row in rows[1:]] == ["input_concatenate_fusion_7", "sm90_xmma_gemm_bf16",
+                                          "cudnn_generated_fort_native_sdpa", "Memcpy DtoD"]
+  assert rows[1][1:3] == ["3000.000", "scan"]
   assert summary["ms_by_category"] == {"scan": 3.0, "matmul": 1.0, "attention": 0.5, "other": 0.0}
   assert summary["top_ops"][0] == {"name": "input_concatenate_fusion_7", "category": "scan", "ms": 3.0, "count": 1,
                                    "scope": "jit(_train_step)/concatenate jit(_train_step)/transpose(jvp(scan))/mul "
