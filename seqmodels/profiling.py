@@ -5,8 +5,9 @@
 
 `trace` runs a function under jax.profiler, reads the Perfetto trace it writes and returns the
 device time per step by category (matmul, attention, scan, other), the costliest ops, and the
-number of device kernels per step; it also writes every device op in time order to ops.tsv. Categories come from the kernel names and from the jax name
-stacks that the compiled HLO attaches to each op (`scan`: ops under a "scan" named scope).
+number of device kernels per step, and writes every device op in time order to ops.tsv.
+Categories come from the kernel names and from the jax name stacks that the compiled HLO attaches
+to each op (`scan`: ops under a "scan" named scope).
 
 XLA:GPU runs its command buffers (CUDA graphs) op by op while a profile is active, so a trace
 shows every kernel, but its times include the launch gaps that graphs would hide.
@@ -40,8 +41,9 @@ def trace(run, directory, *, hlo_text, steps):
                   key=os.path.getmtime)
   if not traces:
     return {"error": "no perfetto trace written"}
-  write_timeline(device_ops(traces[-1], hlo_text), os.path.join(directory, "ops.tsv"))
-  return summarize_trace(traces[-1], hlo_text, steps)
+  ops = device_ops(traces[-1], hlo_text)
+  write_timeline(ops, os.path.join(directory, "ops.tsv"))
+  return summarize(ops, steps)
 
 
 def op_scopes(hlo_text):
@@ -112,11 +114,11 @@ def write_timeline(ops, path):
     f.writelines(f"{op['start']:.3f}\t{op['us']:.3f}\t{op['category']}\t{op['name']}\t{op['scope']}\n" for op in ops)
 
 
-def summarize_trace(path, hlo_text, steps, top=15):
-  """Device op time per step from a perfetto trace: totals by category, the `top` costliest ops,
+def summarize(ops, steps, top=15):
+  """Device op time per step from a trace's device_ops: totals by category, the `top` costliest ops,
   and kernels (device ops other than copies and memsets) per step."""
   by_op, by_category, kernels = {}, {}, 0
-  for op in device_ops(path, hlo_text):
+  for op in ops:
     key = (op["name"][:80], op["category"])
     by_op.setdefault(key, [0.0, 0, op["scope"][:300]])
     by_op[key][0] += op["us"] / steps / 1e3

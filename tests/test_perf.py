@@ -191,9 +191,10 @@ def test_profile_summary_groups_device_ops():
   path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"trace_{os.getpid()}.json.gz")
   with gzip.open(path, "wt") as f:
     json.dump({"traceEvents": events}, f)
-  summary = profiling.summarize_trace(path, hlo, steps=1)
+  ops = profiling.device_ops(path, hlo)
+  summary = profiling.summarize(ops, steps=1)
   timeline = path + ".tsv"
-  profiling.write_timeline(profiling.device_ops(path, hlo), timeline)
+  profiling.write_timeline(ops, timeline)
   os.remove(path)
   rows = [line.split("\t") for line in open(timeline).read().splitlines()]
   os.remove(timeline)
