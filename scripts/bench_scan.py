@@ -6,6 +6,7 @@
   python scripts/bench_scan.py --compare            # adds the peers that are installed
   python scripts/bench_scan.py --workload linear_attention --compare   # with fla's chunk_simple_gla
   python scripts/bench_scan.py --check              # first checks each impl against a float32 reference
+  python scripts/bench_scan.py --impl pallas --device_time   # adds each call's device (kernel) time
   python scripts/bench_scan.py --workload selective_scan --impl pallas pallas_triton  # Mosaic vs Triton
   python scripts/bench_scan.py --mixer              # times the Mamba-130m mixer around the scan
   python scripts/bench_scan.py --mixer --fused --check --impl pallas   # fused_inner vs unfused
@@ -17,7 +18,10 @@
 For each impl and shape it prints the median forward and forward+backward times (block_until_ready
 around each call, after warm-up, rotating over several input sets so repeated calls do not hit the
 cache), the achieved bandwidth (bytes that must move / time) and the ratio of the time to the HBM
-floor (bytes that must move / copy bandwidth, measured at the start of the same run).
+floor (bytes that must move / copy bandwidth, measured at the start of the same run). Wall time
+holds each call's host dispatch (0.1-0.4 ms a call on an H100, kernels/NOTES.md); --device_time
+adds the device time per call, the summed durations of its device ops in a jax.profiler trace of
+--repeats calls (kernels only, as CUDA events around the kernels would give).
 
 A workload is one op and its default shape: it makes the inputs, runs an impl, and counts the
 bytes. `WORKLOADS` maps names to them; a new op adds one class and one entry.
@@ -28,6 +32,7 @@ import functools
 import itertools
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
@@ -206,8 +211,24 @@ class LinearAttention:
 WORKLOADS = {"selective_scan": SelectiveScan(), "linear_attention": LinearAttention()}
 
 
-def time_impl(workload, impl, shape, sets, repeats):
-  """(forward ms, forward+backward ms) of impl on the input sets."""
+def device_ms(fn, inputs, repeats):
+  """Device time per call of jitted fn: its device ops' summed durations in a jax.profiler trace of
+  `repeats` calls (kernels only, no host dispatch); None where the backend traces no device ops."""
+  from seqmodels import profiling
+
+  compiled = fn.lower(*inputs).compile()
+
+  def run():
+    jax.block_until_ready([compiled(*inputs) for _ in range(repeats)])
+
+  with tempfile.TemporaryDirectory(prefix="bench_scan_trace_") as directory:
+    summary = profiling.trace(run, directory, hlo_text=compiled.as_text(), steps=repeats)
+  return summary.get("device_ms_per_step")
+
+
+def time_impl(workload, impl, shape, sets, repeats, device_time=False):
+  """(forward ms, forward+backward ms, and with device_time their device ms or None) of impl on the
+  input sets."""
   forward = jax.jit(lambda ins: workload.run(impl, ins))
 
   @jax.jit
@@ -219,7 +240,10 @@ def time_impl(workload, impl, shape, sets, repeats):
   fwd = median_ms(forward, [(ins,) for ins in sets], repeats)
   print(f"{workload.name} {impl} {shape}: forward {fwd:.3f} ms", flush=True)
   fwd_bwd = median_ms(forward_backward, list(zip(sets, cotangents)), repeats)
-  return fwd, fwd_bwd
+  if not device_time:
+    return fwd, fwd_bwd, None, None
+  return (fwd, fwd_bwd, device_ms(forward, (sets[0],), repeats),
+          device_ms(forward_backward, (sets[0], cotangents[0]), repeats))
 
 
 def run_once(workload, impl, inputs):
@@ -375,6 +399,8 @@ def main():
                            "comma-separated list of settings as for --set ('' for none)")
   parser.add_argument("--once", action="store_true",
                       help="run each impl's forward+backward once, untimed (under a profiler)")
+  parser.add_argument("--device_time", action="store_true",
+                      help="also trace each impl's calls and report their device time (kernels only)")
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--sets", type=int, default=3, help="input sets to rotate over")
   args = parser.parse_args()
@@ -417,20 +443,21 @@ def main():
         for peer, fwd, fwd_bwd in workload.time_peers(sets, args.repeats):
           rows.append((name, peer[:12], length, fwd, fwd_bytes / (fwd * 1e-3) / 1e9,
                        fwd / (fwd_bytes / bandwidth * 1e3), fwd_bwd,
-                       fwd_bwd / (fwd_bwd_bytes / bandwidth * 1e3)))
+                       fwd_bwd / (fwd_bwd_bytes / bandwidth * 1e3), None, None))
           print(f"{name} peer {peer}:  " + "  ".join(map(str, rows[-1])), flush=True)
       for impl, variant in itertools.product(impls, args.variants):
         settings = [v for v in variant.split(",") if v]
         label = " ".join([impl] + [v.rsplit(".", 1)[-1] for v in settings])
         with kernels.tuned(settings):
           try:
-            fwd, fwd_bwd = time_impl(workload, impl, shape, sets, args.repeats)
+            fwd, fwd_bwd, fwd_device, fwd_bwd_device = time_impl(workload, impl, shape, sets, args.repeats,
+                                                                  args.device_time)
           except Exception as error:  # An impl that fails to build is reported, not fatal.
             print(f"{name} {label} length {length}: failed: {type(error).__name__}: {error}"[:2000])
             continue
           rows.append((name, label, length, fwd, fwd_bytes / (fwd * 1e-3) / 1e9,
                        fwd / (fwd_bytes / bandwidth * 1e3), fwd_bwd,
-                       fwd_bwd / (fwd_bwd_bytes / bandwidth * 1e3)))
+                       fwd_bwd / (fwd_bwd_bytes / bandwidth * 1e3), fwd_device, fwd_bwd_device))
           print("  ".join(map(str, rows[-1])), flush=True)
           if args.check:
             small = {**shape, "length": min(length, 256)}
@@ -440,11 +467,12 @@ def main():
                     + ", ".join(f"{k} {v:.1e}" for k, v in grad_errs.items()), flush=True)
 
   width = max([13] + [len(row[1]) + 1 for row in rows])
+  device = lambda ms: "-" if ms is None else f"{ms:.3f}"  # noqa: E731
   print(f"\n{'workload':<16}{'impl':<{width}}{'length':>7}{'fwd ms':>9}{'GB/s':>7}{'x floor':>8}"
-        f"{'fwd+bwd ms':>11}{'x floor':>8}")
-  for name, impl, length, fwd, gbs, fwd_ratio, fwd_bwd, fwd_bwd_ratio in rows:
+        f"{'fwd+bwd ms':>11}{'x floor':>8}{'fwd dev':>9}{'f+b dev':>9}")
+  for name, impl, length, fwd, gbs, fwd_ratio, fwd_bwd, fwd_bwd_ratio, fwd_dev, fwd_bwd_dev in rows:
     print(f"{name:<16}{impl:<{width}}{length:>7}{fwd:>9.3f}{gbs:>7.0f}{fwd_ratio:>8.1f}"
-          f"{fwd_bwd:>11.3f}{fwd_bwd_ratio:>8.1f}")
+          f"{fwd_bwd:>11.3f}{fwd_bwd_ratio:>8.1f}{device(fwd_dev):>9}{device(fwd_bwd_dev):>9}")
 
 
 if __name__ == "__main__":
