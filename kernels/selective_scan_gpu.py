@@ -46,6 +46,7 @@ BACKWARD_SPAN = 2
 # Warpgroups per backward block, each with n / BACKWARD_WARPGROUPS of a channel's states.
 # Kernel times on an H100 (kernels/NOTES.md): 1: 1.20 ms (v3).
 BACKWARD_WARPGROUPS = 2
+EARLY_TILE_RELEASE = True
 
 
 def supported(d, groups, n, chunk):
@@ -372,6 +373,8 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
       plgpu.copy_gmem_to_smem(chunks_g.at[b, k, :, cols], starts_s.at[slot], bars.at[slot])
 
     lead(lambda: fetch(num_chunks - 1, 0))
+    if EARLY_TILE_RELEASE:
+      plgpu.barrier_arrive(tile_bars.at[1])
 
     def all_warpgroups_barrier(which):
       """Every thread of the block arrives and waits: orders the tile's and parts_s's shared
@@ -486,6 +489,8 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
           # (4.33 against 4.48 ms for the backward on an H100: kernels/NOTES.md).
           for t in reversed(range(span)):
             local_t = local * span + t
+            if EARLY_TILE_RELEASE and not done:
+              plgpu.barrier_wait(tile_bars.at[1])
             dh, dA, dyv, gate = adjoint_step(span_steps[t], decays[t], states_at[t],
                                              states_at[t + 1], dh, dA, slot, s * span + t,
                                              local_t)
@@ -500,7 +505,10 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
         dbc_s[wg, tile] = _tree_sum(partial)
         for step, dyv, gate, t, local_t in done:
           dD, dbias = outputs(step, dyv, gate, dD, dbias, slot, t, local_t)
-        all_warpgroups_barrier(1)  # before the next tile's terms and partial sums
+        if EARLY_TILE_RELEASE:
+          plgpu.barrier_arrive(tile_bars.at[1])
+        else:
+          all_warpgroups_barrier(1)  # before the next tile's terms and partial sums
         return tuple(dh), tuple(dA), dD, dbias
 
       carry = jax.lax.fori_loop(0, tiles, tile_body, carry)
@@ -518,6 +526,8 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
       return carry
 
     dh, dA, dD, dbias = jax.lax.fori_loop(0, num_chunks, chunk_body, carry)
+    if EARLY_TILE_RELEASE:
+      plgpu.barrier_wait(tile_bars.at[1])  # the last tile's release, so no phase goes unseen
     for j, state in enumerate(states):
       starts_s[0, state] = dA[j]
       starts_s[1, state] = dh[j]
