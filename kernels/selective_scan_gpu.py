@@ -41,12 +41,14 @@ CHANNELS = 128  # one warpgroup, one channel per thread
 FORWARD_WARPGROUPS = 2
 # Steps the backward recomputes and holds in registers at once (a divisor of the 128 / 2n steps
 # whose dB, dC terms fill the reduction tile): the states before and after each step and its
-# decays, (span + 1) n + span n registers. Kernel times on an H100: 2: 1.21 ms, 4: 1.26 ms.
-BACKWARD_SPAN = 2
-# Warpgroups per backward block, each with n / BACKWARD_WARPGROUPS of a channel's states.
-# Kernel times on an H100 (kernels/NOTES.md): 1: 1.20 ms (v3).
+# decays, ((span + 1) m + span m registers for a warpgroup's m states). Backward kernel times on
+# an H100 (kernels/NOTES.md), two warpgroups: 2: 1.10 ms, 4: 1.04 ms; one (v3): 2: 1.21, 4: 1.26.
+BACKWARD_SPAN = 4
+# Warpgroups per backward block, each with n / BACKWARD_WARPGROUPS of a channel's states, so each
+# SM scheduler has that many warps to switch between. Backward kernel times on an H100 with spans
+# of 2: 1: 1.15 ms, 2: 1.10 ms; 4 was slower in the bench (and its float32 block exceeds shared
+# memory).
 BACKWARD_WARPGROUPS = 2
-EARLY_TILE_RELEASE = True
 
 
 def supported(d, groups, n, chunk):
@@ -99,7 +101,7 @@ class _Step:
     return [self.bc_s[1][self.slot, self.t, i].astype(jnp.float32) for i in self.states]
 
   def decays(self, A_rows):
-    """exp(dt A) for rows of log2(e) A: exp2 is one ex2.approx, where exp scales by log2(e) first."""
+    """exp(dt A), given rows of log2(e) A: exp2 is one ex2.approx; exp multiplies first."""
     return [jnp.exp2(self.dt * a) for a in A_rows]
 
   def advance(self, h, decays):
@@ -373,14 +375,14 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
       plgpu.copy_gmem_to_smem(chunks_g.at[b, k, :, cols], starts_s.at[slot], bars.at[slot])
 
     lead(lambda: fetch(num_chunks - 1, 0))
-    if EARLY_TILE_RELEASE:
-      plgpu.barrier_arrive(tile_bars.at[1])
-
-    def all_warpgroups_barrier(which):
-      """Every thread of the block arrives and waits: orders the tile's and parts_s's shared
-      memory between warpgroups (an mbarrier, which the interpreter runs too)."""
-      plgpu.barrier_arrive(tile_bars.at[which])
-      plgpu.barrier_wait(tile_bars.at[which])
+    # The tile and parts_s are ordered between warpgroups by two mbarriers (which the interpreter
+    # runs too), each arrived at by every thread: `tile_written` after a tile's terms and partial
+    # sums are stored, waited for before they are read; `tile_read` arrived at once a warpgroup
+    # has read them, waited for just before the next tile's first store, so that the wait hides
+    # behind that tile's recompute (backward 1.14 -> 1.10 ms on an H100 against arriving and
+    # waiting at once). One arrival here stands for the tile before the first.
+    tile_written, tile_read = tile_bars.at[0], tile_bars.at[1]
+    plgpu.barrier_arrive(tile_read)
 
     def adjoint_step(step, decay, h_prev, h, dh, dA, slot, t, local_t):
       """Back-propagates through one step for this warpgroup's states, given their decays and
@@ -489,13 +491,14 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
           # (4.33 against 4.48 ms for the backward on an H100: kernels/NOTES.md).
           for t in reversed(range(span)):
             local_t = local * span + t
-            if EARLY_TILE_RELEASE and not done:
-              plgpu.barrier_wait(tile_bars.at[1])
+            if not done:  # this tile's first store comes next
+              plgpu.barrier_wait(tile_read)
             dh, dA, dyv, gate = adjoint_step(span_steps[t], decays[t], states_at[t],
                                              states_at[t + 1], dh, dA, slot, s * span + t,
                                              local_t)
             done.append((span_steps[t], dyv, gate, s * span + t, local_t))
-        all_warpgroups_barrier(0)
+        plgpu.barrier_arrive(tile_written)
+        plgpu.barrier_wait(tile_written)
         # Thread r sums its warpgroup's columns of row r: one step's dB or dC term for one
         # state over a share of the block's channels.
         col = lambda j: terms_s[pl.ds(0, CHANNELS), wg * columns + j]
@@ -505,10 +508,7 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
         dbc_s[wg, tile] = _tree_sum(partial)
         for step, dyv, gate, t, local_t in done:
           dD, dbias = outputs(step, dyv, gate, dD, dbias, slot, t, local_t)
-        if EARLY_TILE_RELEASE:
-          plgpu.barrier_arrive(tile_bars.at[1])
-        else:
-          all_warpgroups_barrier(1)  # before the next tile's terms and partial sums
+        plgpu.barrier_arrive(tile_read)
         return tuple(dh), tuple(dA), dD, dbias
 
       carry = jax.lax.fori_loop(0, tiles, tile_body, carry)
@@ -526,8 +526,7 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
       return carry
 
     dh, dA, dD, dbias = jax.lax.fori_loop(0, num_chunks, chunk_body, carry)
-    if EARLY_TILE_RELEASE:
-      plgpu.barrier_wait(tile_bars.at[1])  # the last tile's release, so no phase goes unseen
+    plgpu.barrier_wait(tile_read)  # the last tile's arrivals: no phase goes unobserved
     for j, state in enumerate(states):
       starts_s[0, state] = dA[j]
       starts_s[1, state] = dh[j]

@@ -78,8 +78,8 @@ def test_mosaic_gpu_backward_matches_float64_autodiff(n, groups, dtype, reverse,
   """Forward and backward through selective_scan_pallas's custom_vjp in the GPU interpreter, with
   h0, D, dt_bias, softplus and the final state's cotangent, at an odd length (two chunks of
   8); with the z gate or without it (DenseMamba's readout scan). n = 16 sums dB_t and dC_t over 4
-  steps at a time, two reduction tiles a chunk; n = 8 over 8, one; both recompute spans of 2.
-  The backward's states split over 2 or 4 warpgroups (8 or 2 states each), which add up their
+  steps at a time, two reduction tiles a chunk, each one span of 4 steps recomputed; n = 8 over
+  8, one tile of two spans. The backward's states split over 2 or 4 warpgroups (8 or 2 states each), which add up their
   partial sums for dx, ddt and dz, and each sum a share of the tile's columns. The reference is
   autodiff of impl="reference" in float64 on the same (rounded) values."""
   monkeypatch.setattr(selective_scan_gpu, "BACKWARD_WARPGROUPS", warpgroups)
