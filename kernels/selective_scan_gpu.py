@@ -10,15 +10,19 @@ computes, and the outputs leave the same way.
 The forward splits a channel's n states over FORWARD_WARPGROUPS warpgroups (a share of the states
 in each thread's registers), so each SM scheduler has more than one warp to issue from; once per
 chunk the first warpgroup adds the others' partial sums of y, applies D and the gate and stores y.
-It saves the state before each chunk. The backward (one warpgroup) walks the chunks in reverse,
-recomputes the states at the start of every span of BACKWARD_SPAN steps from the saved one into
-shared memory, then, span by span in reverse, a span's states in registers, and runs the adjoint
-recurrence. Its gradients of B_t and C_t sum over the block's 128 channels, across threads: each
-thread writes its 2n terms per step as a column of a shared-memory tile, 128 rows for `steps` =
-128 / 2n steps, and after those steps thread r sums row r (128 loads, conflict-free with rows
-padded to 129 words): one barrier pair per tile instead of a shuffle tree and a barrier per sum.
-The tiles of a chunk run as a loop, not unrolled, so the code fits the instruction cache. The block
-sums leave as (batch, d / 128, length, n) partials that XLA adds over the blocks of a group.
+It saves the state before each chunk. The backward splits the states the same way over
+BACKWARD_WARPGROUPS warpgroups: the adjoint recurrences of different states do not interact. It
+walks the chunks in reverse, recomputes the states at the start of every span of BACKWARD_SPAN
+steps from the saved one into shared memory, then, span by span in reverse, a span's states in
+registers, and runs the adjoint recurrence. Its gradients of B_t and C_t sum over the block's 128
+channels, across threads: each thread writes its states' terms per step as a column of a
+shared-memory tile, 128 rows for `steps` = 128 / 2n steps, and after those steps thread r of each
+warpgroup sums its warpgroup's share of the columns of row r (conflict-free with rows padded to
+129 words): one barrier pair per tile instead of a shuffle tree and a barrier per sum. At the same
+barriers the warpgroups add up their per-step sums over states for dx, ddt and dz. The tiles of a
+chunk run as a loop, not unrolled, so the code fits the instruction cache. The partial sums of
+dB and dC leave as (batch, d / 128 * BACKWARD_WARPGROUPS, length, n) partials that XLA adds over
+the blocks of a group.
 """
 
 import jax
@@ -37,8 +41,14 @@ CHANNELS = 128  # one warpgroup, one channel per thread
 FORWARD_WARPGROUPS = 2
 # Steps the backward recomputes and holds in registers at once (a divisor of the 128 / 2n steps
 # whose dB, dC terms fill the reduction tile): the states before and after each step and its
-# decays, (span + 1) n + span n registers. Kernel times on an H100: 2: 1.21 ms, 4: 1.26 ms.
-BACKWARD_SPAN = 2
+# decays, ((span + 1) m + span m registers for a warpgroup's m states). Backward kernel times on
+# an H100 (kernels/NOTES.md), two warpgroups: 2: 1.10 ms, 4: 1.04 ms; one (v3): 2: 1.21, 4: 1.26.
+BACKWARD_SPAN = 4
+# Warpgroups per backward block, each with n / BACKWARD_WARPGROUPS of a channel's states, so each
+# SM scheduler has that many warps to switch between. Backward kernel times on an H100 with spans
+# of 2: 1: 1.15 ms, 2: 1.10 ms; 4 was slower in the bench (and its float32 block exceeds shared
+# memory).
+BACKWARD_WARPGROUPS = 2
 
 
 def supported(d, groups, n, chunk):
@@ -52,6 +62,9 @@ def supported(d, groups, n, chunk):
 def _reduction_steps(n):
   """Steps whose dB_t and dC_t terms (2n rows each) fill the backward's 128-row reduction tile."""
   return CHANNELS // (2 * n)
+
+
+_LOG2_E = 1.4426950408889634
 
 
 def _tree_sum(terms):
@@ -88,7 +101,8 @@ class _Step:
     return [self.bc_s[1][self.slot, self.t, i].astype(jnp.float32) for i in self.states]
 
   def decays(self, A_rows):
-    return [jnp.exp(self.dt * a) for a in A_rows]
+    """exp(dt A), given rows of log2(e) A: exp2 is one ex2.approx; exp multiplies first."""
+    return [jnp.exp2(self.dt * a) for a in A_rows]
 
   def advance(self, h, decays):
     drive = self.dt * self.x
@@ -96,12 +110,15 @@ class _Step:
 
 
 def _prepare(x, A, B, C, D, dt_bias):
-  """The kernels' views of the inputs: per-channel parameters as rows A^T (n), D, dt_bias of one
-  f32 array (one copy brings them all), B and C with groups and states on one axis."""
+  """The kernels' views of the inputs: per-channel parameters as rows log2(e) A^T (n), D, dt_bias
+  of one f32 array (one copy brings them all); B and C in float32 with groups and states on one
+  axis. B_t and C_t are read once per state and step: in bf16 each read also costs a shift out of
+  its packed pair (13% of the backward's instructions, 25% of the forward's: kernels/NOTES.md),
+  while the conversion here is 2 x 1 MB at Mamba's sizes."""
   batch, padded_length, _ = x.shape
   groups, n = B.shape[2:]
-  params = jnp.concatenate([A.T, D[None], dt_bias[None]]).astype(jnp.float32)
-  flat = lambda a: a.reshape(batch, padded_length, groups * n)
+  params = jnp.concatenate([A.T * _LOG2_E, D[None], dt_bias[None]]).astype(jnp.float32)
+  flat = lambda a: a.reshape(batch, padded_length, groups * n).astype(jnp.float32)
   return params, flat(B), flat(C)
 
 
@@ -270,12 +287,6 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
   return (y, h_last, outs[2]) if save_chunks else (y, h_last)
 
 
-@plgpu.inline_mgpu()
-def _warpgroup_barrier(_):
-  """bar.sync of the warpgroup: orders its threads' shared-memory accesses, no proxy fence."""
-  mgpu.utils.warpgroup_barrier()
-
-
 def _silu(v):
   return v * sigmoid(v)
 
@@ -284,9 +295,10 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
              interpret=None):
   """The gradients of `forward`, given its saved chunk states (batch, chunks, n, d).
 
-  Returns dx, ddt, dz (None without z) in the inputs' dtypes; dB and dC as per-block partial sums
-  (batch, d / 128, padded length, n) float32; and float32 per-batch dA (batch, d, n), dD and
-  ddt_bias (batch, d), dh0 (batch, d, n).
+  Returns dx, ddt, dz (None without z) in the inputs' dtypes; dB and dC as partial sums over the
+  channels of one block and one warpgroup's share of the reduction tile,
+  (batch, d / 128 * BACKWARD_WARPGROUPS, padded length, n) float32; and float32 per-batch
+  dA (batch, d, n), dD and ddt_bias (batch, d), dh0 (batch, d, n).
   """
   batch, padded_length, d = x.shape
   groups, n = B.shape[2:]
@@ -297,10 +309,16 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
   tiles = chunk // steps  # reduction tiles per chunk
   blocks = d // CHANNELS
   has_z = z is not None
+  wgs = BACKWARD_WARPGROUPS
+  m = n // wgs  # states per warpgroup
+  columns = CHANNELS // wgs  # of the reduction tile, summed by one warpgroup
   params, B, C = _prepare(x, A, B, C, D, dt_bias)
   dh_last = jnp.swapaxes(dh_last, 1, 2).astype(jnp.float32)
   # x, dt and z's buffers take dx, ddt and dz once a step has read them: one slot per input.
   seq_inputs = [x, dt] + [z] * has_z + [dy]
+  # Each warpgroup's per-step sums over its states, which the warpgroups add up for dx, ddt and
+  # dz: of dh_i B_i, of dh_i h_i e_i A'_i and (with the gate) of h_i C_i.
+  num_parts = 2 + has_z
 
   def selective_scan_backward(*refs):  # the name profilers show
     num_seq = len(seq_inputs)
@@ -308,25 +326,45 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
     B_g, C_g, params_g, chunks_g, dh_last_g = refs[num_seq:num_seq + 5]
     grads_g = refs[num_seq + 5:num_seq + 5 + num_seq - 1]  # dx, ddt, dz
     dbc_g, dA_g, dh0_g, sums_g = refs[2 * num_seq + 4:2 * num_seq + 8]
-    (*seq_s, B_s, C_s, starts_s, params_s, terms_s, dbc_s, sums_s, bars,
-     setup_bar) = refs[2 * num_seq + 8:]
+    (*seq_s, B_s, C_s, starts_s, terms_s, parts_s, dbc_s, sums_s, bars, setup_bar, tile_bars,
+     free_bar) = refs[2 * num_seq + 8:]
     bc_s = (B_s, C_s)
     b = jax.lax.axis_index("b")
     c = jax.lax.axis_index("c")
+    wg = jax.lax.axis_index("wg")
+    first = wg * m  # this warpgroup's states are first .. first + m - 1
+    states = [first + i for i in range(m)]
+    my_states = pl.ds(first, m)
     cols = pl.ds(c * CHANNELS, CHANNELS)
     group_cols = pl.ds((c * CHANNELS) // (d // groups) * n, n)
 
-    plgpu.copy_gmem_to_smem(params_g.at[:, cols], params_s, setup_bar)
-    plgpu.copy_gmem_to_smem(dh_last_g.at[b, :, cols], starts_s.at[2], setup_bar)
+    def lead(body):
+      """Runs body in the first warpgroup only: it issues the input copies, stores dx and ddt."""
+      return pl.when(wg == 0)(body)
+
+    def last(body):
+      """Runs body in the last warpgroup only: it stores dz."""
+      return pl.when(wg == wgs - 1)(body)
+
+    # The parameters, read once into registers, arrive in buffers not used before then (shared
+    # memory is short with float32 inputs): A' in the second saved-state slot, which the second
+    # chunk's copy fills, D and dt_bias in sums_s, which takes dD and ddt_bias at the end.
+    @lead
+    def _():
+      plgpu.copy_gmem_to_smem(params_g.at[pl.ds(0, n), cols], starts_s.at[1], setup_bar)
+      plgpu.copy_gmem_to_smem(params_g.at[pl.ds(n, 2), cols], sums_s, setup_bar)
+      plgpu.copy_gmem_to_smem(dh_last_g.at[b, :, cols], starts_s.at[2], setup_bar)
+
     plgpu.barrier_wait(setup_bar)
-    A_rows = [params_s[i] for i in range(n)]
-    D_row, bias_row = params_s[n], params_s[n + 1]
+    A_rows = [starts_s[1, i] for i in states]  # log2(e) A
+    D_row, bias_row = sums_s[0], sums_s[1]
     # The loop's carry must enter in the layout the body gives it (a load's, not a constant's):
-    # zeros go through shared memory. Each thread reads back only the column it wrote, of these
-    # and of starts_s, so neither needs a barrier.
-    sums_s[0] = jnp.zeros((CHANNELS,), jnp.float32)
-    zeros = sums_s[0]
-    carry = (tuple(starts_s[2, i] for i in range(n)), (zeros,) * n, zeros, zeros)
+    # zeros go through this warpgroup's own part of parts_s. Each thread reads back only the
+    # column it wrote, of it and of starts_s, so neither needs a barrier.
+    parts_s[wg, 0, 0] = jnp.zeros((CHANNELS,), jnp.float32)
+    zeros = parts_s[wg, 0, 0]
+    # dD and ddt_bias need the sums over all states: every warpgroup carries the same ones.
+    carry = (tuple(starts_s[2, i] for i in states), (zeros,) * m, zeros, zeros)
 
     def fetch(k, slot):
       rows = pl.ds(k * chunk, chunk)
@@ -336,137 +374,200 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
         plgpu.copy_gmem_to_smem(src.at[b, rows, group_cols], dst.at[slot], bars.at[slot])
       plgpu.copy_gmem_to_smem(chunks_g.at[b, k, :, cols], starts_s.at[slot], bars.at[slot])
 
-    fetch(num_chunks - 1, 0)
-    # The tile's barriers need no proxy fence (only the warpgroup's threads read the tile): a
-    # plain bar.sync. The interpreter runs a warpgroup as one program and has no inline Mosaic GPU
-    # code: it takes commit_smem.
-    tile_barrier = plgpu.commit_smem if interpret else _warpgroup_barrier
+    lead(lambda: fetch(num_chunks - 1, 0))
+    # The tile and parts_s are ordered between warpgroups by two mbarriers (which the interpreter
+    # runs too), each arrived at by every thread: `tile_written` after a tile's terms and partial
+    # sums are stored, waited for before they are read; `tile_read` arrived at once a warpgroup
+    # has read them, waited for just before the next tile's first store, so that the wait hides
+    # behind that tile's recompute (backward 1.14 -> 1.10 ms on an H100 against arriving and
+    # waiting at once). One arrival here stands for the tile before the first.
+    tile_written, tile_read = tile_bars.at[0], tile_bars.at[1]
+    plgpu.barrier_arrive(tile_read)
 
-    def adjoint_step(step, decay, h_prev, h, carry, slot, t, row):
-      """Back-propagates through one step, given its decays and the states before and after it;
-      writes dx, ddt, dz over the step's x, dt, z and its dB_t, dC_t terms into the reduction
-      tile."""
-      dh, dA, dD, dbias = carry
-      dyv = seq_s[-1][slot, t].astype(jnp.float32)
+    def adjoint_step(step, decay, h_prev, h, dh, dA, slot, t, local_t):
+      """Back-propagates through one step for this warpgroup's states, given their decays and
+      states before and after it; writes the step's dB_t, dC_t terms into the reduction tile and
+      its partial sums into parts_s. Returns the new dh and dA, and the step's gated dy (and
+      with the gate, dy, z and sigmoid(z)) for the outputs."""
+      dy_raw = seq_s[-1][slot, t].astype(jnp.float32)
+      dyv, gate = dy_raw, None
       C_t = step.C()
       if has_z:
         zv = seq_s[2][slot, t].astype(jnp.float32)
         sig = sigmoid(zv)
-        y_pre = _tree_sum([D_row * step.x] + [hi * ci for hi, ci in zip(h, C_t)])
-        seq_s[2][slot, t] = (dyv * y_pre * sig * (1.0 + zv * (1.0 - sig))).astype(seq_s[2].dtype)
-        dyv = dyv * zv * sig
+        dyv, gate = dy_raw * zv * sig, (dy_raw, zv, sig)
       dh = [dhi + dyv * ci for dhi, ci in zip(dh, C_t)]
       drive = step.dt * step.x
-      for i in range(n):
-        terms_s[row + i, pl.ds(0, CHANNELS)] = dh[i] * drive
-        terms_s[row + n + i, pl.ds(0, CHANNELS)] = dyv * h[i]
-      d_drive = _tree_sum([dhi * bi for dhi, bi in zip(dh, step.B())])
+      row = local_t * 2 * n
+      for i, state in enumerate(states):
+        terms_s[row + state, pl.ds(0, CHANNELS)] = dh[i] * drive
+        terms_s[row + n + state, pl.ds(0, CHANNELS)] = dyv * h[i]
       through = [dhi * hp * e for dhi, hp, e in zip(dh, h_prev, decay)]
-      ddt = d_drive * step.x + _tree_sum([th * a for th, a in zip(through, A_rows)])
+      parts = [_tree_sum([dhi * bi for dhi, bi in zip(dh, step.B())]),
+               _tree_sum([th * a for th, a in zip(through, A_rows)])]
+      if has_z:
+        parts.append(_tree_sum([hi * ci for hi, ci in zip(h, C_t)]))
+      for q, part in enumerate(parts):
+        parts_s[wg, q, local_t] = part
+      return ([dhi * e for dhi, e in zip(dh, decay)],
+              [da + th * step.dt for da, th in zip(dA, through)], dyv, gate)
+
+    def outputs(step, dyv, gate, dD, dbias, slot, t, local_t):
+      """dx, ddt and dz of one step from the warpgroups' partial sums; dD and ddt_bias added up.
+      The stores overwrite the step's x, dt and z, which every warpgroup has read by now."""
+      d_drive, through_a, *y_part = [
+          _tree_sum([parts_s[w, q, local_t] for w in range(wgs)]) for q in range(num_parts)]
+      ddt = d_drive * step.x + through_a * (1.0 / _LOG2_E)
       if softplus:
         ddt = ddt * sigmoid(step.dt_raw)
       if step.valid is not None:
         ddt = ddt * step.valid
-      seq_s[0][slot, t] = (d_drive * step.dt + dyv * D_row).astype(seq_s[0].dtype)
-      seq_s[1][slot, t] = ddt.astype(seq_s[1].dtype)
-      return (tuple(dhi * e for dhi, e in zip(dh, decay)),
-              tuple(da + th * step.dt for da, th in zip(dA, through)), dD + dyv * step.x,
-              dbias + ddt)
+
+      @lead
+      def _():
+        dx = d_drive * step.dt + dyv * D_row
+        seq_s[0][slot, t] = dx.astype(seq_s[0].dtype)
+        seq_s[1][slot, t] = ddt.astype(seq_s[1].dtype)
+
+      if has_z:
+        @last
+        def _():
+          dy_raw, zv, sig = gate
+          y_pre = y_part[0] + D_row * step.x
+          seq_s[2][slot, t] = (dy_raw * y_pre * sig * (1.0 + zv * (1.0 - sig))).astype(
+              seq_s[2].dtype)
+      return dD + dyv * step.x, dbias + ddt
 
     def chunk_body(i, carry):
       k = num_chunks - 1 - i
       slot = i % 2
       plgpu.barrier_wait(bars.at[slot])
-      read = lambda slot_t: _Step(seq_s, bc_s, slot, slot_t, k * chunk, bias_row, states=range(n),
+      read = lambda slot_t: _Step(seq_s, bc_s, slot, slot_t, k * chunk, bias_row, states=states,
                                   length=length, chunk=chunk, softplus=softplus)
       # The state at the start of every span s: starts_s[start(s)]. The saved one, span 0's,
-      # came into starts_s[slot]; span s > 0's goes to starts_s[s + 1].
+      # came into starts_s[slot]; span s > 0's goes to starts_s[s + 1]. Each warpgroup reads
+      # and writes only its own states' rows.
       start = lambda s: s + 1 - (s == 0) * (s + 1 - slot)
 
       def span_start(s, h):
         for t in range(span):
           step = read((s - 1) * span + t)
           h = step.advance(h, step.decays(A_rows))
-        for j in range(n):
-          starts_s[s + 1, j] = h[j]
+        for j, state in enumerate(states):
+          starts_s[s + 1, state] = h[j]
         return h
 
-      jax.lax.fori_loop(1, spans, span_start, [starts_s[slot, j] for j in range(n)])
-      # The previous chunk's gradient copies must have read the other slot before it refills;
-      # waiting here, after the span pass, gives them that pass's time.
+      jax.lax.fori_loop(1, spans, span_start, [starts_s[slot, j] for j in states])
+      # The previous chunk's gradient copies must have read the other slot before it refills,
+      # and dbc_s before the tiles below rewrite it; waiting here, after the span pass, gives
+      # them that pass's time. Each warpgroup waits for its own copies; the first one, which
+      # refills, for the others' through free_bar.
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      if wgs > 1:
+        pl.when(wg > 0)(lambda: plgpu.barrier_arrive(free_bar))
+        lead(lambda: plgpu.barrier_wait(free_bar))
 
-      @pl.when(k > 0)
+      @lead
       def _():
-        fetch(k - 1, 1 - slot)
+        @pl.when(k > 0)
+        def _():
+          fetch(k - 1, 1 - slot)
 
       def tile_body(i, carry):
-        """The adjoint through the steps of one reduction tile, last step first, then the
-        tile's row sums."""
+        """The adjoint through the steps of one reduction tile, last step first; then the
+        tile's row sums and the steps' outputs."""
+        dh, dA, dD, dbias = carry
         tile = tiles - 1 - i
+        done = []
         for local in reversed(range(steps // span)):
           s = tile * (steps // span) + local
-          h = [starts_s[start(s), j] for j in range(n)]
+          h = [starts_s[start(s), j] for j in states]
           span_steps = [read(s * span + t) for t in range(span)]
-          states, decays = [h], []
+          states_at, decays = [h], []
           for step in span_steps:
             decays.append(step.decays(A_rows))
-            states.append(step.advance(states[-1], decays[-1]))
+            states_at.append(step.advance(states_at[-1], decays[-1]))
           # The adjoint reuses the span's decays: n registers a step instead of n more exps
           # (4.33 against 4.48 ms for the backward on an H100: kernels/NOTES.md).
           for t in reversed(range(span)):
-            carry = adjoint_step(span_steps[t], decays[t], states[t], states[t + 1], carry, slot,
-                                 s * span + t, row=(local * span + t) * 2 * n)
-        tile_barrier()
-        # Thread r sums row r of the tile: one step's dB or dC term for one state.
-        partial = [terms_s[pl.ds(0, CHANNELS), col] for col in range(8)]
-        for col in range(8, CHANNELS):
-          partial[col % 8] = partial[col % 8] + terms_s[pl.ds(0, CHANNELS), col]
-        dbc_s[slot, tile] = _tree_sum(partial)
-        tile_barrier()
-        return carry
+            local_t = local * span + t
+            if not done:  # this tile's first store comes next
+              plgpu.barrier_wait(tile_read)
+            dh, dA, dyv, gate = adjoint_step(span_steps[t], decays[t], states_at[t],
+                                             states_at[t + 1], dh, dA, slot, s * span + t,
+                                             local_t)
+            done.append((span_steps[t], dyv, gate, s * span + t, local_t))
+        plgpu.barrier_arrive(tile_written)
+        plgpu.barrier_wait(tile_written)
+        # Thread r sums its warpgroup's columns of row r: one step's dB or dC term for one
+        # state over a share of the block's channels.
+        col = lambda j: terms_s[pl.ds(0, CHANNELS), wg * columns + j]
+        partial = [col(j) for j in range(8)]
+        for j in range(8, columns):
+          partial[j % 8] = partial[j % 8] + col(j)
+        dbc_s[wg, tile] = _tree_sum(partial)
+        for step, dyv, gate, t, local_t in done:
+          dD, dbias = outputs(step, dyv, gate, dD, dbias, slot, t, local_t)
+        plgpu.barrier_arrive(tile_read)
+        return tuple(dh), tuple(dA), dD, dbias
 
       carry = jax.lax.fori_loop(0, tiles, tile_body, carry)
       plgpu.commit_smem()  # the TMA stores below read what the threads wrote
       rows = pl.ds(k * chunk, chunk)
-      for src, dst in zip(seq_s, grads_g):
-        plgpu.copy_smem_to_gmem(src.at[slot], dst.at[b, rows, cols])
-      plgpu.copy_smem_to_gmem(dbc_s.at[slot], dbc_g.at[b, c, pl.ds(k * tiles, tiles)])
+
+      @lead
+      def _():
+        for src, dst in zip(seq_s[:2], grads_g[:2]):
+          plgpu.copy_smem_to_gmem(src.at[slot], dst.at[b, rows, cols])
+
+      if has_z:
+        last(lambda: plgpu.copy_smem_to_gmem(seq_s[2].at[slot], grads_g[2].at[b, rows, cols]))
+      plgpu.copy_smem_to_gmem(dbc_s.at[wg], dbc_g.at[b, c, wg, pl.ds(k * tiles, tiles)])
       return carry
 
     dh, dA, dD, dbias = jax.lax.fori_loop(0, num_chunks, chunk_body, carry)
-    for j in range(n):
-      starts_s[0, j] = dA[j]
-      starts_s[1, j] = dh[j]
-    sums_s[0] = dD
-    sums_s[1] = dbias
+    plgpu.barrier_wait(tile_read)  # the last tile's arrivals: no phase goes unobserved
+    for j, state in enumerate(states):
+      starts_s[0, state] = dA[j]
+      starts_s[1, state] = dh[j]
+
+    @lead
+    def _():
+      sums_s[0] = dD
+      sums_s[1] = dbias
+
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(starts_s.at[0], dA_g.at[b, :, cols])
-    plgpu.copy_smem_to_gmem(starts_s.at[1], dh0_g.at[b, :, cols])
-    plgpu.copy_smem_to_gmem(sums_s, sums_g.at[b, :, cols])
+    plgpu.copy_smem_to_gmem(starts_s.at[0, my_states], dA_g.at[b, my_states, cols])
+    plgpu.copy_smem_to_gmem(starts_s.at[1, my_states], dh0_g.at[b, my_states, cols])
+    lead(lambda: plgpu.copy_smem_to_gmem(sums_s, sums_g.at[b, :, cols]))
     plgpu.wait_smem_to_gmem(0)
 
   f32 = jnp.float32
   out_type = ([jax.ShapeDtypeStruct(a.shape, a.dtype) for a in seq_inputs[:-1]]
-              + [jax.ShapeDtypeStruct((batch, blocks, padded_length // steps, CHANNELS), f32),
+              + [jax.ShapeDtypeStruct((batch, blocks, wgs, padded_length // steps, CHANNELS), f32),
                  jax.ShapeDtypeStruct((batch, n, d), f32), jax.ShapeDtypeStruct((batch, n, d), f32),
                  jax.ShapeDtypeStruct((batch, 2, d), f32)])
   scratch = ([plgpu.SMEM((2, chunk, CHANNELS), a.dtype) for a in seq_inputs]
              + [plgpu.SMEM((2, chunk, n), a.dtype) for a in (B, C)]
              # The saved chunk states (two slots), then the span starts they lead to.
-             + [plgpu.SMEM((spans + 1, n, CHANNELS), f32), plgpu.SMEM((n + 2, CHANNELS), f32),
+             + [plgpu.SMEM((spans + 1, n, CHANNELS), f32),
                 # One word of padding per row: row r's word col sits in bank (r + col) % 32.
                 plgpu.SMEM((CHANNELS, CHANNELS + 1), f32),
-                plgpu.SMEM((2, tiles, CHANNELS), f32), plgpu.SMEM((2, CHANNELS), f32),
+                plgpu.SMEM((wgs, num_parts, steps, CHANNELS), f32),
+                plgpu.SMEM((wgs, tiles, CHANNELS), f32), plgpu.SMEM((2, CHANNELS), f32),
                 plgpu.Barrier(num_arrivals=len(seq_inputs) + 3, num_barriers=2),
-                plgpu.Barrier(num_arrivals=2)])
+                plgpu.Barrier(num_arrivals=3),
+                plgpu.Barrier(num_arrivals=wgs, num_barriers=2),
+                plgpu.Barrier(num_arrivals=max(wgs - 1, 1))])
   call = plgpu.kernel(
       selective_scan_backward, out_type=out_type, scratch_types=scratch, grid=(batch, blocks),
-      grid_names=("b", "c"), interpret=interpret, compiler_params=_compiler_params())
+      grid_names=("b", "c"), num_threads=wgs, thread_name="wg", interpret=interpret,
+      compiler_params=_compiler_params())
   outs = call(*seq_inputs, B, C, params, chunks, dh_last)
   dx, ddt = outs[0], outs[1]
   dz = outs[2] if has_z else None
   dbc, dA, dh0, sums = outs[2 + has_z:]
-  dbc = dbc.reshape(batch, blocks, padded_length, 2, n)
+  # Block c's warpgroup w is partial c * wgs + w: the blocks of a group stay contiguous.
+  dbc = dbc.reshape(batch, blocks * wgs, padded_length, 2, n)
   return (dx, ddt, dz, dbc[..., 0, :], dbc[..., 1, :], jnp.swapaxes(dA, 1, 2), sums[:, 0],
           sums[:, 1], jnp.swapaxes(dh0, 1, 2))

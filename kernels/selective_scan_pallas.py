@@ -344,7 +344,7 @@ def backward(config, residuals, cotangents):
   dx, ddt, dz, dB, dC, dA, dD, ddt_bias, dh0 = grads
   blocks = dB.shape[1]
 
-  def per_group(partial):  # (batch, blocks, length, n) -> (batch, length, groups, n)
+  def per_group(partial):  # (batch, partials, length, n) -> (batch, length, groups, n)
     summed = partial.reshape(batch, groups, blocks // groups, padded_length, n).sum(axis=2)
     return jnp.moveaxis(summed, 1, 2)
 

@@ -11,7 +11,7 @@
   python scripts/bench_scan.py --mixer              # times the Mamba-130m mixer around the scan
   python scripts/bench_scan.py --mixer --fused --check --impl pallas   # fused_inner vs unfused
   python scripts/bench_scan.py --workload selective_scan --impl pallas --variants '' \
-      selective_scan_gpu.BACKWARD_SPAN=4            # kernel variants side by side in one run
+      selective_scan_gpu.BACKWARD_SPAN=2            # kernel variants side by side in one run
   ncu --kernel-name regex:mosaic_gpu python scripts/bench_scan.py --workload selective_scan \
       --impl pallas --once                          # one forward+backward each, for a profiler
 

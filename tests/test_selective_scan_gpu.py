@@ -70,14 +70,19 @@ def test_mosaic_gpu_forward_matches_oracle(groups, dtype, warpgroups, monkeypatc
                                err_msg=f"chunk {k}")
 
 
-@pytest.mark.parametrize("n, groups, dtype, reverse, gated",
-                         [(16, 2, jnp.float32, True, True), (8, 1, jnp.bfloat16, False, False)])
-def test_mosaic_gpu_backward_matches_float64_autodiff(n, groups, dtype, reverse, gated):
+@pytest.mark.parametrize("n, groups, dtype, reverse, gated, warpgroups",
+                         [(16, 2, jnp.float32, True, True, 2),
+                          (8, 1, jnp.bfloat16, False, False, 4)])
+def test_mosaic_gpu_backward_matches_float64_autodiff(n, groups, dtype, reverse, gated,
+                                                      warpgroups, monkeypatch):
   """Forward and backward through selective_scan_pallas's custom_vjp in the GPU interpreter, with
   h0, D, dt_bias, softplus and the final state's cotangent, at an odd length (two chunks of
   8); with the z gate or without it (DenseMamba's readout scan). n = 16 sums dB_t and dC_t over 4
-  steps at a time, two reduction tiles a chunk; n = 8 over 8, one; both recompute spans of 2.
-  The reference is autodiff of impl="reference" in float64 on the same (rounded) values."""
+  steps at a time, two reduction tiles a chunk, each one span of 4 steps recomputed; n = 8 over
+  8, one tile of two spans. The backward's states split over 2 or 4 warpgroups (8 or 2 states each), which add up their
+  partial sums for dx, ddt and dz, and each sum a share of the tile's columns. The reference is
+  autodiff of impl="reference" in float64 on the same (rounded) values."""
+  monkeypatch.setattr(selective_scan_gpu, "BACKWARD_WARPGROUPS", warpgroups)
   d = 2 * selective_scan_gpu.CHANNELS
   rng = np.random.default_rng(1)
   inputs = _random_inputs(rng, d, n, groups, dtype, length=13)
