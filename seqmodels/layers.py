@@ -113,15 +113,19 @@ class BlockStack(nnx.Module):
   (see REMAT_POLICIES).
   """
   block_class: type
-  scannable = True  # False where layers differ or read each other's states (the dense models).
+  scannable = True  # False where layers differ or read each other's states (DenseRetNet).
 
   def __init__(self, cfg, *, dtype, rngs):
     blocks = [self.block_class(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.n_layer)]
     self.scan_layers = bool(cfg.get("scan_layers", False))
     self.remat = cfg.get("remat", "none")
     self.n_layer = cfg.n_layer
-    self.blocks = stack_modules(blocks) if self.scan_layers else nnx.List(blocks)
     self.out_dim = cfg.d_model
+    self.arrange(blocks)
+
+  def arrange(self, blocks):
+    """Holds the blocks: stacked into one module with model.scan_layers, else as a list."""
+    self.blocks = stack_modules(blocks) if self.scan_layers else nnx.List(blocks)
 
   @classmethod
   def check_config(cls, cfg) -> None:
@@ -131,8 +135,7 @@ class BlockStack(nnx.Module):
 
   def init_cache(self, batch, max_length):
     if self.scan_layers:
-      one = self.blocks.init_cache(batch, max_length)
-      return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.n_layer, *x.shape)), one)
+      return stacked_cache(self.blocks, self.n_layer, batch, max_length)
     return [blk.init_cache(batch, max_length) for blk in self.blocks]
 
   def __call__(self, u, cache=None):
@@ -165,6 +168,12 @@ class BlockStack(nnx.Module):
     if self.scan_layers:
       return self.n_layer * self.blocks.extra_flops_per_token(seq_len)
     return sum(blk.extra_flops_per_token(seq_len) for blk in self.blocks)
+
+
+def stacked_cache(stacked_block, n_layer, batch, max_length):
+  """The cache of n_layer stacked blocks: one block's, broadcast along a leading layer axis."""
+  one = stacked_block.init_cache(batch, max_length)
+  return jax.tree.map(lambda x: jnp.broadcast_to(x, (n_layer, *x.shape)), one)
 
 
 def stack_modules(modules):

@@ -22,7 +22,10 @@ MAMBA_PUBLISHED = {"130m": 129.1e6, "370m": 371.5e6}
 def _stress(model):
   """Makes the SSM path, and so the fusion, move the logits: at Mamba's init dt ~ 0.001-0.1 keeps
   <C, h> about 500x below the D x skip, too small for a 1e-4 comparison to see."""
-  for blk in model.backbone.blocks:
+  backbone = model.backbone
+  # With model.scan_layers, the list of the first dense_m blocks and one module of the stacked rest.
+  blocks = [*backbone.head, backbone.blocks] if backbone.scan_layers else backbone.blocks
+  for blk in blocks:
     blk.mixer.dt_bias[...] = jnp.full_like(blk.mixer.dt_bias[...], 0.5)  # softplus: dt ~ 1.
     for gate in getattr(blk.mixer, "gates", []):
       gate.fc2.kernel[...] = 8 * gate.fc2.kernel[...]
@@ -64,6 +67,25 @@ def test_recurrent_form_equals_parallel_form(m):
   # A prefill that continues from a cache re-runs the earlier layers' scans from their cached states.
   logits, _ = prefill(model, tokens[:, 5:], prompt_cache)
   np.testing.assert_allclose(logits, parallel[:, 5:], rtol=1e-4, atol=1e-4)
+
+
+def test_scanned_layers_equal_the_list_of_layers():
+  # Same seed, same parameters: 2 list layers, then 3 scanned ones reading the 2 below them.
+  plain = _dense_model(2, seed=8, **{"model.n_layer": 5})
+  scanned = _dense_model(2, seed=8, **{"model.n_layer": 5, "model.scan_layers": True})
+  assert len(scanned.backbone.head) == 2 and scanned.backbone.blocks.mixer.gates[1].fc1.kernel.shape[0] == 3
+  tokens = _tokens(2, 9, seed=8)
+  np.testing.assert_allclose(forward(scanned, tokens), forward(plain, tokens), rtol=1e-5, atol=1e-5)
+  logits = {}
+  for name, model in (("plain", plain), ("scanned", scanned)):
+    out, cache = prefill(model, tokens[:, :5], model.init_cache(2))
+    logits[name] = [out]
+    for t in range(5, 7):
+      out, cache = step(model, tokens[:, t], cache)
+      logits[name].append(out)
+    logits[name].append(prefill(model, tokens[:, 7:], cache)[0])
+  for got, want in zip(logits["scanned"], logits["plain"], strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_zero_gates_give_mamba_with_the_same_weights():

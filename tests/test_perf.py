@@ -60,11 +60,15 @@ def _loss_and_grads(model_cfg, tokens):
   return value, nnx.to_pure_dict(grads)
 
 
-def _stack_blocks(grads):
-  """The unscanned gradient tree with its list of blocks stacked as the scanned layout holds them."""
+def _stack_blocks(grads, head=0):
+  """The unscanned gradient tree as the scanned layout holds it: the list of blocks stacked, but for
+  the first `head` (DenseMamba's first dense_m layers, which stay a list)."""
   blocks = grads["backbone"]["blocks"]
-  stacked = jax.tree.map(lambda *xs: np.stack(xs), *(blocks[i] for i in sorted(blocks)))
-  return {**grads, "backbone": {**grads["backbone"], "blocks": stacked}}
+  order = sorted(blocks)
+  backbone = {**grads["backbone"], "blocks": jax.tree.map(lambda *xs: np.stack(xs), *(blocks[i] for i in order[head:]))}
+  if head:
+    backbone["head"] = {i: blocks[i] for i in order[:head]}
+  return {**grads, "backbone": backbone}
 
 
 @pytest.mark.parametrize("arch,options", [
@@ -73,22 +77,26 @@ def _stack_blocks(grads):
     ("mamba", {"scan_layers": True, "remat": "block"}),
     ("retnet", {"remat": "block"}),
     ("lion_lit", {"scan_layers": True, "remat": "save_dots"}),
+    ("dense_mamba", {"scan_layers": True, "remat": "block"}),
 ])
 def test_remat_and_layer_scan_keep_loss_and_gradients(arch, options):
-  model_cfg = tiny_config(arch).model
+  # DenseMamba: 2 list layers (dense_m) and 3 scanned ones that each read the 2 below.
+  model_cfg = tiny_config(arch, **({"model.n_layer": 5} if arch == "dense_mamba" else {})).model
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 250, (2, 24)))
   plain_loss, plain_grads = _loss_and_grads(model_cfg, tokens)
   cfg = model_cfg.copy_and_resolve_references()
   cfg.update(options)
   loss, grads = _loss_and_grads(cfg, tokens)
-  expected = _stack_blocks(plain_grads) if options.get("scan_layers") else plain_grads
+  head = cfg.get("dense_m", 0)
+  expected = _stack_blocks(plain_grads, head) if options.get("scan_layers") else plain_grads
   np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
   for (path, g), e in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(expected), strict=True):
     np.testing.assert_allclose(g, e, rtol=2e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
 
 
-def test_scanned_layers_decode_like_the_parallel_forward():
-  cfg = tiny_config("gpt").model
+@pytest.mark.parametrize("arch", ["gpt", "dense_mamba"])
+def test_scanned_layers_decode_like_the_parallel_forward(arch):
+  cfg = tiny_config(arch, **({"model.n_layer": 4} if arch == "dense_mamba" else {})).model
   cfg.scan_layers = True
   model = lm.build(cfg)
   tokens = jnp.asarray(np.random.default_rng(2).integers(0, 250, (2, 9)))
@@ -112,7 +120,7 @@ def test_stacked_layers_decay_only_matrices():
   assert not mask["backbone"]["blocks"]["norm"]["scale"]
 
 
-@pytest.mark.parametrize("arch", ["dense_mamba", "conv_gpt"])
+@pytest.mark.parametrize("arch", ["dense_retnet", "conv_gpt"])
 def test_unscannable_architectures_are_refused(arch):
   cfg = tiny_config(arch).model
   cfg.scan_layers = True
