@@ -141,7 +141,8 @@ class DenseMamba(layers.BlockStack):
 
   With model.scan_layers the first dense_m layers, which read fewer layers below them and so hold
   fewer gates, stay a list (`head`); the identical layers above run as one lax.scan whose carry
-  holds the last dense_m records, so XLA compiles their scans once instead of once per layer.
+  holds the last dense_m records, so XLA compiles their scans once instead of once per layer. A
+  stack of at most dense_m layers has nothing to scan and stays a list.
   """
   block_class = DenseMambaBlock
 
