@@ -136,59 +136,7 @@ class DenseMambaBlock(MambaBlock):
     return u + y.astype(jnp.float32), record, cache
 
 
-class DenseMamba(layers.BlockStack):
-  """The block stack, threading each layer's scan record to the next dense_m layers.
-
-  With model.scan_layers the first dense_m layers, which read fewer layers below them and so hold
-  fewer gates, stay a list (`head`); the identical layers above run as one lax.scan whose carry
-  holds the last dense_m records, so XLA compiles their scans once instead of once per layer. A
-  stack of at most dense_m layers has nothing to scan and stays a list.
-  """
+class DenseMamba(layers.DenseStack):
+  """The block stack, handing each layer's scan record up to the next dense_m layers."""
   block_class = DenseMambaBlock
-
-  def __init__(self, cfg, *, dtype, rngs):
-    self.dense_m = cfg.dense_m
-    super().__init__(cfg, dtype=dtype, rngs=rngs)
-
-  def arrange(self, blocks):
-    if not self.scan_layers or len(blocks) <= self.dense_m:
-      self.scan_layers = False
-      self.blocks = nnx.List(blocks)
-      return
-    self.head = nnx.List(blocks[:self.dense_m])
-    self.blocks = layers.stack_modules(blocks[self.dense_m:])
-
-  def init_cache(self, batch, max_length):
-    if not self.scan_layers:
-      return super().init_cache(batch, max_length)
-    return ([blk.init_cache(batch, max_length) for blk in self.head],
-            layers.stacked_cache(self.blocks, self.n_layer - self.dense_m, batch, max_length))
-
-  def __call__(self, u, cache=None):
-    step = layers.checkpointed(lambda blk, *args: blk(*args), self.remat, prevent_cse=not self.scan_layers)
-    head_cache = None if cache is None else (cache[0] if self.scan_layers else cache)
-    records, new_cache = [], []
-    for i, blk in enumerate(self.head if self.scan_layers else self.blocks):
-      u, record, blk_cache = step(blk, u, records[-self.dense_m:][::-1], None if cache is None else head_cache[i])
-      records.append(record)
-      new_cache.append(blk_cache)
-    if not self.scan_layers:
-      return u, (None if cache is None else new_cache)
-    graphdef, stacked = nnx.split(self.blocks)
-
-    def body(carry, layer):
-      u, prev = carry  # prev: the last dense_m records, nearest first.
-      params, layer_cache = layer
-      u, record, blk_cache = step(nnx.merge(graphdef, params), u, list(prev), layer_cache)
-      return (u, (record, *prev[:-1])), blk_cache
-
-    (u, _), body_cache = jax.lax.scan(body, (u, tuple(records[::-1])),
-                                      (stacked, None if cache is None else cache[1]),
-                                      length=self.n_layer - self.dense_m)
-    return u, (None if cache is None else (new_cache, body_cache))
-
-  def extra_flops_per_token(self, seq_len):
-    if not self.scan_layers:
-      return super().extra_flops_per_token(seq_len)
-    return (sum(blk.extra_flops_per_token(seq_len) for blk in self.head)
-            + (self.n_layer - self.dense_m) * self.blocks.extra_flops_per_token(seq_len))
+  dense_key = "dense_m"

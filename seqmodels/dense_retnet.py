@@ -139,19 +139,7 @@ class DenseRetNetBlock(nnx.Module):
     return retnet.retention_flops_per_token(seq_len, **self.flops)
 
 
-class DenseRetNet(layers.BlockStack):
+class DenseRetNet(layers.DenseStack):
+  """The block stack, handing each layer's raw keys and values up to the next dense_layers layers."""
   block_class = DenseRetNetBlock
-  scannable = False  # Layer l holds gates for min(l, m) earlier layers and reads their keys and values.
-
-  def __init__(self, cfg, *, dtype, rngs):
-    super().__init__(cfg, dtype=dtype, rngs=rngs)
-    self.dense_layers = cfg.dense_layers
-
-  def __call__(self, u, cache=None):
-    previous, new_cache = [], []
-    step = layers.checkpointed(lambda blk, *args: blk(*args), self.remat)
-    for i, blk in enumerate(self.blocks):
-      u, raw, blk_cache = step(blk, u, previous, None if cache is None else cache[i])
-      previous = [raw, *previous][:self.dense_layers]
-      new_cache.append(blk_cache)
-    return u, (None if cache is None else new_cache)
+  dense_key = "dense_layers"

@@ -113,7 +113,7 @@ class BlockStack(nnx.Module):
   (see REMAT_POLICIES).
   """
   block_class: type
-  scannable = True  # False where layers differ or read each other's states (DenseRetNet).
+  scannable = True
 
   def __init__(self, cfg, *, dtype, rngs):
     blocks = [self.block_class(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.n_layer)]
@@ -168,6 +168,66 @@ class BlockStack(nnx.Module):
     if self.scan_layers:
       return self.n_layer * self.blocks.extra_flops_per_token(seq_len)
     return sum(blk.extra_flops_per_token(seq_len) for blk in self.blocks)
+
+
+class DenseStack(BlockStack):
+  """A block stack whose blocks also read what the blocks below hand up (DenseSSM's dense hidden
+  connections): block(u, below, cache) -> (u, handed_up, cache), `below` the values handed up by
+  the `dense` layers under it, nearest first (fewer for the first layers); cfg[dense_key] is
+  `dense`.
+
+  With model.scan_layers the first `dense` layers, which read fewer layers and so hold fewer
+  parameters, stay a list (`head`); the identical layers above run as one lax.scan whose carry holds
+  the last `dense` handed-up values, so XLA compiles them once instead of once per layer. A stack of
+  at most `dense` layers has nothing to scan and stays a list.
+  """
+  dense_key: str
+
+  def __init__(self, cfg, *, dtype, rngs):
+    self.dense = cfg[self.dense_key]
+    super().__init__(cfg, dtype=dtype, rngs=rngs)
+
+  def arrange(self, blocks):
+    if not self.scan_layers or len(blocks) <= self.dense:
+      self.scan_layers = False
+      self.blocks = nnx.List(blocks)
+      return
+    self.head = nnx.List(blocks[:self.dense])
+    self.blocks = stack_modules(blocks[self.dense:])
+
+  def init_cache(self, batch, max_length):
+    if not self.scan_layers:
+      return super().init_cache(batch, max_length)
+    return ([blk.init_cache(batch, max_length) for blk in self.head],
+            stacked_cache(self.blocks, self.n_layer - self.dense, batch, max_length))
+
+  def __call__(self, u, cache=None):
+    step = checkpointed(lambda blk, *args: blk(*args), self.remat, prevent_cse=not self.scan_layers)
+    head_cache = None if cache is None else (cache[0] if self.scan_layers else cache)
+    below, new_cache = (), []
+    for i, blk in enumerate(self.head if self.scan_layers else self.blocks):
+      u, handed_up, blk_cache = step(blk, u, list(below), None if cache is None else head_cache[i])
+      below = (handed_up, *below)[:self.dense]
+      new_cache.append(blk_cache)
+    if not self.scan_layers:
+      return u, (None if cache is None else new_cache)
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def body(carry, layer):
+      u, below = carry
+      params, layer_cache = layer
+      u, handed_up, blk_cache = step(nnx.merge(graphdef, params), u, list(below), layer_cache)
+      return (u, (handed_up, *below)[:self.dense]), blk_cache
+
+    (u, _), body_cache = jax.lax.scan(body, (u, below), (stacked, None if cache is None else cache[1]),
+                                      length=self.n_layer - self.dense)
+    return u, (None if cache is None else (new_cache, body_cache))
+
+  def extra_flops_per_token(self, seq_len):
+    if not self.scan_layers:
+      return super().extra_flops_per_token(seq_len)
+    return (sum(blk.extra_flops_per_token(seq_len) for blk in self.head)
+            + (self.n_layer - self.dense) * self.blocks.extra_flops_per_token(seq_len))
 
 
 def stacked_cache(stacked_block, n_layer, batch, max_length):

@@ -78,25 +78,28 @@ def _stack_blocks(grads, head=0):
     ("retnet", {"remat": "block"}),
     ("lion_lit", {"scan_layers": True, "remat": "save_dots"}),
     ("dense_mamba", {"scan_layers": True, "remat": "block"}),
+    ("dense_retnet", {"scan_layers": True}),
 ])
 def test_remat_and_layer_scan_keep_loss_and_gradients(arch, options):
-  # DenseMamba: 2 list layers (dense_m) and 3 scanned ones that each read the 2 below.
-  model_cfg = tiny_config(arch, **({"model.n_layer": 5} if arch == "dense_mamba" else {})).model
+  # The dense models: 2 list layers (the first dense_m or dense_layers) and 3 scanned ones that each
+  # read the 2 below.
+  dense = {"model.n_layer": 5, f"model.{'dense_m' if arch == 'dense_mamba' else 'dense_layers'}": 2}
+  model_cfg = tiny_config(arch, **(dense if arch.startswith("dense") else {})).model
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 250, (2, 24)))
   plain_loss, plain_grads = _loss_and_grads(model_cfg, tokens)
   cfg = model_cfg.copy_and_resolve_references()
   cfg.update(options)
   loss, grads = _loss_and_grads(cfg, tokens)
-  head = cfg.get("dense_m", 0)
+  head = cfg.get("dense_m", cfg.get("dense_layers", 0))
   expected = _stack_blocks(plain_grads, head) if options.get("scan_layers") else plain_grads
   np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
   for (path, g), e in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(expected), strict=True):
     np.testing.assert_allclose(g, e, rtol=2e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("arch", ["gpt", "dense_mamba"])
+@pytest.mark.parametrize("arch", ["gpt", "dense_mamba", "dense_retnet"])
 def test_scanned_layers_decode_like_the_parallel_forward(arch):
-  cfg = tiny_config(arch, **({"model.n_layer": 4} if arch == "dense_mamba" else {})).model
+  cfg = tiny_config(arch, **({"model.n_layer": 4} if arch.startswith("dense") else {})).model
   cfg.scan_layers = True
   model = lm.build(cfg)
   tokens = jnp.asarray(np.random.default_rng(2).integers(0, 250, (2, 9)))
@@ -120,7 +123,7 @@ def test_stacked_layers_decay_only_matrices():
   assert not mask["backbone"]["blocks"]["norm"]["scale"]
 
 
-@pytest.mark.parametrize("arch", ["dense_retnet", "conv_gpt"])
+@pytest.mark.parametrize("arch", ["parallel_gpt", "conv_gpt"])
 def test_unscannable_architectures_are_refused(arch):
   cfg = tiny_config(arch).model
   cfg.scan_layers = True
