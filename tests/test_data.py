@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import threading
 
 import grain
 import ml_collections
@@ -317,6 +318,24 @@ def test_prefetcher_yields_the_batches_in_order_through_its_transform():
   prefetcher = data.Prefetcher(_train_iterator(ARANGE_TOKENS, seed=5), lambda b: _window_ids(b))
   try:
     assert _take(prefetcher, 9) == plain
+  finally:
+    prefetcher.close()
+
+
+def test_prefetcher_fetches_the_next_batch_while_the_caller_works():
+  second = threading.Event()
+  batches_seen = []
+
+  def transform(batch):
+    batches_seen.append(batch)
+    if len(batches_seen) == 2:
+      second.set()
+    return batch
+
+  prefetcher = data.Prefetcher(_train_iterator(ARANGE_TOKENS, seed=5), transform)
+  try:
+    next(prefetcher)
+    assert second.wait(timeout=10)  # The second batch, before anyone asked for it.
   finally:
     prefetcher.close()
 

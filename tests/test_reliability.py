@@ -187,6 +187,32 @@ def test_sigint_saves_and_returns_interrupted(tmp_path, monkeypatch):
   assert checkpoint.verify(str(tmp_path / "run" / "checkpoints" / "3")) is None
 
 
+def test_a_log_step_is_written_once_the_next_step_is_dispatched(tmp_path, monkeypatch):
+  dispatches, written_after = [0], {}  # Steps dispatched so far; per record, how many when it was written.
+  init, write = trainer.Trainer.__init__, trainer.MetricsWriter.write
+
+  def counting_init(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    train_step = self.train_step
+
+    def counted(*step_args):
+      dispatches[0] += 1
+      return train_step(*step_args)
+    self.train_step = counted
+
+  def noting_write(self, step, record):
+    written_after[step] = dispatches[0]
+    write(self, step, record)
+  monkeypatch.setattr(trainer.Trainer, "__init__", counting_init)
+  monkeypatch.setattr(trainer.MetricsWriter, "write", noting_write)
+  trainer.train(_config(), str(tmp_path / "run"), progress=False)
+  # A plain log step's record waits for the next dispatch; a checkpoint step's (4, 8) and the last
+  # step's (12) are written before it, since they need that step's state.
+  assert written_after == {2: 3, 4: 4, 6: 7, 8: 8, 10: 11, 12: 12}
+  records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  assert [r["step"] for r in records] == [2, 4, 6, 8, 10, 12]
+
+
 def test_nonfinite_step_with_skip_leaves_params_and_optimizer_state_untouched(tmp_path, monkeypatch):
   trainer.train(_config(), str(tmp_path / "clean"), max_steps=2, progress=False)
   monkeypatch.setenv("SEQMODELS_FAULTS", "nonfinite_at=3")
