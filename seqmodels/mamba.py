@@ -66,7 +66,12 @@ class CausalDepthwiseConv(nnx.Module):
     length = x.shape[1]
     kernel = self.kernel[...].astype(x.dtype)
     y = sum(padded[:, k:k + length] * kernel[k] for k in range(self.width))
-    return y + self.bias[...].astype(x.dtype), padded[:, length:]
+    return y + self.bias[...].astype(x.dtype), self.next_state(x, state)
+
+  def next_state(self, x, state):
+    """The last width - 1 inputs once x follows `state`, reaching back into it when x is shorter."""
+    kept = self.width - 1
+    return jnp.concatenate([state.astype(x.dtype), x[:, -kept:]], axis=1)[:, -kept:]
 
 
 class MambaMixer(nnx.Module):
@@ -143,10 +148,7 @@ class MambaMixer(nnx.Module):
           self.dt_proj.kernel[...], self.dt_bias[...], self.A_log[...], self.D[...], start["ssm"])
     if cache is None:
       return self.out_proj(y), None
-    # The last d_conv - 1 conv inputs, reaching back into the old state when u is shorter.
-    kept = self.d_conv - 1
-    conv_inputs = jnp.concatenate([cache["conv"].astype(xz.dtype), xz[:, -kept:, :self.d_inner]], axis=1)
-    return self.out_proj(y), {"conv": conv_inputs[:, -kept:], "ssm": ssm_state}
+    return self.out_proj(y), {"conv": self.conv1d.next_state(xz[..., :self.d_inner], cache["conv"]), "ssm": ssm_state}
 
   def fused_decoding(self) -> bool:
     """Whether a one-token step runs kernels/selective_scan_step.py: with scan_impl "pallas", or
