@@ -150,19 +150,7 @@ class BlockStack(nnx.Module):
     per_layer and the outputs are lists of per-layer entries, or pytrees stacked on a leading layer
     axis with model.scan_layers; per_layer=None gives every layer None.
     """
-    step = checkpointed(fn, self.remat, prevent_cse=not self.scan_layers)
-    if not self.scan_layers:
-      outs = []
-      for i, blk in enumerate(self.blocks):
-        u, out = step(blk, u, None if per_layer is None else per_layer[i])
-        outs.append(out)
-      return u, outs
-    graphdef, stacked = nnx.split(self.blocks)
-
-    def body(u, layer):
-      params, x = layer
-      return step(nnx.merge(graphdef, params), u, x)
-    return jax.lax.scan(body, u, (stacked, per_layer), length=self.n_layer)
+    return thread_layers(self.blocks, fn, u, per_layer, scanned=self.scan_layers, remat=self.remat)
 
   def extra_flops_per_token(self, seq_len):
     if self.scan_layers:
@@ -202,32 +190,45 @@ class DenseStack(BlockStack):
             stacked_cache(self.blocks, self.n_layer - self.dense, batch, max_length))
 
   def __call__(self, u, cache=None):
-    step = checkpointed(lambda blk, *args: blk(*args), self.remat, prevent_cse=not self.scan_layers)
-    head_cache = None if cache is None else (cache[0] if self.scan_layers else cache)
-    below, new_cache = (), []
-    for i, blk in enumerate(self.head if self.scan_layers else self.blocks):
-      u, handed_up, blk_cache = step(blk, u, list(below), None if cache is None else head_cache[i])
-      below = (handed_up, *below)[:self.dense]
-      new_cache.append(blk_cache)
-    if not self.scan_layers:
-      return u, (None if cache is None else new_cache)
-    graphdef, stacked = nnx.split(self.blocks)
-
-    def body(carry, layer):
+    def layer(blk, carry, layer_cache):
       u, below = carry
-      params, layer_cache = layer
-      u, handed_up, blk_cache = step(nnx.merge(graphdef, params), u, list(below), layer_cache)
+      u, handed_up, blk_cache = blk(u, list(below), layer_cache)
       return (u, (handed_up, *below)[:self.dense]), blk_cache
 
-    (u, _), body_cache = jax.lax.scan(body, (u, below), (stacked, None if cache is None else cache[1]),
-                                      length=self.n_layer - self.dense)
-    return u, (None if cache is None else (new_cache, body_cache))
+    if not self.scan_layers:
+      (u, _), new_cache = self.map_layers(layer, (u, ()), cache)
+      return u, (None if cache is None else new_cache)
+    head_cache, body_cache = (None, None) if cache is None else cache
+    carry, head_cache = thread_layers(self.head, layer, (u, ()), head_cache, scanned=False, remat=self.remat)
+    (u, _), body_cache = thread_layers(self.blocks, layer, carry, body_cache, scanned=True, remat=self.remat)
+    return u, (None if cache is None else (head_cache, body_cache))
 
   def extra_flops_per_token(self, seq_len):
     if not self.scan_layers:
       return super().extra_flops_per_token(seq_len)
     return (sum(blk.extra_flops_per_token(seq_len) for blk in self.head)
             + (self.n_layer - self.dense) * self.blocks.extra_flops_per_token(seq_len))
+
+
+def thread_layers(blocks, fn, carry, per_layer, *, scanned, remat):
+  """Threads carry through fn(block, carry, per_layer[i]) -> (carry, out_i) over `blocks`, under
+  `remat`: a list of blocks with per-layer lists, or (`scanned`) one module whose variables are
+  stacked on a leading layer axis, run as one lax.scan with per_layer and the outputs stacked alike.
+  per_layer=None gives every layer None.
+  """
+  step = checkpointed(fn, remat, prevent_cse=not scanned)
+  if not scanned:
+    outs = []
+    for i, blk in enumerate(blocks):
+      carry, out = step(blk, carry, None if per_layer is None else per_layer[i])
+      outs.append(out)
+    return carry, outs
+  graphdef, stacked = nnx.split(blocks)
+
+  def body(carry, layer):
+    params, x = layer
+    return step(nnx.merge(graphdef, params), carry, x)
+  return jax.lax.scan(body, carry, (stacked, per_layer))
 
 
 def stacked_cache(stacked_block, n_layer, batch, max_length):
