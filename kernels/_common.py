@@ -1,6 +1,12 @@
 """Pieces every kernel in this package needs, kept in one place so the kernels agree on them."""
 
+import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+# The name under which the scan core's kernels tag their outputs and backward residuals, so that a
+# remat policy saving it (model.remat "save_scan") keeps the kernels' forward out of the recompute.
+SCAN_SAVED = "scan_core_saved"
 
 
 def check_impl(impl, impls):
@@ -16,6 +22,13 @@ def accumulation_dtype(*arrays):
   as None (absent optional arguments) are skipped.
   """
   return jnp.promote_types(jnp.float32, jnp.result_type(*(a for a in arrays if a is not None)))
+
+
+def saved_by_remat(tree):
+  """`tree` with every array tagged SCAN_SAVED: a custom_vjp forward returns its outputs and
+  residuals through this, and jax.checkpoint under save_only_these_names(SCAN_SAVED) then keeps
+  them instead of running the forward kernel again in the backward pass."""
+  return jax.tree.map(lambda a: checkpoint_name(a, SCAN_SAVED), tree)
 
 
 def sigmoid(v):

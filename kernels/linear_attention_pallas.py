@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import linear_attention_gpu, linear_attention_tpu
+from kernels._common import saved_by_remat
 
 
 def backend_kernels(backend=None):
@@ -68,7 +69,7 @@ def _kernels(module, size, q, k, v, c, h0):
 def _kernels_forward(module, size, q, k, v, c, h0):
   o, s_last, states = module.forward(q, k, v, c, h0, chunk_size=size,
                                      interpret=_interpret(module))
-  return (o, s_last), (q, k, v, c, states)
+  return saved_by_remat(((o, s_last), (q, k, v, c, states)))
 
 
 def _kernels_backward(module, size, residuals, cotangents):

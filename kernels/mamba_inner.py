@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import causal_conv1d, selective_scan_pallas
+from kernels._common import saved_by_remat
 
 
 def supported(d_inner) -> bool:
@@ -110,7 +111,7 @@ def _inner_fwd(config, xz, conv_state, conv_kernel, conv_bias, x_proj, dt_proj, 
                                        dt_proj, dt_bias, A_log, D, h0)
   residuals = (xz, conv_state, conv_kernel, conv_bias, x_proj, dt_proj, dt_bias, A_log, D, h0,
                xdbc, chunks)
-  return (y, h_last), residuals
+  return saved_by_remat(((y, h_last), residuals))
 
 
 def _inner_bwd(config, residuals, cotangents):

@@ -11,8 +11,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from kernels._common import SCAN_SAVED
 from seqmodels import sharding
 from seqmodels.errors import UserError
 
@@ -55,6 +57,22 @@ def linear(d_in, d_out, *, axes, dtype, rngs, use_bias=False, kernel_init=torch_
   return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
                     kernel_init=kernel_init, bias_init=nnx.initializers.zeros, rngs=rngs,
                     kernel_metadata=logical_axes(*axes), bias_metadata=logical_axes(axes[1]))
+
+
+def linear_pieces(linear, x, sizes):
+  """linear(x) split along its outputs into pieces of `sizes`, computed as one matmul per piece.
+
+  The same numbers as splitting linear(x), but where splitting copies each piece out of the
+  product, and its gradient concatenates the pieces' cotangents into one product-sized array
+  (activation-sized copies, forward and backward), here the weight is split and the input's
+  gradient is a sum of matmuls.
+  """
+  pieces = np.cumsum(sizes)[:-1]
+  kernels = jnp.split(linear.kernel[...].astype(linear.dtype), pieces, axis=1)
+  outputs = [x.astype(linear.dtype) @ kernel for kernel in kernels]
+  if linear.bias is not None:
+    outputs = [out + bias for out, bias in zip(outputs, jnp.split(linear.bias[...].astype(linear.dtype), pieces))]
+  return outputs
 
 
 class RMSNorm(nnx.Module):
@@ -254,10 +272,13 @@ def stack_modules(modules):
 # What the backward pass keeps from each block's forward (model.remat); the rest it recomputes.
 # "block" keeps only the block's input, "save_dots" also the outputs of its weight matmuls (not of
 # attention's batched score matmuls), trading memory for about one extra forward of compute.
+# "save_scan" also keeps what the Pallas scan-core kernels return and their backward needs
+# (kernels/_common.SCAN_SAVED), so the backward recomputes the block around the scan, not the scan.
 REMAT_POLICIES = {
     "none": None,
     "block": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_scan": jax.checkpoint_policies.save_only_these_names(SCAN_SAVED),
 }
 
 

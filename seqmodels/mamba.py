@@ -110,7 +110,7 @@ class MambaMixer(nnx.Module):
 
     dt is before dt_bias and softplus, which the scan applies.
     """
-    x, z = jnp.split(self.in_proj(u), 2, axis=-1)
+    x, z = layers.linear_pieces(self.in_proj, u, (self.d_inner, self.d_inner))
     if conv_state is None:
       conv_state = jnp.zeros((u.shape[0], self.d_conv - 1, self.d_inner), x.dtype)
     x, conv_state = self.conv1d(x, conv_state)

@@ -23,6 +23,9 @@ import jax
 
 MATMUL_KERNELS = re.compile(r"gemm|xmma|cublas|cutlass|nvjet|wgmma|matmul|dot", re.I)
 ATTENTION_KERNELS = re.compile(r"cudnn|fmha|flash|attention", re.I)
+# Pallas kernels carry no HLO op, so no scope, in a GPU trace; every Mosaic GPU kernel of ours is
+# the scan core's (kernels/), named after its body.
+SCAN_KERNELS = re.compile(r"mosaic_gpu_kernel")
 COPIES = re.compile(r"memcpy|memset", re.I)
 
 
@@ -73,12 +76,13 @@ def op_scopes(hlo_text):
 
 
 def categorize(name, scope):
-  """attention, matmul (by kernel name), scan (an op under a "scan" scope in it), or other."""
+  """attention, matmul (by kernel name), scan (a scan-core kernel, or an op under a "scan" scope), or
+  other."""
   if ATTENTION_KERNELS.search(name) or "dot_product_attention" in scope:
     return "attention"
   if MATMUL_KERNELS.search(name):
     return "matmul"
-  if re.search(r"(^|[/(])scan([/)]|$)", scope):
+  if SCAN_KERNELS.search(name) or re.search(r"(^|[/(])scan([/)]|$)", scope):
     return "scan"
   return "other"
 

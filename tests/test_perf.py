@@ -1,6 +1,7 @@
 """Memory and speed options that must not change the numbers: microbatches, remat, layer scan,
 the bf16-logit cross-entropy; and the MFU arithmetic and the benchmark script."""
 
+import functools
 import gzip
 import json
 import os
@@ -14,7 +15,9 @@ import pytest
 from flax import nnx
 
 from conftest import REPO, tiny_config
-from seqmodels import accumulate, lm, losses, optim, profiling, throughput, trainer
+from kernels import selective_scan
+from kernels._common import SCAN_SAVED
+from seqmodels import accumulate, layers, lm, losses, optim, profiling, throughput, trainer
 from seqmodels.errors import UserError
 
 
@@ -97,6 +100,55 @@ def test_remat_and_layer_scan_keep_loss_and_gradients(arch, options):
     np.testing.assert_allclose(g, e, rtol=2e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_linear_pieces_are_the_split_product_with_its_gradients(use_bias):
+  linear = layers.linear(6, 10, axes=("embed", "inner"), dtype=jnp.float32, rngs=nnx.Rngs(0), use_bias=use_bias)
+  if use_bias:
+    linear.bias[...] = jnp.arange(10.0)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 6)), jnp.float32)
+  weights = jnp.asarray(np.random.default_rng(1).normal(size=(3, 10)), jnp.float32)
+  graphdef, params = nnx.split(linear)
+
+  def loss(pieces_of, params, x):  # A different weight on each output, so every piece's gradient shows.
+    return sum((out * w).sum() for out, w in zip(pieces_of(nnx.merge(graphdef, params), x), jnp.split(weights, [4, 7], axis=1)))
+  split = lambda lin, x: jnp.split(lin(x), [4, 7], axis=-1)
+  pieces = lambda lin, x: layers.linear_pieces(lin, x, (4, 3, 3))
+  for a, b in zip(pieces(linear, x), split(linear, x), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  expected = jax.grad(functools.partial(loss, split), argnums=(0, 1))(params, x)
+  got = jax.grad(functools.partial(loss, pieces), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_save_scan_keeps_the_scan_kernels_outputs_and_residuals(capsys):
+  # What the backward keeps decides what it recomputes: under "save_scan" the Pallas scan's outputs
+  # and residuals are among the saved values, so its forward kernel is not run again.
+  rng = np.random.default_rng(0)
+  x, dt = (jnp.asarray(rng.normal(size=(1, 16, 8)), jnp.float32) for _ in range(2))
+  B = jnp.asarray(rng.normal(size=(1, 16, 4)), jnp.float32)
+
+  def block(x, dt):
+    return jnp.tanh(selective_scan(jnp.sin(x), dt, -jnp.ones((8, 4)), B, B, impl="pallas")).sum()
+  saved = {}
+  for remat in ("block", "save_scan"):
+    jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(block, policy=layers.REMAT_POLICIES[remat]), x, dt)
+    saved[remat] = capsys.readouterr().out
+  assert SCAN_SAVED not in saved["block"]
+  assert saved["save_scan"].count(SCAN_SAVED) >= 4  # y, the scan inputs, the chunk states
+
+
+def test_save_scan_keeps_loss_and_gradients():
+  model_cfg = tiny_config("mamba", **{"model.scan_impl": "pallas", "model.n_layer": 2}).model
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 250, (2, 24)))
+  plain_loss, plain_grads = _loss_and_grads(model_cfg, tokens)
+  model_cfg.remat = "save_scan"
+  loss, grads = _loss_and_grads(model_cfg, tokens)
+  np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
+  for (path, g), e in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(plain_grads), strict=True):
+    np.testing.assert_allclose(g, e, rtol=2e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+
+
 @pytest.mark.parametrize("arch", ["gpt", "dense_mamba", "dense_retnet"])
 def test_scanned_layers_decode_like_the_parallel_forward(arch):
   cfg = tiny_config(arch, **({"model.n_layer": 4} if arch.startswith("dense") else {})).model
@@ -134,7 +186,7 @@ def test_unscannable_architectures_are_refused(arch):
 def test_unknown_remat_policy_is_refused():
   cfg = tiny_config("mamba").model
   cfg.remat = "everything"
-  with pytest.raises(UserError, match="model.remat must be one of none, block, save_dots"):
+  with pytest.raises(UserError, match="model.remat must be one of none, block, save_dots, save_scan"):
     lm.check_config(cfg)
 
 
@@ -193,6 +245,8 @@ def test_profile_summary_groups_device_ops():
              "args": {"hlo_op": "command_buffer_1"}},
             {"ph": "X", "pid": 1, "tid": 7, "name": "sm90_xmma_gemm_bf16", "dur": 1000.0, "args": {"hlo_op": "custom-call.2"}},
             {"ph": "X", "pid": 1, "tid": 7, "name": "cudnn_generated_fort_native_sdpa", "dur": 500.0, "args": {}},
+            {"ph": "X", "pid": 1, "tid": 7, "name": "selective_scan_forward_mosaic_gpu_kernel", "dur": 2000.0,
+             "args": {}},
             {"ph": "X", "pid": 1, "tid": 7, "name": "Memcpy DtoD", "dur": 0.0, "args": {}},
             # Lines derived from the kernels, beside the streams that ran them, do not count.
             {"ph": "M", "pid": 1, "tid": 7, "name": "thread_name", "args": {"name": "Stream #7(Compute)"}},
@@ -211,13 +265,15 @@ def test_profile_summary_groups_device_ops():
   os.remove(timeline)
   # Every device op of the stream, one a line; the derived "XLA Ops" line and host work are not.
   assert [row[3] for row in rows[1:]] == ["input_concatenate_fusion_7", "sm90_xmma_gemm_bf16",
-                                          "cudnn_generated_fort_native_sdpa", "Memcpy DtoD"]
+                                          "cudnn_generated_fort_native_sdpa",
+                                          "selective_scan_forward_mosaic_gpu_kernel", "Memcpy DtoD"]
   assert rows[1][1:3] == ["3000.000", "scan"]
-  assert summary["ms_by_category"] == {"scan": 3.0, "matmul": 1.0, "attention": 0.5, "other": 0.0}
+  assert rows[4][2] == "scan"  # A Pallas kernel has no HLO op, hence no scope: its name says it.
+  assert summary["ms_by_category"] == {"scan": 5.0, "matmul": 1.0, "attention": 0.5, "other": 0.0}
   assert summary["top_ops"][0] == {"name": "input_concatenate_fusion_7", "category": "scan", "ms": 3.0, "count": 1,
                                    "scope": "jit(_train_step)/concatenate jit(_train_step)/transpose(jvp(scan))/mul "
                                             "jit(_train_step)/concatenate"}
-  assert summary["kernels_per_step"] == 3  # The copy is a device op but not a kernel.
+  assert summary["kernels_per_step"] == 4  # The copy is a device op but not a kernel.
 
 
 def test_bench_train_times_the_train_step(tmp_path):
