@@ -1,5 +1,7 @@
 """Pieces every kernel in this package needs, kept in one place so the kernels agree on them."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
@@ -24,11 +26,20 @@ def accumulation_dtype(*arrays):
   return jnp.promote_types(jnp.float32, jnp.result_type(*(a for a in arrays if a is not None)))
 
 
-def saved_by_remat(tree):
-  """`tree` with every array tagged SCAN_SAVED: a custom_vjp forward returns its outputs and
-  residuals through this, and jax.checkpoint under save_only_these_names(SCAN_SAVED) then keeps
-  them instead of running the forward kernel again in the backward pass."""
-  return jax.tree.map(lambda a: checkpoint_name(a, SCAN_SAVED), tree)
+def saved_by_remat(forward_rule, nondiff_argnums):
+  """A scan-core custom_vjp's forward rule whose outputs and residuals remat can keep.
+
+  Every array it returns is tagged SCAN_SAVED, so jax.checkpoint under
+  save_only_these_names(SCAN_SAVED) keeps them. The rule runs as one jit call because JAX never
+  drops an unused pallas_call from a recompute (its kernel might write memory) but drops an unused
+  jit call whole: only so does the kept forward leave the backward pass.
+  """
+  jitted = jax.jit(forward_rule, static_argnums=nondiff_argnums)
+
+  @functools.wraps(forward_rule)
+  def tagged(*args):
+    return jax.tree.map(lambda a: checkpoint_name(a, SCAN_SAVED), jitted(*args))
+  return tagged
 
 
 def sigmoid(v):

@@ -69,7 +69,7 @@ def _kernels(module, size, q, k, v, c, h0):
 def _kernels_forward(module, size, q, k, v, c, h0):
   o, s_last, states = module.forward(q, k, v, c, h0, chunk_size=size,
                                      interpret=_interpret(module))
-  return saved_by_remat(((o, s_last), (q, k, v, c, states)))
+  return (o, s_last), (q, k, v, c, states)
 
 
 def _kernels_backward(module, size, residuals, cotangents):
@@ -79,4 +79,4 @@ def _kernels_backward(module, size, residuals, cotangents):
                          chunk_size=size, interpret=_interpret(module))
 
 
-_kernels.defvjp(_kernels_forward, _kernels_backward)
+_kernels.defvjp(saved_by_remat(_kernels_forward, nondiff_argnums=(0, 1)), _kernels_backward)

@@ -111,7 +111,7 @@ def _inner_fwd(config, xz, conv_state, conv_kernel, conv_bias, x_proj, dt_proj, 
                                        dt_proj, dt_bias, A_log, D, h0)
   residuals = (xz, conv_state, conv_kernel, conv_bias, x_proj, dt_proj, dt_bias, A_log, D, h0,
                xdbc, chunks)
-  return saved_by_remat(((y, h_last), residuals))
+  return (y, h_last), residuals
 
 
 def _inner_bwd(config, residuals, cotangents):
@@ -142,4 +142,4 @@ def _inner_bwd(config, residuals, cotangents):
           d_dt_proj, ddt_bias, dA * A, dD, dh0)
 
 
-_inner.defvjp(_inner_fwd, _inner_bwd)
+_inner.defvjp(saved_by_remat(_inner_fwd, nondiff_argnums=(0,)), _inner_bwd)

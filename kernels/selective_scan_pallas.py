@@ -325,7 +325,7 @@ def _scan(config, x, dt, A, B, C, D, dt_bias, z, h0):
 
 def _scan_fwd(config, x, dt, A, B, C, D, dt_bias, z, h0):
   y, h_last, chunks = forward(config, x, dt, A, B, C, D, dt_bias, z, h0, save_chunks=True)
-  return saved_by_remat(((y, h_last), (x, dt, A, B, C, D, dt_bias, z, h0, chunks)))
+  return (y, h_last), (x, dt, A, B, C, D, dt_bias, z, h0, chunks)
 
 
 def backward(config, residuals, cotangents):
@@ -381,4 +381,4 @@ def _portable_backward(config, x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_las
   return (outs[0], outs[1], dz, *outs[2 + has_z:])
 
 
-_scan.defvjp(_scan_fwd, backward)
+_scan.defvjp(saved_by_remat(_scan_fwd, nondiff_argnums=(0,)), backward)
