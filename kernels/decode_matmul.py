@@ -31,9 +31,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 ENABLED = True
 MAX_ROWS = 256  # Four wgmma heights; a float32 accumulator of 256 x 64 is 128 registers a thread.
-TILE_K = 64  # 128 bytes of bf16: the widest TMA swizzle.
-STAGES = 4  # Blocks of k in flight per CUDA block.
-MIN_BLOCKS = 128  # k is split until columns x parts reaches this (the H100 has 132 SMs).
+TILE_K = 128  # Depth of a block of k: one TMA copy of x and one of w (kernels/NOTES.md: 64 was slower).
+STAGES = 4  # Blocks of k in flight per CUDA block, fewer where shared memory runs out.
+MIN_COLUMN_BLOCKS = 32  # With this many blocks of columns k is not split: no partial sums to add.
+MIN_BLOCKS = 128  # Otherwise k is split until columns x parts reaches this (the H100 has 132 SMs).
 ROW_TILE = 64  # wgmma's M.
 SHARED_MEMORY = 200 * 1024  # Bytes a block may take (the H100 gives one up to 227 KB).
 
@@ -53,10 +54,17 @@ def column_tile(n: int) -> int:
   return 64 if n % 64 == 0 else 32
 
 
+def depth_tile(k: int, rows: int) -> int:
+  """TILE_K, or 64 where k is not a multiple of it or x's blocks of more than 128 rows would leave
+  room for fewer than 3 stages."""
+  return TILE_K if k % TILE_K == 0 and rows <= 128 else 64
+
+
 def split_parts(n: int, k: int, tile_n: int, tile_k: int) -> int:
-  """The fewest power-of-two parts of k giving MIN_BLOCKS blocks, each at least one tile_k deep."""
-  parts, steps = 1, k // tile_k
-  while (n // tile_n) * parts < MIN_BLOCKS and steps % (2 * parts) == 0:
+  """1 for MIN_COLUMN_BLOCKS or more blocks of columns, else the fewest power-of-two parts of k
+  giving MIN_BLOCKS blocks, each at least one tile_k deep."""
+  parts, steps, columns = 1, k // tile_k, n // tile_n
+  while columns < MIN_COLUMN_BLOCKS and columns * parts < MIN_BLOCKS and steps % (2 * parts) == 0:
     parts *= 2
   return parts
 
@@ -69,7 +77,7 @@ def _stages_that_fit(rows, tile_n, tile_k, dtype):
 
 
 def supported(k: int, n: int) -> bool:
-  return k % TILE_K == 0 and n % 32 == 0
+  return k % 64 == 0 and n % 32 == 0
 
 
 def matmul(x, w, *, tile_n=None, tile_k=None, parts=None, stages=None, interpret=None):
@@ -81,7 +89,7 @@ def matmul(x, w, *, tile_n=None, tile_k=None, parts=None, stages=None, interpret
   rows, k = x.shape
   n = w.shape[1]
   tile_n = tile_n or column_tile(n)
-  tile_k = tile_k or TILE_K
+  tile_k = tile_k or depth_tile(k, rows)
   parts = parts or split_parts(n, k, tile_n, tile_k)
   stages = stages or _stages_that_fit(rows, tile_n, tile_k, x.dtype)
   if w.shape[0] != k or w.dtype != x.dtype or rows > MAX_ROWS:
@@ -91,7 +99,18 @@ def matmul(x, w, *, tile_n=None, tile_k=None, parts=None, stages=None, interpret
     raise ValueError(f"decode_matmul: n={n} must be a multiple of tile_n={tile_n} and k={k} of "
                      f"tile_k x parts = {tile_k} x {parts}")
   padded_rows = ROW_TILE * math.ceil(rows / ROW_TILE)
-  x = jnp.pad(x, ((0, padded_rows - rows), (0, 0)))
+  partial_sums = _kernel_call(jnp.pad(x, ((0, padded_rows - rows), (0, 0))), w, tile_n=tile_n,
+                              tile_k=tile_k, parts=parts, stages=stages, interpret=interpret)
+  return partial_sums.sum(axis=0).astype(x.dtype)[:rows]
+
+
+# A jit of its own, so that a decoding step's many calls of one shape lower and compile the kernel
+# once (48 layers x 3 projections of mamba-370m took 64 s to compile, one lowering each).
+@functools.partial(jax.jit, static_argnames=("tile_n", "tile_k", "parts", "stages", "interpret"))
+def _kernel_call(x, w, *, tile_n, tile_k, parts, stages, interpret):
+  """(parts, rows, n) partial products of x (rows a multiple of 64), in x's dtype for one part."""
+  rows, k = x.shape
+  n = w.shape[1]
   steps = k // tile_k // parts
   out_dtype = x.dtype if parts == 1 else jnp.float32
 
@@ -108,12 +127,12 @@ def matmul(x, w, *, tile_n=None, tile_k=None, parts=None, stages=None, interpret
 
       plgpu.emit_pipeline(
           step, grid=(steps,),
-          in_specs=[plgpu.BlockSpec((padded_rows, tile_k), lambda s: (0, first_step + s)),
+          in_specs=[plgpu.BlockSpec((rows, tile_k), lambda s: (0, first_step + s)),
                     plgpu.BlockSpec((tile_k, tile_n), lambda s: (first_step + s, column))],
           max_concurrent_steps=stages)(x_gmem, w_gmem)
       return acc_ref[...]
 
-    acc = pl.run_scoped(accumulate, plgpu.ACC((padded_rows, tile_n)))
+    acc = pl.run_scoped(accumulate, plgpu.ACC((rows, tile_n)))
 
     def store(out_smem):
       out_smem[...] = acc.astype(out_smem.dtype)
@@ -121,14 +140,13 @@ def matmul(x, w, *, tile_n=None, tile_k=None, parts=None, stages=None, interpret
       plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[part, :, pl.ds(column * tile_n, tile_n)])
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    pl.run_scoped(store, plgpu.SMEM((padded_rows, tile_n), out_dtype))
+    pl.run_scoped(store, plgpu.SMEM((rows, tile_n), out_dtype))
 
-  out = plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct((parts, padded_rows, n), out_dtype),
+  return plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct((parts, rows, n), out_dtype),
       grid=(n // tile_n, parts), grid_names=("columns", "parts"),
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=interpret)(x, w)
-  return out.sum(axis=0).astype(x.dtype)[:rows]
 
 
 def applies(lhs, rhs, dimension_numbers) -> bool:

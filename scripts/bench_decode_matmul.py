@@ -52,7 +52,8 @@ def relative_error(out, x, w):
 
 def hopper_mgpu(tile_n):
   """jax's Hopper matmul with 64-row tiles: two warpgroups of tile_n columns a block, no split of k.
-  Its blocks take 2 tile_n columns, so w is padded to a multiple of that (x_proj's 96)."""
+  Its blocks take 2 tile_n columns, so w is padded to a multiple of that (x_proj's 96). tile_n=32
+  fails on the H100 (its 64-column output blocks' swizzle)."""
   from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hopper
 
   config = hopper.TuningConfig(tile_m=64, tile_n=tile_n, tile_k=64, max_concurrent_steps=4,
@@ -67,21 +68,14 @@ def hopper_mgpu(tile_n):
 
 def variants(k, n, sweep):
   """name -> fn(x, w) for one shape."""
-  out = {"xla jnp.dot": jnp.dot, "ours (defaults)": decode_matmul.matmul}
-  for tile_n in (32, 64):
-    out[f"jax hopper_matmul_mgpu tile_n={tile_n}"] = hopper_mgpu(tile_n)
+  out = {"xla jnp.dot": jnp.dot, "ours (defaults)": decode_matmul.matmul,
+         "jax hopper_matmul_mgpu tile_n=64": hopper_mgpu(64)}
   if not sweep:
     return out
-  steps = k // decode_matmul.TILE_K
-  for tile_n, parts, stages in itertools.product((32, 64, 128), (1, 2, 4, 8, 16, 32), (2, 4, 6)):
-    if n % tile_n or steps % parts or (stages != 4 and tile_n != decode_matmul.column_tile(n)):
-      continue
-    out[f"ours tile_n={tile_n} parts={parts} stages={stages}"] = functools.partial(
-        decode_matmul.matmul, tile_n=tile_n, parts=parts, stages=stages)
-  for parts in (1, 2, 4, 8):
-    if steps % (2 * parts) == 0 and n % 64 == 0:
-      out[f"ours tile_n=64 tile_k=128 parts={parts} stages=4"] = functools.partial(
-          decode_matmul.matmul, tile_n=64, tile_k=128, parts=parts, stages=4)
+  for tile_n, tile_k, parts in itertools.product((32, 64, 128), (64, 128, 256), (1, 2, 4, 8, 16)):
+    if n % tile_n == 0 and k % (tile_k * parts) == 0:  # Stages: as many as fit, up to STAGES.
+      out[f"ours tile_n={tile_n} tile_k={tile_k} parts={parts}"] = functools.partial(
+          decode_matmul.matmul, tile_n=tile_n, tile_k=tile_k, parts=parts)
   return out
 
 

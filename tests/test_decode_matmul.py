@@ -21,8 +21,8 @@ def _relative_error(out, x, w):
 
 
 @pytest.mark.parametrize("rows, k, n, tiling", [
-    (5, 256, 96, dict(parts=2)),  # padded rows, 32-column blocks, float32 partial sums
-    (130, 128, 128, dict(parts=1, stages=2)),  # three row tiles, the output written in bf16
+    (5, 256, 96, dict(parts=2, tile_k=64)),  # padded rows, 32-column blocks, float32 partial sums
+    (130, 256, 128, dict(parts=1, stages=2)),  # three row tiles, the output written in bf16
 ])
 def test_interpreted_kernel_matches_float64(rows, k, n, tiling):
   rng = np.random.default_rng(rows)
@@ -34,10 +34,14 @@ def test_interpreted_kernel_matches_float64(rows, k, n, tiling):
 
 
 def test_tiling_defaults_fill_the_gpu_and_refuse_what_does_not_tile():
-  # mamba-370m at batch 64: in_proj 64 column blocks x 2 parts, out_proj 16 x 8, x_proj 3 x 32.
-  assert [(decode_matmul.column_tile(n), decode_matmul.split_parts(n, k, decode_matmul.column_tile(n), 64))
-          for k, n in [(1024, 4096), (2048, 1024), (2048, 96)]] == [(64, 2), (64, 8), (32, 32)]
-  assert decode_matmul._stages_that_fit(64, 64, 64, jnp.bfloat16) == decode_matmul.STAGES
+  # mamba-370m at batch 64: in_proj 64 blocks of columns over all of k; out_proj 16 x 8 parts of
+  # k, x_proj 3 x 16; 256 rows take k in blocks of 64 so that 3 stages fit.
+  tilings = [(decode_matmul.column_tile(n), decode_matmul.depth_tile(k, rows)) for rows, k, n in
+             [(64, 1024, 4096), (64, 2048, 1024), (64, 2048, 96), (256, 1024, 4096)]]
+  assert tilings == [(64, 128), (64, 128), (32, 128), (64, 64)]
+  assert [decode_matmul.split_parts(n, k, tile_n, tile_k) for (tile_n, tile_k), (k, n) in
+          zip(tilings, [(1024, 4096), (2048, 1024), (2048, 96), (1024, 4096)])] == [1, 8, 16, 1]
+  assert decode_matmul._stages_that_fit(64, 64, 128, jnp.bfloat16) == decode_matmul.STAGES
   assert decode_matmul._stages_that_fit(256, 64, 64, jnp.bfloat16) == 3  # 3 x 40 KB + the 64 KB output
   with pytest.raises(ValueError, match="multiple of tile_n"):
     decode_matmul.matmul(jnp.zeros((4, 128), jnp.bfloat16), jnp.zeros((128, 80), jnp.bfloat16), tile_n=32)
