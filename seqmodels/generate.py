@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kernels import decode_matmul
 from seqmodels import lm
 from seqmodels.errors import UserError
 
@@ -131,12 +132,20 @@ def decode_loop(graphdef, params, state: DecodeState, n_steps, *, sampling: Samp
 
 
 def inference_model(model: nnx.Module) -> nnx.Module:
-  """A copy whose Linear, Embed and Conv weights are stored in their modules' compute dtype.
+  """A copy whose Linear, Embed and Conv weights are stored in their modules' compute dtype, and,
+  for a backbone that asks for it (`decode_matmul`), whose Linear products of a decoding step's
+  few rows run kernels/decode_matmul.py on a GPU.
 
   Those modules cast their float32 weights to the compute dtype at every call, so casting once
-  gives the same numbers, and a bf16 decoding step reads half the weight bytes.
+  gives the same numbers, and a bf16 decoding step reads half the weight bytes. decode_matmul's
+  dot_general is lax.dot_general wherever its kernel does not apply (CPU, prefill's many rows).
   """
   model = nnx.clone(model)
+  backbone = getattr(model, "backbone", None)
+  if backbone is not None and (getattr(backbone, "decode_matmul", False) or decode_matmul.EVERY_MODEL):
+    for _, module in nnx.iter_modules(backbone):
+      if isinstance(module, nnx.Linear):
+        module.dot_general = decode_matmul.dot_general
   for _, module in nnx.iter_modules(model):
     dtype = getattr(module, "dtype", None)
     if not isinstance(module, (nnx.Linear, nnx.Embed, nnx.Conv)) or dtype is None or dtype == jnp.float32:

@@ -132,6 +132,9 @@ class BlockStack(nnx.Module):
   """
   block_class: type
   scannable = True
+  # Whether a decoding step's Linear products run kernels/decode_matmul.py on a GPU
+  # (generate.inference_model): set where it measured faster than XLA's GEMMs.
+  decode_matmul = False
 
   def __init__(self, cfg, *, dtype, rngs):
     blocks = [self.block_class(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.n_layer)]

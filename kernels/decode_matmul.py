@@ -1,0 +1,179 @@
+"""x @ w for decoding's few rows (the batch, 1 to 256): the weight streamed through TMA into wgmma,
+as a Mosaic GPU (Hopper) kernel.
+
+A decoding step's projections multiply a (batch, k) activation by a (k, n) bf16 weight. At batch
+64 the weight is 16 times the activation and the output, so the product is bound by reading the
+weight once: mamba-370m's in_proj (1024 x 4096, 8.4 MB) needs 2.8 us at 3 TB/s, and XLA's split-K
+GEMM plus its reduction took 10-11 us on an H100 (kernels/NOTES.md, "selective_scan_step").
+
+One CUDA block per (tile_n output columns, one of `parts` equal slices of k) runs one warpgroup: a
+pipeline of TMA copies brings x's (rows, tile_k) and w's (tile_k, tile_n) blocks into shared
+memory `stages` deep, and each block pair goes into one wgmma on a float32 accumulator. Rows are
+padded to a multiple of 64 (wgmma's height). With one part the block writes the output in x's
+dtype; with several each writes its float32 partial sum and XLA adds the parts (a small
+reduction, which it can fuse into the consumer): splitting k gives mamba-370m's out_proj (1024
+columns) enough blocks to fill the 132 SMs.
+
+`dot_general` is the drop-in for `lax.dot_general` that decoding's Linear modules call
+(seqmodels/generate.py `inference_model`, for backbones with `decode_matmul` set: Mamba's): it runs
+this kernel for bf16 products of at most MAX_ROWS rows on one GPU when ENABLED and the sizes fit,
+and `lax.dot_general` otherwise, so CPU, prefill and training never see it.
+
+On an H100 at batch 64 (kernels/NOTES.md, "selective_scan_step" v3) it beats XLA's GEMM at every
+projection of mamba-370m and gpt-350m (in_proj 4.2 against 6.5 us, 2.0 TB/s), and mamba-370m
+decodes 1.604 -> 1.560 ms a token with it. gpt-350m decodes slower with it (5.99 -> 6.59 ms): its
+step then holds six transposes of about 190 us, each the size of one layer's K or V cache, which
+XLA does not emit with its own GEMMs; so Transformers keep XLA's.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+ENABLED = True
+# Route every backbone's products, not only those that set `decode_matmul` (Mamba's): how
+# gpt-350m was measured with the kernel (kernels/NOTES.md).
+EVERY_MODEL = False
+MAX_ROWS = 256  # Four wgmma heights; a float32 accumulator of 256 x 64 is 128 registers a thread.
+TILE_K = 128  # Depth of a block of k: one TMA copy of x and one of w (kernels/NOTES.md: 64 was slower).
+STAGES = 4  # Blocks of k in flight per CUDA block, fewer where shared memory runs out.
+MIN_COLUMN_BLOCKS = 32  # With this many blocks of columns k is not split: no partial sums to add.
+MIN_BLOCKS = 128  # Otherwise k is split until columns x parts reaches this (the H100 has 132 SMs).
+ROW_TILE = 64  # wgmma's M.
+SHARED_MEMORY = 200 * 1024  # Bytes a block may take (the H100 gives one up to 227 KB).
+
+
+@functools.lru_cache(maxsize=None)
+def _on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
+
+
+def _on_one_device() -> bool:
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh.empty or mesh.size == 1
+
+
+def column_tile(n: int) -> int:
+  """Output columns per block: 64, or 32 where n is not a multiple of 64 (x_proj's rank + 2N = 96)."""
+  return 64 if n % 64 == 0 else 32
+
+
+def depth_tile(k: int, rows: int) -> int:
+  """TILE_K, or 64 where k is not a multiple of it or x's blocks of more than 128 rows would leave
+  room for fewer than 3 stages."""
+  return TILE_K if k % TILE_K == 0 and rows <= 128 else 64
+
+
+def split_parts(n: int, k: int, tile_n: int, tile_k: int) -> int:
+  """1 for MIN_COLUMN_BLOCKS or more blocks of columns, else the fewest power-of-two parts of k
+  giving MIN_BLOCKS blocks, each at least one tile_k deep."""
+  parts, steps, columns = 1, k // tile_k, n // tile_n
+  while columns < MIN_COLUMN_BLOCKS and columns * parts < MIN_BLOCKS and steps % (2 * parts) == 0:
+    parts *= 2
+  return parts
+
+
+def _stages_that_fit(rows, tile_n, tile_k, dtype):
+  """STAGES, or fewer where the buffers of 256 rows and the float32 output tile exceed SHARED_MEMORY."""
+  padded_rows = ROW_TILE * math.ceil(rows / ROW_TILE)
+  per_stage = (padded_rows + tile_n) * tile_k * jnp.dtype(dtype).itemsize
+  return max(1, min(STAGES, (SHARED_MEMORY - padded_rows * tile_n * 4) // per_stage))
+
+
+def supported(k: int, n: int) -> bool:
+  return k % 64 == 0 and n % 32 == 0
+
+
+def matmul(x, w, *, tile_n=None, tile_k=None, parts=None, stages=None, interpret=None):
+  """x (rows, k) @ w (k, n) in x's dtype, float32 accumulation; rows <= MAX_ROWS, bf16 or f16.
+
+  The tiling defaults come from the module's constants; the benchmark passes others to compare.
+  interpret: pallas's Mosaic GPU interpreter parameters, to run on CPU (the tests).
+  """
+  rows, k = x.shape
+  n = w.shape[1]
+  tile_n = tile_n or column_tile(n)
+  tile_k = tile_k or depth_tile(k, rows)
+  parts = parts or split_parts(n, k, tile_n, tile_k)
+  stages = stages or _stages_that_fit(rows, tile_n, tile_k, x.dtype)
+  if w.shape[0] != k or w.dtype != x.dtype or rows > MAX_ROWS:
+    raise ValueError(f"decode_matmul takes x (rows <= {MAX_ROWS}, k) and w (k, n) of one dtype, "
+                     f"got x {x.shape} {x.dtype}, w {w.shape} {w.dtype}")
+  if n % tile_n or k % (tile_k * parts):
+    raise ValueError(f"decode_matmul: n={n} must be a multiple of tile_n={tile_n} and k={k} of "
+                     f"tile_k x parts = {tile_k} x {parts}")
+  padded_rows = ROW_TILE * math.ceil(rows / ROW_TILE)
+  partial_sums = _kernel_call(jnp.pad(x, ((0, padded_rows - rows), (0, 0))), w, tile_n=tile_n,
+                              tile_k=tile_k, parts=parts, stages=stages, interpret=interpret)
+  return partial_sums.sum(axis=0).astype(x.dtype)[:rows]
+
+
+# A jit of its own, so that a decoding step's many calls of one shape lower and compile the kernel
+# once (48 layers x 3 projections of mamba-370m took 64 s to compile, one lowering each).
+@functools.partial(jax.jit, static_argnames=("tile_n", "tile_k", "parts", "stages", "interpret"))
+def _kernel_call(x, w, *, tile_n, tile_k, parts, stages, interpret):
+  """(parts, rows, n) partial products of x (rows a multiple of 64), in x's dtype for one part."""
+  rows, k = x.shape
+  n = w.shape[1]
+  steps = k // tile_k // parts
+  out_dtype = x.dtype if parts == 1 else jnp.float32
+
+  def kernel(x_gmem, w_gmem, out_gmem):
+    column = lax.axis_index("columns")
+    part = lax.axis_index("parts")
+    first_step = part * steps
+
+    def accumulate(acc_ref):
+      def step(_, x_smem, w_smem):
+        plgpu.wgmma(acc_ref, x_smem, w_smem)
+        # The next copy into these buffers is issued when this body returns.
+        plgpu.wgmma_wait(0)
+
+      plgpu.emit_pipeline(
+          step, grid=(steps,),
+          in_specs=[plgpu.BlockSpec((rows, tile_k), lambda s: (0, first_step + s)),
+                    plgpu.BlockSpec((tile_k, tile_n), lambda s: (first_step + s, column))],
+          max_concurrent_steps=stages)(x_gmem, w_gmem)
+      return acc_ref[...]
+
+    acc = pl.run_scoped(accumulate, plgpu.ACC((rows, tile_n)))
+
+    def store(out_smem):
+      out_smem[...] = acc.astype(out_smem.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[part, :, pl.ds(column * tile_n, tile_n)])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    pl.run_scoped(store, plgpu.SMEM((rows, tile_n), out_dtype))
+
+  return plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct((parts, rows, n), out_dtype),
+      grid=(n // tile_n, parts), grid_names=("columns", "parts"),
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=interpret)(x, w)
+
+
+def applies(lhs, rhs, dimension_numbers) -> bool:
+  """Whether `dot_general` runs the kernel for this product (see the module docstring)."""
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+  if not (ENABLED and _on_gpu() and _on_one_device()):
+    return False
+  if lhs_batch or rhs_batch or rhs.ndim != 2 or tuple(lhs_contract) != (lhs.ndim - 1,) or tuple(rhs_contract) != (0,):
+    return False
+  rows = math.prod(lhs.shape[:-1])
+  return (0 < rows <= MAX_ROWS and lhs.dtype == rhs.dtype and lhs.dtype in (jnp.bfloat16, jnp.float16)
+          and supported(*rhs.shape))
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+  """`lax.dot_general` that runs `matmul` for decoding's few-row products (`applies`)."""
+  if applies(lhs, rhs, dimension_numbers) and preferred_element_type in (None, lhs.dtype):
+    out = matmul(lhs.reshape(-1, lhs.shape[-1]), rhs)
+    return out.reshape(*lhs.shape[:-1], rhs.shape[1])
+  return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                         preferred_element_type=preferred_element_type, **kwargs)

@@ -1,0 +1,158 @@
+"""Decoding's projections at their exact shapes: kernels/decode_matmul.py against XLA's GEMM
+(jnp.dot) and jax's own Mosaic GPU Hopper matmul (jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu).
+
+  python scripts/bench_decode_matmul.py --out /tmp/decode_matmul.json            # defaults side by side
+  python scripts/bench_decode_matmul.py --sweep --time_budget 240 --out FILE     # and every tiling
+
+Shapes are the bf16 projections of a decoding step at --batch rows: mamba-370m's in_proj, x_proj and
+out_proj, gpt-350m's qkv, attention output, SwiGLU gate/up and down. Every variant is first checked
+against a float64 product of fresh random inputs (‖out - ref‖ / ‖ref‖ under 1e-2, bf16 rounding);
+a failing one is reported and not timed. Times are device times per call (CUPTI, the summed
+durations of the call's kernels: the GEMM plus, where there is one, the split-K reduction and the
+row padding), the median over --repeats calls that rotate over enough weights (>= 128 MB) that
+each call reads its weight from memory, not the 50 MB L2, as a decoding step does. The bandwidth
+column is the weight's bytes over that time. Needs a Hopper GPU.
+"""
+
+import argparse
+import concurrent.futures
+import functools
+import itertools
+import json
+import math
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
+
+from kernels import decode_matmul  # noqa: E402
+
+# name: (k, n) of x (batch, k) @ w (k, n)
+SHAPES = {
+    "mamba-370m in_proj": (1024, 4096),
+    "mamba-370m x_proj": (2048, 96),
+    "mamba-370m out_proj": (2048, 1024),
+    "gpt-350m qkv": (1024, 3072),
+    "gpt-350m attn out": (1024, 1024),
+    "gpt-350m gate/up": (1024, 2816),
+    "gpt-350m down": (2816, 1024),
+}
+WEIGHT_BYTES = 128 << 20  # Per shape, rotated over: more than twice the H100's L2.
+
+
+def relative_error(out, x, w):
+  ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  return float(np.linalg.norm(np.asarray(out, np.float64) - ref) / np.linalg.norm(ref))
+
+
+def hopper_mgpu(tile_n):
+  """jax's Hopper matmul with 64-row tiles: two warpgroups of tile_n columns a block, no split of k.
+  Its blocks take 2 tile_n columns, so w is padded to a multiple of that (x_proj's 96). tile_n=32
+  fails on the H100 (its 64-column output blocks' swizzle)."""
+  from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hopper
+
+  config = hopper.TuningConfig(tile_m=64, tile_n=tile_n, tile_k=64, max_concurrent_steps=4,
+                               epi_tile_m=64, epi_tile_n=min(64, tile_n))
+
+  def run(x, w):
+    n = w.shape[1]
+    padded = 2 * tile_n * math.ceil(n / (2 * tile_n))
+    return hopper.matmul(x, jnp.pad(w, ((0, 0), (0, padded - n))), None, config)[:, :n]
+  return run
+
+
+def variants(k, n, sweep):
+  """name -> fn(x, w) for one shape."""
+  out = {"xla jnp.dot": jnp.dot, "ours (defaults)": decode_matmul.matmul,
+         "jax hopper_matmul_mgpu tile_n=64": hopper_mgpu(64)}
+  if not sweep:
+    return out
+  for tile_n, tile_k, parts in itertools.product((32, 64, 128), (64, 128, 256), (1, 2, 4, 8, 16)):
+    if n % tile_n == 0 and k % (tile_k * parts) == 0:  # Stages: as many as fit, up to STAGES.
+      out[f"ours tile_n={tile_n} tile_k={tile_k} parts={parts}"] = functools.partial(
+          decode_matmul.matmul, tile_n=tile_n, tile_k=tile_k, parts=parts)
+  return out
+
+
+def device_us(compiled, x, weights, repeats):
+  """Median device time (us) of compiled(x, w) over repeats calls cycling through weights."""
+  from jax.experimental.mosaic.gpu import profiler
+
+  measured = profiler.measure(compiled)
+  times = []
+  for i in range(repeats + 1):
+    _, ms = measured(x, weights[i % len(weights)])
+    if i:  # The first call warms up.
+      times.append(1e3 * ms)
+  return statistics.median(times)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names of SHAPES")
+  parser.add_argument("--sweep", action="store_true", help="also every tiling of ours")
+  parser.add_argument("--repeats", type=int, default=40)
+  parser.add_argument("--time_budget", type=float, default=1e9, help="seconds; shapes past it are skipped")
+  parser.add_argument("--out", default="")
+  args = parser.parse_args()
+  start = time.perf_counter()
+  results = []
+  for shape_name in args.shapes.split(","):
+    if time.perf_counter() - start > args.time_budget:
+      print(f"{shape_name}: skipped (time budget)", flush=True)
+      continue
+    k, n = SHAPES[shape_name]
+    weight_bytes = 2 * k * n
+    count = min(256, math.ceil(WEIGHT_BYTES / weight_bytes))
+    keys = jax.random.split(jax.random.key(len(results)), count + 1)
+    x = jax.random.normal(keys[0], (args.batch, k), jnp.bfloat16)
+    weights = [jax.random.normal(key, (k, n), jnp.bfloat16) * k**-0.5 for key in keys[1:]]
+    fns = variants(k, n, args.sweep)
+
+    def compile_one(fn):
+      return jax.jit(fn).lower(x, weights[0]).compile()
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+      compiling = {name: pool.submit(compile_one, fn) for name, fn in fns.items()}
+      rows = []
+      for name, future in compiling.items():
+        row = {"shape": shape_name, "batch": args.batch, "k": k, "n": n, "variant": name}
+        try:
+          compiled = future.result()
+          row["error"] = relative_error(compiled(x, weights[1 % count]), x, weights[1 % count])
+          row["status"] = "ok" if row["error"] < 1e-2 else "WRONG"
+          if row["status"] == "ok":
+            row["us"] = device_us(compiled, x, weights, args.repeats)
+            row["TB/s"] = weight_bytes / row["us"] / 1e6
+        except Exception as e:  # A tiling the kernel or the hardware refuses: reported, not fatal.
+          row["status"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    results += rows
+    if args.out:
+      with open(args.out, "w") as f:
+        json.dump({"device": jax.devices()[0].device_kind, "batch": args.batch, "results": results}, f, indent=1)
+
+  print(f"\nDevice: {jax.devices()[0].device_kind}, batch {args.batch}, device us per call (median of {args.repeats})")
+  for shape_name in dict.fromkeys(r["shape"] for r in results):
+    rows = [r for r in results if r["shape"] == shape_name]
+    timed = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
+    xla = next((r["us"] for r in rows if r["variant"] == "xla jnp.dot" and "us" in r), float("nan"))
+    print(f"{shape_name} (k {rows[0]['k']}, n {rows[0]['n']}, {2 * rows[0]['k'] * rows[0]['n'] / 1e6:.1f} MB):")
+    shown = [r for r in timed if not r["variant"].startswith("ours tile")][:6] + [
+        r for r in timed if r["variant"].startswith("ours tile")][:3]
+    for r in sorted(shown, key=lambda r: r["us"]):
+      print(f"  {r['us']:7.2f} us  {r['TB/s']:5.2f} TB/s  x{xla / r['us']:4.2f} vs xla  {r['variant']}")
+    for r in rows:
+      if r["status"] != "ok":
+        print(f"  {r['status'][:120]}  {r['variant']}")
+
+
+if __name__ == "__main__":
+  main()
