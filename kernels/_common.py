@@ -1,14 +1,6 @@
 """Pieces every kernel in this package needs, kept in one place so the kernels agree on them."""
 
-import functools
-
-import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
-
-# The name under which the scan core's kernels tag their outputs and backward residuals, so that a
-# remat policy saving it (model.remat "save_scan") keeps the kernels' forward out of the recompute.
-SCAN_SAVED = "scan_core_saved"
 
 
 def check_impl(impl, impls):
@@ -24,22 +16,6 @@ def accumulation_dtype(*arrays):
   as None (absent optional arguments) are skipped.
   """
   return jnp.promote_types(jnp.float32, jnp.result_type(*(a for a in arrays if a is not None)))
-
-
-def saved_by_remat(forward_rule, nondiff_argnums):
-  """A scan-core custom_vjp's forward rule whose outputs and residuals remat can keep.
-
-  Every array it returns is tagged SCAN_SAVED, so jax.checkpoint under
-  save_only_these_names(SCAN_SAVED) keeps them. The rule runs as one jit call because JAX never
-  drops an unused pallas_call from a recompute (its kernel might write memory) but drops an unused
-  jit call whole: only so does the kept forward leave the backward pass.
-  """
-  jitted = jax.jit(forward_rule, static_argnums=nondiff_argnums)
-
-  @functools.wraps(forward_rule)
-  def tagged(*args):
-    return jax.tree.map(lambda a: checkpoint_name(a, SCAN_SAVED), jitted(*args))
-  return tagged
 
 
 def sigmoid(v):

@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 
 from kernels import linear_attention_gpu, linear_attention_tpu
-from kernels._common import saved_by_remat
 
 
 def backend_kernels(backend=None):
@@ -79,4 +78,4 @@ def _kernels_backward(module, size, residuals, cotangents):
                          chunk_size=size, interpret=_interpret(module))
 
 
-_kernels.defvjp(saved_by_remat(_kernels_forward, nondiff_argnums=(0, 1)), _kernels_backward)
+_kernels.defvjp(_kernels_forward, _kernels_backward)

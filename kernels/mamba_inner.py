@@ -26,7 +26,6 @@ import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import causal_conv1d, selective_scan_pallas
-from kernels._common import saved_by_remat
 
 
 def supported(d_inner) -> bool:
@@ -142,4 +141,4 @@ def _inner_bwd(config, residuals, cotangents):
           d_dt_proj, ddt_bias, dA * A, dD, dh0)
 
 
-_inner.defvjp(saved_by_remat(_inner_fwd, nondiff_argnums=(0,)), _inner_bwd)
+_inner.defvjp(_inner_fwd, _inner_bwd)

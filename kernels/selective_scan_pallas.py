@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import selective_scan_gpu
-from kernels._common import accumulation_dtype, saved_by_remat
+from kernels._common import accumulation_dtype
 
 CHUNK = 16  # Steps between saved states: the saved states are 1/16 of the full state's bytes.
 SUBCHUNK = 4  # States the backward keeps in registers at once.
@@ -381,4 +381,4 @@ def _portable_backward(config, x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_las
   return (outs[0], outs[1], dz, *outs[2 + has_z:])
 
 
-_scan.defvjp(saved_by_remat(_scan_fwd, nondiff_argnums=(0,)), backward)
+_scan.defvjp(_scan_fwd, backward)

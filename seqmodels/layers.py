@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kernels._common import SCAN_SAVED
 from seqmodels import sharding
 from seqmodels.errors import UserError
 
@@ -275,13 +274,10 @@ def stack_modules(modules):
 # What the backward pass keeps from each block's forward (model.remat); the rest it recomputes.
 # "block" keeps only the block's input, "save_dots" also the outputs of its weight matmuls (not of
 # attention's batched score matmuls), trading memory for about one extra forward of compute.
-# "save_scan" also keeps what the Pallas scan-core kernels return and their backward needs
-# (kernels/_common.SCAN_SAVED), so the backward recomputes the block around the scan, not the scan.
 REMAT_POLICIES = {
     "none": None,
     "block": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_scan": jax.checkpoint_policies.save_only_these_names(SCAN_SAVED),
 }
 
 

@@ -15,7 +15,6 @@ import pytest
 from flax import nnx
 
 from conftest import REPO, tiny_config
-from kernels import selective_scan
 from seqmodels import accumulate, layers, lm, losses, optim, profiling, throughput, trainer
 from seqmodels.errors import UserError
 
@@ -120,31 +119,6 @@ def test_linear_pieces_are_the_split_product_with_its_gradients(use_bias):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("remat,backward_kernels", [("block", 2), ("save_scan", 1)])
-def test_save_scan_keeps_the_scan_kernel_out_of_the_recompute(remat, backward_kernels):
-  # "block" recomputes the block, the forward scan kernel too, before the backward kernel; under
-  # "save_scan" the backward pass runs the backward kernel alone, from the kept outputs and residuals.
-  rng = np.random.default_rng(0)
-  x, dt = (jnp.asarray(rng.normal(size=(1, 16, 8)), jnp.float32) for _ in range(2))
-  B = jnp.asarray(rng.normal(size=(1, 16, 4)), jnp.float32)
-
-  def block(x, dt):
-    return jnp.tanh(selective_scan(jnp.sin(x), dt, -jnp.ones((8, 4)), B, B, impl="pallas")).sum()
-  _, backward = jax.vjp(jax.checkpoint(block, policy=layers.REMAT_POLICIES[remat]), x, dt)
-  assert str(jax.make_jaxpr(backward)(1.0)).count("pallas_call") == backward_kernels
-
-
-def test_save_scan_keeps_loss_and_gradients():
-  model_cfg = tiny_config("mamba", **{"model.scan_impl": "pallas", "model.n_layer": 2}).model
-  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 250, (2, 24)))
-  plain_loss, plain_grads = _loss_and_grads(model_cfg, tokens)
-  model_cfg.remat = "save_scan"
-  loss, grads = _loss_and_grads(model_cfg, tokens)
-  np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
-  for (path, g), e in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(plain_grads), strict=True):
-    np.testing.assert_allclose(g, e, rtol=2e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
-
-
 @pytest.mark.parametrize("arch", ["gpt", "dense_mamba", "dense_retnet"])
 def test_scanned_layers_decode_like_the_parallel_forward(arch):
   cfg = tiny_config(arch, **({"model.n_layer": 4} if arch.startswith("dense") else {})).model
@@ -182,7 +156,7 @@ def test_unscannable_architectures_are_refused(arch):
 def test_unknown_remat_policy_is_refused():
   cfg = tiny_config("mamba").model
   cfg.remat = "everything"
-  with pytest.raises(UserError, match="model.remat must be one of none, block, save_dots, save_scan"):
+  with pytest.raises(UserError, match="model.remat must be one of none, block, save_dots"):
     lm.check_config(cfg)
 
 
