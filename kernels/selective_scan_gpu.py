@@ -26,9 +26,13 @@ the blocks of a group.
 """
 
 import jax
+import jax.experimental.mosaic.gpu as mgpu
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import arith, gpu, vector
 
 from kernels._common import sigmoid
 
@@ -38,6 +42,10 @@ CHANNELS = 128  # one warpgroup, one channel per thread
 # partial sums of y (through shared memory, once per chunk). Kernel times on an H100
 # (kernels/NOTES.md): 2: 0.33 ms, 4: 0.36 ms; the one-warpgroup forward before them 0.63 ms.
 FORWARD_WARPGROUPS = 2
+# Channels per forward block. 128: the blocks above, 96 of them at batch 8 and d 1536, which leave
+# 36 of an H100's 132 SMs idle. Fewer: one warpgroup per block, each thread n * channels / 128 of a
+# channel's states; with 32, 384 blocks of a quarter of the work, at most 3 an SM.
+FORWARD_CHANNELS = 32
 # Steps the backward recomputes and holds in registers at once (a divisor of the 128 / 2n steps
 # whose dB, dC terms fill the reduction tile): the states before and after each step and its
 # decays, ((span + 1) m + span m registers for a warpgroup's m states). Backward kernel times on
@@ -136,6 +144,14 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
   """Returns y, the final state (batch, d, n) float32 and, if save_chunks, the state before each
   chunk as (batch, chunks, n, d) float32 (the layout `backward` reads). Inputs are padded to a
   multiple of chunk steps; steps from `length` on leave the state alone."""
+  kernel = _forward_lanes if FORWARD_CHANNELS < CHANNELS else _forward_warpgroups
+  return kernel(x, dt, A, B, C, D, dt_bias, z, h0, length=length, softplus=softplus, chunk=chunk,
+                save_chunks=save_chunks, interpret=interpret)
+
+
+def _forward_warpgroups(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk,
+                        save_chunks, interpret=None):
+  """`forward` with blocks of 128 channels, their states split over FORWARD_WARPGROUPS."""
   batch, padded_length, d = x.shape
   groups, n = B.shape[2:]
   num_chunks = padded_length // chunk
@@ -279,6 +295,179 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
   call = plgpu.kernel(
       selective_scan_forward, out_type=out_type, scratch_types=scratch, grid=(batch, d // CHANNELS),
       grid_names=("b", "c"), num_threads=wgs, thread_name="wg", interpret=interpret,
+      compiler_params=_compiler_params())
+  outs = call(*seq_inputs, B, C, params, h0)
+  y, h_last = outs[:2]
+  h_last = jnp.swapaxes(h_last, 1, 2)
+  return (y, h_last, outs[2]) if save_chunks else (y, h_last)
+
+
+def _lane_states(row, subsets, m, interpret):
+  """Thread (p, c) of the (subsets, channels) lane array gets row[p * m + i] for i < m: its
+  states' B_t (or C_t) values, the same within each subset's lanes. Lane semantics has no
+  per-lane address, so on the GPU this is inline Mosaic GPU code: one 16-byte shared-memory load
+  (m = 4) per thread and step, the address differing only between warps. The interpreter, which
+  cannot run inline code, gathers instead."""
+  channels = CHANNELS // subsets
+  shape = (subsets, channels)
+  if interpret is not None:
+    subset = jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+    values = row[...]
+    return [values[subset * m + i] for i in range(m)]
+  layout = plgpu.Layout.WG_STRIDED(shape, vec_size=1)
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
+                     return_type=[plgpu.ShapeDtypeStruct(shape, jnp.float32, layout=layout)] * m)
+  def load(_, ref):
+    index = ir.IndexType.get()
+    lane = arith.remui(gpu.thread_id(gpu.Dimension.x), arith.constant(index, CHANNELS))
+    start = arith.muli(arith.divui(lane, arith.constant(index, channels)),
+                       arith.constant(index, m))
+    f32 = ir.F32Type.get()
+    values = vector.load(ir.VectorType.get((m,), f32), ref, [start])
+    one = ir.VectorType.get((1,), f32)
+    return [mgpu.FragmentedArray(
+        _registers=np.array([vector.broadcast(one, vector.extract(
+            values, dynamic_position=[], static_position=[i]))], dtype=object),
+        _layout=mgpu.WGStridedFragLayout(shape, 1), _is_signed=None) for i in range(m)]
+
+  return load(row)
+
+
+def _forward_lanes(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_chunks,
+                   interpret=None):
+  """`forward` with blocks of FORWARD_CHANNELS channels and one warpgroup: lane p * channels + c
+  holds channel c's states i * subsets + p (i < n / subsets), subsets = 128 / channels, so that
+  every (batch, block) fits 3 blocks an SM (see FORWARD_CHANNELS).
+
+  Per chunk, three passes separated by warpgroup barriers: (1) dt after bias and softplus, and
+  dt * x, once per (step, channel), each thread (subsets) steps of one channel, stored once for
+  each subset; (2) the recurrence, each thread its states, storing per step its sum of h_i C_i;
+  (3) y per (step, channel), each thread (subsets) steps of one channel: the subsets' sums, D x
+  and the gate."""
+  batch, padded_length, d = x.shape
+  groups, n = B.shape[2:]
+  channels = FORWARD_CHANNELS
+  subsets = CHANNELS // channels
+  m = n // subsets  # states per thread
+  lanes = (subsets, channels)  # the shape of every per-thread array
+  num_chunks = padded_length // chunk
+  has_z = z is not None
+  f32 = jnp.float32
+  # Parameter rows: log2(e) A^T (n), then D and dt_bias, each repeated `subsets` times so that
+  # a (subsets, channels) view gives every lane its channel's value.
+  params = jnp.concatenate([A.T * _LOG2_E, jnp.tile(D[None], (subsets, 1)),
+                            jnp.tile(dt_bias[None], (subsets, 1))]).astype(f32)
+  # B and C in float32, each group's states reordered so that a thread's m states sit together.
+  order = [i * subsets + p for p in range(subsets) for i in range(m)]
+  flat = lambda a: a[..., order].reshape(batch, padded_length, groups * n).astype(f32)
+  B, C = flat(B), flat(C)
+  h0 = jnp.swapaxes(h0, 1, 2).astype(f32)
+  seq_inputs = [x, dt] + [z] * has_z
+
+  def selective_scan_forward(*refs):  # the name profilers show
+    num_in = 6 + has_z
+    B_g, C_g, params_g, h0_g = refs[2 + has_z:num_in]
+    y_g, h_last_g = refs[num_in:num_in + 2]
+    chunks_g = refs[num_in + 2] if save_chunks else None
+    scratch = refs[num_in + 2 + save_chunks:]
+    seq_s, bc_s = scratch[:len(seq_inputs)], scratch[len(seq_inputs):len(seq_inputs) + 2]
+    params_s, state_s, dt_s, drive_s, part_s, y_s, bars, setup_bar = scratch[len(seq_inputs) + 2:]
+    b = jax.lax.axis_index("b")
+    c = jax.lax.axis_index("c")
+    cols = pl.ds(c * channels, channels)
+    group_cols = pl.ds((c * channels) // (d // groups) * n, n)
+    plgpu.copy_gmem_to_smem(params_g.at[:, cols], params_s, setup_bar)
+    plgpu.copy_gmem_to_smem(h0_g.at[b, :, cols], state_s.at[0], setup_bar)
+    plgpu.barrier_wait(setup_bar)
+    my_states = lambda i: pl.ds(i * subsets, subsets)  # rows of state i * subsets + p
+    A_rows = [params_s[my_states(i)] for i in range(m)]
+    D_rows, bias_rows = params_s[pl.ds(n, subsets)], params_s[pl.ds(n + subsets, subsets)]
+    h = tuple(state_s[0, my_states(i)] for i in range(m))
+    # Passes (1) and (3) take `subsets` steps at a time: lane p * channels + c has step p, channel c.
+    step_in_group = plgpu.broadcasted_iota(jnp.int32, lanes, 0,
+                                           layout=plgpu.Layout.WG_STRIDED(lanes, vec_size=1))
+
+    def fetch(k, slot):
+      rows = pl.ds(k * chunk, chunk)
+      for src, dst in zip(refs[:len(seq_inputs)], seq_s):
+        plgpu.copy_gmem_to_smem(src.at[b, rows, cols], dst.at[slot], bars.at[slot])
+      for src, dst in zip((B_g, C_g), bc_s):
+        plgpu.copy_gmem_to_smem(src.at[b, rows, group_cols], dst.at[slot], bars.at[slot])
+
+    fetch(0, 0)
+
+    def chunk_body(k, h):
+      slot = k % 2
+      plgpu.barrier_wait(bars.at[slot])
+      # The copies out of this slot's state_s and y_s two chunks ago must have read them: after
+      # them came only the last chunk's (state and) y copies. The barrier below tells every thread.
+      plgpu.wait_smem_to_gmem(1 + save_chunks, wait_read_only=True)
+      for j in range(chunk // subsets):
+        steps = pl.ds(j * subsets, subsets)
+        dt_v = seq_s[1][slot, steps].astype(f32) + bias_rows
+        if softplus:
+          dt_v = _softplus(dt_v)
+        if length % chunk:
+          dt_v = dt_v * (k * chunk + j * subsets + step_in_group < length).astype(f32)
+        drive = dt_v * seq_s[0][slot, steps].astype(f32)
+        for p in range(subsets):
+          dt_s[steps, p] = dt_v
+          drive_s[steps, p] = drive
+      plgpu.commit_smem()
+
+      @pl.when(k + 1 < num_chunks)
+      def _():
+        fetch(k + 1, 1 - slot)  # every thread is past the last chunk's reads of that slot
+
+      if save_chunks:
+        for i in range(m):
+          state_s[slot, my_states(i)] = h[i]
+      h = list(h)
+      for t in range(chunk):
+        dt_t, drive_t = dt_s[t], drive_s[t]
+        B_t = _lane_states(bc_s[0].at[slot, t], subsets, m, interpret)
+        C_t = _lane_states(bc_s[1].at[slot, t], subsets, m, interpret)
+        h = [jnp.exp2(dt_t * a) * hi + drive_t * bi for a, hi, bi in zip(A_rows, h, B_t)]
+        part_s[t] = _tree_sum([hi * ci for hi, ci in zip(h, C_t)])
+      plgpu.commit_smem()
+      if save_chunks:
+        plgpu.copy_smem_to_gmem(state_s.at[slot], chunks_g.at[b, k, :, cols])
+      for j in range(chunk // subsets):
+        steps = pl.ds(j * subsets, subsets)
+        x_v = seq_s[0][slot, steps].astype(f32)
+        y = _tree_sum([part_s[steps, p] for p in range(subsets)] + [D_rows * x_v])
+        if has_z:
+          y = y * _silu(seq_s[2][slot, steps].astype(f32))
+        y_s[slot, steps] = y.astype(y_s.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(y_s.at[slot], y_g.at[b, pl.ds(k * chunk, chunk), cols])
+      return tuple(h)
+
+    h = jax.lax.fori_loop(0, num_chunks, chunk_body, h)
+    plgpu.wait_smem_to_gmem(0)
+    plgpu.commit_smem()
+    for i in range(m):
+      state_s[0, my_states(i)] = h[i]
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(state_s.at[0], h_last_g.at[b, :, cols])
+    plgpu.wait_smem_to_gmem(0)
+
+  out_type = [jax.ShapeDtypeStruct(x.shape, x.dtype),
+              jax.ShapeDtypeStruct((batch, n, d), f32)]
+  if save_chunks:
+    out_type.append(jax.ShapeDtypeStruct((batch, num_chunks, n, d), f32))
+  scratch = ([plgpu.SMEM((2, chunk, channels), a.dtype) for a in seq_inputs]
+             + [plgpu.SMEM((2, chunk, n), f32) for _ in (B, C)]
+             + [plgpu.SMEM((n + 2 * subsets, channels), f32), plgpu.SMEM((2, n, channels), f32)]
+             # dt, dt * x (one copy per subset) and the partial sums of y: read within a chunk.
+             + [plgpu.SMEM((chunk, subsets, channels), f32) for _ in range(3)]
+             + [plgpu.SMEM((2, chunk, channels), x.dtype),
+                plgpu.Barrier(num_arrivals=len(seq_inputs) + 2, num_barriers=2),
+                plgpu.Barrier(num_arrivals=2)])
+  call = plgpu.kernel(
+      selective_scan_forward, out_type=out_type, scratch_types=scratch,
+      grid=(batch, d // channels), grid_names=("b", "c"), interpret=interpret,
       compiler_params=_compiler_params())
   outs = call(*seq_inputs, B, C, params, h0)
   y, h_last = outs[:2]
