@@ -324,7 +324,8 @@ def _lane_states(row, subsets, m, interpret):
     start = arith.muli(arith.divui(lane, arith.constant(index, channels)),
                        arith.constant(index, m))
     f32 = ir.F32Type.get()
-    values = vector.load(ir.VectorType.get((m,), f32), ref, [start])
+    # Aligned to its size (rows of n floats, n a multiple of m): one vector load, not m.
+    values = vector.load(ir.VectorType.get((m,), f32), ref, [start], alignment=4 * m)
     one = ir.VectorType.get((1,), f32)
     return [mgpu.FragmentedArray(
         _registers=np.array([vector.broadcast(one, vector.extract(
