@@ -261,6 +261,7 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
       # The copies out of this slot's state_s and y_s two chunks ago must have read them: after
       # them came only the last chunk's (state and) y copies. The barrier below tells every thread.
       plgpu.wait_smem_to_gmem(1 + save_chunks, wait_read_only=True)
+      skips = []  # D x of pass (3)'s (step, channel) pairs, which are pass (1)'s
       for j in range(chunk // subsets):
         steps = pl.ds(j * subsets, subsets)
         dt_v = seq_s[1][slot, steps].astype(f32) + bias_rows
@@ -268,7 +269,9 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
           dt_v = _softplus(dt_v)
         if length % chunk:
           dt_v = dt_v * (k * chunk + j * subsets + step_in_group < length).astype(f32)
-        drive = dt_v * seq_s[0][slot, steps].astype(f32)
+        x_v = seq_s[0][slot, steps].astype(f32)
+        skips.append(D_rows * x_v)
+        drive = dt_v * x_v
         dt_s[steps] = dt_v
         drive_s[steps] = drive
       plgpu.commit_smem()
@@ -304,10 +307,9 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
       plgpu.commit_smem()
       if save_chunks:
         plgpu.copy_smem_to_gmem(state_s.at[out_slot], chunks_g.at[b, k, :, cols])
-      for j in range(chunk // subsets):
+      for j, skip in enumerate(skips):
         steps = pl.ds(j * subsets, subsets)
-        x_v = seq_s[0][slot, steps].astype(f32)
-        y = _tree_sum([part_s[steps, p] for p in range(subsets)] + [D_rows * x_v])
+        y = _tree_sum([part_s[steps, p] for p in range(subsets)] + [skip])
         if has_z:
           y = y * _gate(seq_s[2][slot, steps].astype(f32))
         y_s[out_slot, steps] = y.astype(y_s.dtype)
