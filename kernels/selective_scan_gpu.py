@@ -41,13 +41,14 @@ from kernels._common import sigmoid
 
 CHANNELS = 128  # one warpgroup, one channel per thread
 # Channels per forward block, of one warpgroup: each thread holds n * channels / 128 of a channel's
-# states, the 128 / channels lanes of a channel in different warps. Blocks must split the
-# 12,288 rows of (batch, channel) of Mamba-130m's batch 8 into quarters of 128 to load 132 SMs
-# evenly (kernels/NOTES.md, v5). Forward kernel times on an H100: 32: SEE_NOTES.
+# states, the 128 / channels lanes of a channel in different warps. Mamba's batch 8 x d 1536 are
+# 12,288 (batch, channel) rows: blocks must be quarters of 128 rows to load 132 SMs evenly (3 an
+# SM at most). Forward kernel times on an H100 (kernels/NOTES.md, v5): 32: 0.233 ms (0.218 with
+# the later cuts), 64: 0.279, 16: 0.374; the 128-channel forward of two warpgroups before it 0.278.
 FORWARD_CHANNELS = 32
 # Input buffers of the forward: the copies of chunk k + FORWARD_SLOTS - 1 start while chunk k
-# computes.
-FORWARD_SLOTS = 3
+# computes. Forward kernel times on an H100: 2: 0.218 ms, 3: 0.230 ms.
+FORWARD_SLOTS = 2
 # Steps the backward recomputes and holds in registers at once (a divisor of the 128 / 2n steps
 # whose dB, dC terms fill the reduction tile): the states before and after each step and its
 # decays, ((span + 1) m + span m registers for a warpgroup's m states). Backward kernel times on
