@@ -159,8 +159,9 @@ def _lane_load(row, lanes, start, count, interpret):
     return [values[first + i] for i in range(count)]
   layout = plgpu.Layout.WG_STRIDED(lanes, vec_size=1)
 
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),),
-                     return_type=[plgpu.ShapeDtypeStruct(lanes, jnp.float32, layout=layout)] * count)
+  array = plgpu.ShapeDtypeStruct(lanes, jnp.float32, layout=layout)
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=[array] * count)
   def load(_, ref):
     index = ir.IndexType.get()
     constant = lambda v: arith.constant(index, v)
