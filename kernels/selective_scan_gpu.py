@@ -1,43 +1,54 @@
 """The selective scan's forward and backward as Mosaic GPU kernels (Hopper), Pallas's warpgroup-level
 GPU backend.
 
-One CUDA block per (batch element, 128 channels), one channel per thread of a warpgroup. B_t and
-C_t are the same for every channel of a group, so each thread reads them as scalars from shared
-memory (a broadcast, no bank conflicts). Time goes by in chunks of `chunk` steps: the
-tensor-memory accelerator (TMA) brings the next chunk's inputs into shared memory while this one
-computes, and the outputs leave the same way.
+Time goes by in chunks of `chunk` steps: the tensor-memory accelerator (TMA) brings the next
+chunk's inputs into shared memory while this one computes, and the outputs leave the same way.
 
-The forward splits a channel's n states over FORWARD_WARPGROUPS warpgroups (a share of the states
-in each thread's registers), so each SM scheduler has more than one warp to issue from; once per
-chunk the first warpgroup adds the others' partial sums of y, applies D and the gate and stores y.
-It saves the state before each chunk. The backward splits the states the same way over
-BACKWARD_WARPGROUPS warpgroups: the adjoint recurrences of different states do not interact. It
-walks the chunks in reverse, recomputes the states at the start of every span of BACKWARD_SPAN
-steps from the saved one into shared memory, then, span by span in reverse, a span's states in
-registers, and runs the adjoint recurrence. Its gradients of B_t and C_t sum over the block's 128
-channels, across threads: each thread writes its states' terms per step as a column of a
-shared-memory tile, 128 rows for `steps` = 128 / 2n steps, and after those steps thread r of each
-warpgroup sums its warpgroup's share of the columns of row r (conflict-free with rows padded to
+The forward runs one warpgroup per (batch element, FORWARD_CHANNELS channels), so that at Mamba's
+sizes the blocks load all of an H100's SMs evenly; a channel's n states are spread over the
+128 / FORWARD_CHANNELS lanes that hold it, in different warps, whose partial sums of y meet in
+shared memory. Each thread reads its states' B_t and C_t, which differ between warps, with inline
+Mosaic GPU code (Lane semantics addresses shared memory the same way in every lane). dt's
+softplus and dt * x are computed once per (step, channel) and shared. It saves the state before
+each chunk.
+
+The backward runs one block per (batch element, 128 channels), one channel per thread of each
+warpgroup, B_t and C_t read as scalars from shared memory (a broadcast, no bank conflicts). It
+splits a channel's states over BACKWARD_WARPGROUPS warpgroups: the adjoint recurrences of different
+states do not interact. It walks the chunks in reverse, recomputes the states at the start of every
+span of BACKWARD_SPAN steps from the saved one into shared memory, then, span by span in reverse, a
+span's states in registers, and runs the adjoint recurrence. Its gradients of B_t and C_t sum over
+the block's 128 channels, across threads: each thread writes its states' terms per step as a column
+of a shared-memory tile, 128 rows for `steps` = 128 / 2n steps, and after those steps thread r of
+each warpgroup sums its warpgroup's share of the columns of row r (conflict-free with rows padded to
 129 words): one barrier pair per tile instead of a shuffle tree and a barrier per sum. At the same
 barriers the warpgroups add up their per-step sums over states for dx, ddt and dz. The tiles of a
-chunk run as a loop, not unrolled, so the code fits the instruction cache. The partial sums of
-dB and dC leave as (batch, d / 128 * BACKWARD_WARPGROUPS, length, n) partials that XLA adds over
-the blocks of a group.
+chunk run as a loop, not unrolled, so the code fits the instruction cache. The partial sums of dB
+and dC leave as (batch, d / 128 * BACKWARD_WARPGROUPS, length, n) partials that XLA adds over the
+blocks of a group.
 """
 
 import jax
+import jax.experimental.mosaic.gpu as mgpu
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxlib.mlir import ir
+from jaxlib.mlir.dialects import arith, gpu, vector
 
 from kernels._common import sigmoid
 
 CHANNELS = 128  # one warpgroup, one channel per thread
-# Warpgroups per forward block, each holding n / FORWARD_WARPGROUPS of a channel's states, so
-# each SM scheduler has that many warps to switch between; the first warpgroup adds the others'
-# partial sums of y (through shared memory, once per chunk). Kernel times on an H100
-# (kernels/NOTES.md): 2: 0.33 ms, 4: 0.36 ms; the one-warpgroup forward before them 0.63 ms.
-FORWARD_WARPGROUPS = 2
+# Channels per forward block, of one warpgroup: each thread holds n * channels / 128 of a channel's
+# states, the 128 / channels lanes of a channel in different warps. Mamba's batch 8 x d 1536 are
+# 12,288 (batch, channel) rows: blocks must be quarters of 128 rows to load 132 SMs evenly (3 an
+# SM at most). Forward kernel times on an H100 (kernels/NOTES.md, v5): 32: 0.233 ms (0.218 with
+# the later cuts), 64: 0.279, 16: 0.374; the 128-channel forward of two warpgroups before it 0.278.
+FORWARD_CHANNELS = 32
+# Input buffers of the forward: the copies of chunk k + FORWARD_SLOTS - 1 start while chunk k
+# computes. Forward kernel times on an H100: 2: 0.218 ms, 3: 0.230 ms.
+FORWARD_SLOTS = 2
 # Steps the backward recomputes and holds in registers at once (a divisor of the 128 / 2n steps
 # whose dB, dC terms fill the reduction tile): the states before and after each step and its
 # decays, ((span + 1) m + span m registers for a warpgroup's m states). Backward kernel times on
@@ -131,163 +142,213 @@ def _compiler_params():
                               lowering_semantics=plgpu.LoweringSemantics.Lane)
 
 
+def _lane_load(row, lanes, start, count, interpret):
+  """Lane l of a `lanes`-shaped array (l = p * lanes[1] + c) gets row[first(l) + i] for i < count,
+  as `count` arrays, where first(l) = (l // divisor % modulus) * multiplier for
+  start = (divisor, modulus, multiplier).
+
+  Lane semantics addresses shared memory alike in every lane (up to a strided view), so on the
+  GPU this is inline Mosaic GPU code: one vector load of `count` floats per thread. The
+  interpreter, which cannot run inline code, gathers instead."""
+  divisor, modulus, multiplier = start
+  if interpret is not None:
+    lane = (jax.lax.broadcasted_iota(jnp.int32, lanes, 0) * lanes[1]
+            + jax.lax.broadcasted_iota(jnp.int32, lanes, 1))
+    first = lane // divisor % modulus * multiplier
+    values = row[...]
+    return [values[first + i] for i in range(count)]
+  layout = plgpu.Layout.WG_STRIDED(lanes, vec_size=1)
+
+  array = plgpu.ShapeDtypeStruct(lanes, jnp.float32, layout=layout)
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),), return_type=[array] * count)
+  def load(_, ref):
+    index = ir.IndexType.get()
+    constant = lambda v: arith.constant(index, v)
+    lane = arith.remui(gpu.thread_id(gpu.Dimension.x), constant(CHANNELS))
+    first = arith.muli(arith.remui(arith.divui(lane, constant(divisor)), constant(modulus)),
+                       constant(multiplier))
+    f32 = ir.F32Type.get()
+    # Aligned to its size (callers keep first and the row's offset multiples of count): one
+    # vector load, not count.
+    values = vector.load(ir.VectorType.get((count,), f32), ref, [first], alignment=4 * count)
+    one = ir.VectorType.get((1,), f32)
+    return [mgpu.FragmentedArray(
+        _registers=np.array([vector.broadcast(one, vector.extract(
+            values, dynamic_position=[], static_position=[i]))], dtype=object),
+        _layout=mgpu.WGStridedFragLayout(lanes, 1), _is_signed=None) for i in range(count)]
+
+  return load(row)
+
+
+def _gate(z):
+  """silu(z) = z sigmoid(z) with the reciprocal as the square of rsqrt.approx (2^-22.9 relative
+  error, kernels/NOTES.md v5): Lane semantics lowers 1 / v to div.rn.f32, about ten instructions
+  with its Newton steps and slow path, against rsqrt's one and a multiply. 1 + e^-z >= 1."""
+  r = jax.lax.rsqrt(1.0 + jnp.exp(-z))
+  return z * (r * r)
+
+
 def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_chunks,
             interpret=None):
   """Returns y, the final state (batch, d, n) float32 and, if save_chunks, the state before each
   chunk as (batch, chunks, n, d) float32 (the layout `backward` reads). Inputs are padded to a
-  multiple of chunk steps; steps from `length` on leave the state alone."""
+  multiple of chunk steps; steps from `length` on leave the state alone.
+
+  Blocks of FORWARD_CHANNELS channels and one warpgroup: lane p * channels + c holds channel c's
+  states i * subsets + p (i < n / subsets), subsets = 128 / channels. Per chunk, three passes
+  separated by warpgroup barriers: (1) dt after bias, softplus and the padding mask, and dt * x,
+  once per (step, channel), `subsets` steps of one channel a thread; (2) the recurrence, each
+  thread its states, its per-step sums of h_i C_i kept in registers and stored at the chunk's
+  end; (3) y per (step, channel), `subsets` steps of one channel a thread: the subsets' sums,
+  D x and the gate. The inputs arrive FORWARD_SLOTS - 1 chunks ahead."""
   batch, padded_length, d = x.shape
   groups, n = B.shape[2:]
+  channels = FORWARD_CHANNELS
+  subsets = CHANNELS // channels
+  m = n // subsets  # states per thread
+  lanes = (subsets, channels)  # the shape of every per-thread array
+  slots = FORWARD_SLOTS
   num_chunks = padded_length // chunk
   has_z = z is not None
-  params, B, C = _prepare(x, A, B, C, D, dt_bias)
-  h0 = jnp.swapaxes(h0, 1, 2).astype(jnp.float32)
+  f32 = jnp.float32
+  # Parameter rows: log2(e) A^T (n), then D and dt_bias, each repeated `subsets` times so that
+  # a (subsets, channels) view gives every lane its channel's value.
+  params = jnp.concatenate([A.T * _LOG2_E, jnp.tile(D[None], (subsets, 1)),
+                            jnp.tile(dt_bias[None], (subsets, 1))]).astype(f32)
+  # B and C in float32, each group's states reordered so that a thread's m states sit together.
+  order = [i * subsets + p for p in range(subsets) for i in range(m)]
+  flat = lambda a: a[..., order].reshape(batch, padded_length, groups * n).astype(f32)
+  B, C = flat(B), flat(C)
+  h0 = jnp.swapaxes(h0, 1, 2).astype(f32)
   seq_inputs = [x, dt] + [z] * has_z
-
-  wgs = FORWARD_WARPGROUPS
-  m = n // wgs  # states per warpgroup
 
   def selective_scan_forward(*refs):  # the name profilers show
     num_in = 6 + has_z
-    z_g = refs[2] if has_z else None
     B_g, C_g, params_g, h0_g = refs[2 + has_z:num_in]
-    outs = refs[num_in:num_in + 2 + save_chunks]
-    y_g, h_last_g = outs[:2]
-    chunks_g = outs[2] if save_chunks else None
+    y_g, h_last_g = refs[num_in:num_in + 2]
+    chunks_g = refs[num_in + 2] if save_chunks else None
     scratch = refs[num_in + 2 + save_chunks:]
     seq_s, bc_s = scratch[:len(seq_inputs)], scratch[len(seq_inputs):len(seq_inputs) + 2]
-    params_s, h0_s, state_s, y_s, part_s, bars, part_bars, setup_bar = scratch[len(seq_inputs) + 2:]
+    params_s, state_s, dt_s, drive_s, part_s, y_s, bars, setup_bar = scratch[len(seq_inputs) + 2:]
     b = jax.lax.axis_index("b")
     c = jax.lax.axis_index("c")
-    wg = jax.lax.axis_index("wg")
-    first = wg * m  # this warpgroup's states are first .. first + m - 1
-    states = [first + i for i in range(m)]
-    cols = pl.ds(c * CHANNELS, CHANNELS)
-    group_cols = pl.ds((c * CHANNELS) // (d // groups) * n, n)
-
-    def lead(body):
-      """Runs body in the first warpgroup only: it alone issues the input copies and writes y."""
-      return pl.when(wg == 0)(body)
-
-    @lead
-    def _():
-      plgpu.copy_gmem_to_smem(params_g.at[:, cols], params_s, setup_bar)
-      plgpu.copy_gmem_to_smem(h0_g.at[b, :, cols], h0_s, setup_bar)
-
+    cols = pl.ds(c * channels, channels)
+    group_cols = pl.ds((c * channels) // (d // groups) * n, n)
+    plgpu.copy_gmem_to_smem(params_g.at[:, cols], params_s, setup_bar)
+    plgpu.copy_gmem_to_smem(h0_g.at[b, :, cols], state_s.at[0], setup_bar)
     plgpu.barrier_wait(setup_bar)
-    A_rows = [params_s[i] for i in states]
-    D_row, bias_row = params_s[n], params_s[n + 1]
-    h = tuple(h0_s[i] for i in states)
+    my_states = lambda i: pl.ds(i * subsets, subsets)  # rows of state i * subsets + p
+    A_rows = [params_s[my_states(i)] for i in range(m)]
+    D_rows, bias_rows = params_s[pl.ds(n, subsets)], params_s[pl.ds(n + subsets, subsets)]
+    h = tuple(state_s[0, my_states(i)] for i in range(m))
+    # Passes (1) and (3) take `subsets` steps at a time: lane p * channels + c has step p and
+    # channel c.
+    step_in_group = plgpu.broadcasted_iota(jnp.int32, lanes, 0,
+                                           layout=plgpu.Layout.WG_STRIDED(lanes, vec_size=1))
 
     def fetch(k, slot):
       rows = pl.ds(k * chunk, chunk)
-      for src, dst in zip([refs[0], refs[1]] + [z_g] * has_z, seq_s):
+      for src, dst in zip(refs[:len(seq_inputs)], seq_s):
         plgpu.copy_gmem_to_smem(src.at[b, rows, cols], dst.at[slot], bars.at[slot])
       for src, dst in zip((B_g, C_g), bc_s):
         plgpu.copy_gmem_to_smem(src.at[b, rows, group_cols], dst.at[slot], bars.at[slot])
 
-    lead(lambda: fetch(0, 0))
-    # Each warpgroup stores its own rows of the saved state, the first one y as well.
-    my_states = pl.ds(first, m)
-
-    def wait_for_reads(lead_pending, other_pending):
-      """Waits until this warpgroup's copies out of shared memory, all but its last
-      `lead_pending` (the first warpgroup, which also copies y) or `other_pending` (the others),
-      have read it; the barrier tells the warpgroup's other threads."""
-      pl.when(wg == 0)(lambda: plgpu.wait_smem_to_gmem(lead_pending, wait_read_only=True))
-      pl.when(wg > 0)(lambda: plgpu.wait_smem_to_gmem(other_pending, wait_read_only=True))
-      plgpu.commit_smem()
+    for k in range(min(slots - 1, num_chunks)):
+      fetch(k, k)
 
     def chunk_body(k, h):
-      slot = k % 2
-
-      @lead
-      def _():
-        @pl.when(k + 1 < num_chunks)
-        def _():
-          # The other warpgroups read the other slot last chunk, before their partial sums of
-          # that chunk reached the first warpgroup: it is free.
-          fetch(k + 1, 1 - slot)
-
+      slot, out_slot = k % slots, k % 2  # of the inputs; of the saved state and y
       plgpu.barrier_wait(bars.at[slot])
+      # The copies out of this slot's state_s and y_s two chunks ago must have read them: after
+      # them came only the last chunk's (state and) y copies. The barrier below tells every thread.
+      plgpu.wait_smem_to_gmem(1 + save_chunks, wait_read_only=True)
+      skips = []  # D x of pass (3)'s (step, channel) pairs, which are pass (1)'s
+      for j in range(chunk // subsets):
+        steps = pl.ds(j * subsets, subsets)
+        dt_v = seq_s[1][slot, steps].astype(f32) + bias_rows
+        if softplus:
+          dt_v = _softplus(dt_v)
+        if length % chunk:
+          dt_v = dt_v * (k * chunk + j * subsets + step_in_group < length).astype(f32)
+        x_v = seq_s[0][slot, steps].astype(f32)
+        skips.append(D_rows * x_v)
+        drive = dt_v * x_v
+        dt_s[steps] = dt_v
+        drive_s[steps] = drive
+      plgpu.commit_smem()
+
+      @pl.when(k + slots - 1 < num_chunks)
+      def _():
+        # Into the last chunk's slot: every thread is past its reads.
+        fetch(k + slots - 1, (k + slots - 1) % slots)
+
       if save_chunks:
-        # The state copy out of this slot two chunks ago must have read it. Pending after it: the
-        # first warpgroup's y copy then both copies of the last chunk; the others' last copy.
-        wait_for_reads(3, 1)
         for i in range(m):
-          state_s[slot, first + i] = h[i]
+          state_s[out_slot, my_states(i)] = h[i]
       h = list(h)
-      # Each step's sum over this warpgroup's states of h_i C_i, held until the chunk's end, when
-      # the first warpgroup adds the others'.
+      # Each step's sum over this thread's states of h_i C_i stays in registers until the
+      # chunk's last step: a shared-memory store between steps would keep the compiler from
+      # loading the next steps' inputs early (ptxas cannot tell the buffers apart): with a
+      # store a step this kernel took 0.246 ms on an H100 (kernels/NOTES.md, v5).
       parts = []
       for t in range(chunk):
-        step = _Step(seq_s, bc_s, slot, t, k * chunk, bias_row, states=states, length=length,
-                     chunk=chunk, softplus=softplus)
-        h = step.advance(h, step.decays(A_rows))
-        parts.append(_tree_sum([hi * ci for hi, ci in zip(h, step.C())]))
+        # This lane's channel's dt and dt x; its states' B_t and C_t (in the reordered layout:
+        # the m from p * m on), one vector load each.
+        dt_t, drive_t = (_lane_load(buffer.at[t], lanes, (1, channels, 1), 1, interpret)[0]
+                         for buffer in (dt_s, drive_s))
+        B_t, C_t = (_lane_load(buffer.at[slot, t], lanes, (channels, subsets, m), m, interpret)
+                    for buffer in bc_s)
+        h = [jnp.exp2(dt_t * a) * hi + drive_t * bi for a, hi, bi in zip(A_rows, h, B_t)]
+        part = h[0] * C_t[0]
+        for hi, ci in zip(h[1:], C_t[1:]):  # a chain of FMAs: steps overlap, not terms
+          part = hi * ci + part
+        parts.append(part)
+      for t, part in enumerate(parts):
+        part_s[t] = part
+      plgpu.commit_smem()
       if save_chunks:
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(state_s.at[slot, my_states], chunks_g.at[b, k, my_states, cols])
-      if wgs > 1:
-        @pl.when(wg > 0)
-        def _():
-          for t, part in enumerate(parts):
-            part_s[wg - 1, slot, t] = part
-          plgpu.barrier_arrive(part_bars.at[slot])
-
-      @lead
-      def _():
-        if wgs > 1:
-          plgpu.barrier_wait(part_bars.at[slot])
-        # The y copy out of this slot two chunks ago must have read it (then come the last
-        # chunk's copies and this chunk's state copy).
-        plgpu.wait_smem_to_gmem(1 + 2 * save_chunks, wait_read_only=True)
-        plgpu.commit_smem()
-        for t, part in enumerate(parts):
-          x_t = seq_s[0][slot, t].astype(jnp.float32)
-          y = _tree_sum([part, D_row * x_t] + [part_s[w, slot, t] for w in range(wgs - 1)])
-          if has_z:
-            y = y * _silu(seq_s[2][slot, t].astype(jnp.float32))
-          y_s[slot, t] = y.astype(y_s.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(y_s.at[slot], y_g.at[b, pl.ds(k * chunk, chunk), cols])
+        plgpu.copy_smem_to_gmem(state_s.at[out_slot], chunks_g.at[b, k, :, cols])
+      for j, skip in enumerate(skips):
+        steps = pl.ds(j * subsets, subsets)
+        y = _tree_sum([part_s[steps, p] for p in range(subsets)] + [skip])
+        if has_z:
+          y = y * _gate(seq_s[2][slot, steps].astype(f32))
+        y_s[out_slot, steps] = y.astype(y_s.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(y_s.at[out_slot], y_g.at[b, pl.ds(k * chunk, chunk), cols])
       return tuple(h)
 
     h = jax.lax.fori_loop(0, num_chunks, chunk_body, h)
     plgpu.wait_smem_to_gmem(0)
     plgpu.commit_smem()
     for i in range(m):
-      state_s[0, first + i] = h[i]
+      state_s[0, my_states(i)] = h[i]
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(state_s.at[0, my_states], h_last_g.at[b, my_states, cols])
+    plgpu.copy_smem_to_gmem(state_s.at[0], h_last_g.at[b, :, cols])
     plgpu.wait_smem_to_gmem(0)
 
   out_type = [jax.ShapeDtypeStruct(x.shape, x.dtype),
-              jax.ShapeDtypeStruct((batch, n, d), jnp.float32)]
+              jax.ShapeDtypeStruct((batch, n, d), f32)]
   if save_chunks:
-    out_type.append(jax.ShapeDtypeStruct((batch, num_chunks, n, d), jnp.float32))
-  scratch = ([plgpu.SMEM((2, chunk, CHANNELS), a.dtype) for a in seq_inputs]
-             + [plgpu.SMEM((2, chunk, n), a.dtype) for a in (B, C)]
-             + [plgpu.SMEM((n + 2, CHANNELS), jnp.float32), plgpu.SMEM((n, CHANNELS), jnp.float32),
-                plgpu.SMEM((2, n, CHANNELS), jnp.float32),
-                plgpu.SMEM((2, chunk, CHANNELS), x.dtype),
-                # The other warpgroups' partial sums of y, each step's sum over their states.
-                plgpu.SMEM((max(wgs - 1, 1), 2, chunk, CHANNELS), jnp.float32),
-                plgpu.Barrier(num_arrivals=len(seq_inputs) + 2, num_barriers=2),
-                plgpu.Barrier(num_arrivals=max(wgs - 1, 1), num_barriers=2),
+    out_type.append(jax.ShapeDtypeStruct((batch, num_chunks, n, d), f32))
+  scratch = ([plgpu.SMEM((slots, chunk, channels), a.dtype) for a in seq_inputs]
+             + [plgpu.SMEM((slots, chunk, n), f32) for _ in (B, C)]
+             + [plgpu.SMEM((n + 2 * subsets, channels), f32), plgpu.SMEM((2, n, channels), f32)]
+             # dt, dt * x and the partial sums of y: written and read within a chunk.
+             + [plgpu.SMEM((chunk, channels), f32) for _ in range(2)]
+             + [plgpu.SMEM((chunk, subsets, channels), f32),
+                plgpu.SMEM((2, chunk, channels), x.dtype),
+                plgpu.Barrier(num_arrivals=len(seq_inputs) + 2, num_barriers=slots),
                 plgpu.Barrier(num_arrivals=2)])
   call = plgpu.kernel(
-      selective_scan_forward, out_type=out_type, scratch_types=scratch, grid=(batch, d // CHANNELS),
-      grid_names=("b", "c"), num_threads=wgs, thread_name="wg", interpret=interpret,
+      selective_scan_forward, out_type=out_type, scratch_types=scratch,
+      grid=(batch, d // channels), grid_names=("b", "c"), interpret=interpret,
       compiler_params=_compiler_params())
   outs = call(*seq_inputs, B, C, params, h0)
   y, h_last = outs[:2]
   h_last = jnp.swapaxes(h_last, 1, 2)
   return (y, h_last, outs[2]) if save_chunks else (y, h_last)
-
-
-def _silu(v):
-  return v * sigmoid(v)
 
 
 def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, softplus, chunk,

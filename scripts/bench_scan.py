@@ -392,7 +392,7 @@ def main():
   parser.add_argument("--shape", default="", help="overrides of the default shape, e.g. batch=1,d=64")
   parser.add_argument("--set", nargs="*", default=[],
                       help="kernel tuning constants, e.g. selective_scan_pallas.TRITON_WARPS=1 "
-                           "selective_scan_gpu.FORWARD_WARPGROUPS=4")
+                           "selective_scan_gpu.FORWARD_CHANNELS=64")
   parser.add_argument("--variants", nargs="*", default=[""],
                       help="time each impl once per variant, side by side in this run: each a "
                            "comma-separated list of settings as for --set ('' for none)")
