@@ -3,7 +3,13 @@
 import os
 import sys
 
-import jax
+# The sharding tests need 8 host devices, and with one the Mosaic GPU interpreter's warpgroup threads
+# can deadlock at a barrier when two test processes share the CPU (seen in session 6). `make test`
+# sets the same flag; this covers a bare pytest. It must precede jax's first use.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+
+import jax  # noqa: E402
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
