@@ -68,7 +68,9 @@ def linear_pieces(linear, x, sizes):
   """
   pieces = np.cumsum(sizes)[:-1]
   kernels = jnp.split(linear.kernel[...].astype(linear.dtype), pieces, axis=1)
-  outputs = [x.astype(linear.dtype) @ kernel for kernel in kernels]
+  # The module's own dot_general, which decoding may replace (generate.inference_model).
+  contract_last = (((x.ndim - 1,), (0,)), ((), ()))
+  outputs = [linear.dot_general(x.astype(linear.dtype), kernel, contract_last) for kernel in kernels]
   if linear.bias is not None:
     outputs = [out + bias for out, bias in zip(outputs, jnp.split(linear.bias[...].astype(linear.dtype), pieces))]
   return outputs
