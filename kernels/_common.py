@@ -1,5 +1,6 @@
 """Pieces every kernel in this package needs, kept in one place so the kernels agree on them."""
 
+import jax
 import jax.numpy as jnp
 
 
@@ -29,3 +30,10 @@ def compose_affine(earlier, later):
   a1, b1 = earlier
   a2, b2 = later
   return a1 * a2, a2 * b1 + b2
+
+
+def on_one_device() -> bool:
+  """Whether the trace runs on one device, so a kernel sees whole arrays rather than a device's
+  block of them (the fused kernels that sharding.py does not map over a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh.empty or mesh.size == 1

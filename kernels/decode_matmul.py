@@ -35,6 +35,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels._common import on_one_device
+
 ENABLED = True
 # Route every backbone's products, not only those that set `decode_matmul` (Mamba's): how
 # gpt-350m was measured with the kernel (kernels/NOTES.md).
@@ -51,11 +53,6 @@ SHARED_MEMORY = 200 * 1024  # Bytes a block may take (the H100 gives one up to 2
 @functools.lru_cache(maxsize=None)
 def _on_gpu() -> bool:
   return jax.default_backend() == "gpu"
-
-
-def _on_one_device() -> bool:
-  mesh = jax.sharding.get_abstract_mesh()
-  return mesh.empty or mesh.size == 1
 
 
 def column_tile(n: int) -> int:
@@ -161,7 +158,7 @@ def _kernel_call(x, w, *, tile_n, tile_k, parts, stages, interpret):
 def applies(lhs, rhs, dimension_numbers) -> bool:
   """Whether `dot_general` runs the kernel for this product (see the module docstring)."""
   (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
-  if not (ENABLED and _on_gpu() and _on_one_device()):
+  if not (ENABLED and _on_gpu() and on_one_device()):
     return False
   if lhs_batch or rhs_batch or rhs.ndim != 2 or tuple(lhs_contract) != (lhs.ndim - 1,) or tuple(rhs_contract) != (0,):
     return False

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels import mamba_inner, selective_scan_step
+from kernels._common import on_one_device
 from seqmodels import layers
 from seqmodels.sharding import selective_scan
 from seqmodels.errors import UserError
@@ -41,12 +42,6 @@ def _dt_bias_init(key, d_inner, dt_min, dt_max, floor):
   dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
   dt = jnp.maximum(dt, floor)
   return dt + jnp.log(-jnp.expm1(-dt))
-
-
-def _on_one_device() -> bool:
-  """Whether the trace runs on one device: the fused kernels see whole arrays, not a device's block."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return mesh.empty or mesh.size == 1
 
 
 class CausalDepthwiseConv(nnx.Module):
@@ -137,7 +132,7 @@ class MambaMixer(nnx.Module):
 
   def fused_forward(self, u, cache):
     """The forward with the middle of the mixer in kernels/mamba_inner.py (model.fused_inner)."""
-    if not _on_one_device():
+    if not on_one_device():
       raise UserError(f"model.fused_inner runs on one device, not a mesh of "
                       f"{jax.sharding.get_abstract_mesh().size}; set model.fused_inner=False")
     xz = self.in_proj(u)
@@ -158,7 +153,7 @@ class MambaMixer(nnx.Module):
     chosen = self.scan_impl == "pallas" or (self.scan_impl == "auto" and jax.default_backend() == "gpu")
     if not chosen or not selective_scan_step.supported(self.d_inner, self.d_state):
       return False
-    return _on_one_device()
+    return on_one_device()
 
   def decode_step(self, u, cache):
     """One token, u (batch, d_model): in_proj, the conv, x_proj, then one kernel for the rest of the
