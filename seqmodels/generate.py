@@ -153,7 +153,7 @@ def inference_model(model: nnx.Module) -> nnx.Module:
     for name in ("kernel", "bias", "embedding"):
       param = getattr(module, name, None)
       if isinstance(param, nnx.Param):
-        param.value = param.value.astype(dtype)
+        param[...] = param[...].astype(dtype)
   return model
 
 
