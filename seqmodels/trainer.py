@@ -319,7 +319,7 @@ def train(config, workdir: str, *, max_steps: int | None = None, progress: bool 
       fetch(step)
       write_record(step)
     if ckpt.latest_step() != step:
-      guard.observe(jax.device_get([m["nonfinite"] for m in pending]), step - len(pending) + 1, last_checkpoint())
+      fetch(step)
       batches.rewind()
       ckpt.save(step, state, train_iter)
   finally:
