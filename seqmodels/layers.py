@@ -61,10 +61,9 @@ def linear(d_in, d_out, *, axes, dtype, rngs, use_bias=False, kernel_init=torch_
 def linear_pieces(linear, x, sizes):
   """linear(x) split along its outputs into pieces of `sizes`, computed as one matmul per piece.
 
-  The same numbers as splitting linear(x), but where splitting copies each piece out of the
-  product, and its gradient concatenates the pieces' cotangents into one product-sized array
-  (activation-sized copies, forward and backward), here the weight is split and the input's
-  gradient is a sum of matmuls.
+  The same numbers as splitting linear(x), but the gradient of a split concatenates the pieces'
+  cotangents into one product-sized array; here the weight is split instead and the input's
+  gradient is a sum of matmuls (one activation-sized copy a Mamba layer less, kernels/NOTES.md).
   """
   pieces = np.cumsum(sizes)[:-1]
   kernels = jnp.split(linear.kernel[...].astype(linear.dtype), pieces, axis=1)

@@ -7,7 +7,7 @@
 device time per step by category (matmul, attention, scan, other), the costliest ops, and the
 number of device kernels per step, and writes every device op in time order to ops.tsv.
 Categories come from the kernel names and from the jax name stacks that the compiled HLO attaches
-to each op (`scan`: ops under a "scan" named scope).
+to each op (`scan`: the scan core's Mosaic GPU kernels, and ops under a "scan" named scope).
 
 XLA:GPU runs its command buffers (CUDA graphs) op by op while a profile is active, so a trace
 shows every kernel, but its times include the launch gaps that graphs would hide.
