@@ -12,20 +12,18 @@ Mosaic GPU code (Lane semantics addresses shared memory the same way in every la
 softplus and dt * x are computed once per (step, channel) and shared. It saves the state before
 each chunk.
 
-The backward runs one block per (batch element, 128 channels), one channel per thread of each
-warpgroup, B_t and C_t read as scalars from shared memory (a broadcast, no bank conflicts). It
-splits a channel's states over BACKWARD_WARPGROUPS warpgroups: the adjoint recurrences of different
-states do not interact. It walks the chunks in reverse, recomputes the states at the start of every
-span of BACKWARD_SPAN steps from the saved one into shared memory, then, span by span in reverse, a
-span's states in registers, and runs the adjoint recurrence. Its gradients of B_t and C_t sum over
-the block's 128 channels, across threads: each thread writes its states' terms per step as a column
-of a shared-memory tile, 128 rows for `steps` = 128 / 2n steps, and after those steps thread r of
-each warpgroup sums its warpgroup's share of the columns of row r (conflict-free with rows padded to
-129 words): one barrier pair per tile instead of a shuffle tree and a barrier per sum. At the same
-barriers the warpgroups add up their per-step sums over states for dx, ddt and dz. The tiles of a
-chunk run as a loop, not unrolled, so the code fits the instruction cache. The partial sums of dB
-and dC leave as (batch, d / 128 * BACKWARD_WARPGROUPS, length, n) partials that XLA adds over the
-blocks of a group.
+The backward runs one warpgroup per (batch element, BACKWARD_CHANNELS channels), laid out as the
+forward's so that its blocks too load all SMs evenly: the adjoint recurrences of different states
+do not interact, and the per-step sums over a channel's states (for dx, ddt and dz) meet in shared
+memory. It walks the
+chunks in reverse, recomputes the states at the start of every span of BACKWARD_SPAN steps from
+the saved one into shared memory, then, span by span in reverse, a span's states in registers, and
+runs the adjoint recurrence. Its gradients of B_t and C_t sum over channels, across threads: each
+thread writes its states' terms per step into a column of a shared-memory tile, 128 rows for
+`steps` = 128 / 2n steps, and after those steps thread r sums row r (conflict-free with rows padded
+by a word): one barrier pair per tile instead of a shuffle tree and a barrier per sum. The tiles of
+a chunk run as a loop, not unrolled, so the code fits the instruction cache. On the GPU the blocks
+add their row sums into one float32 array per group with reducing TMA copies.
 """
 
 import jax
@@ -37,8 +35,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, gpu, vector
 
-from kernels._common import sigmoid
-
 CHANNELS = 128  # one warpgroup, one channel per thread
 # Channels per forward block, of one warpgroup: each thread holds n * channels / 128 of a channel's
 # states, the 128 / channels lanes of a channel in different warps. Mamba's batch 8 x d 1536 are
@@ -49,16 +45,16 @@ FORWARD_CHANNELS = 32
 # Input buffers of the forward: the copies of chunk k + FORWARD_SLOTS - 1 start while chunk k
 # computes. Forward kernel times on an H100: 2: 0.218 ms, 3: 0.230 ms.
 FORWARD_SLOTS = 2
+# Channels per backward block, of one warpgroup, laid out as the forward's: each thread holds
+# n * channels / 128 of a channel's states. 32 gives 384 blocks at Mamba's batch 8 x d 1536, 3 an
+# SM at most; v4's blocks of 128 channels (two warpgroups of 8 states) were 96 on 132 SMs, 1.03 ms
+# on an H100 (kernels/NOTES.md, v6).
+BACKWARD_CHANNELS = 32
 # Steps the backward recomputes and holds in registers at once (a divisor of the 128 / 2n steps
 # whose dB, dC terms fill the reduction tile): the states before and after each step and its
-# decays, ((span + 1) m + span m registers for a warpgroup's m states). Backward kernel times on
-# an H100 (kernels/NOTES.md), two warpgroups: 2: 1.10 ms, 4: 1.04 ms; one (v3): 2: 1.21, 4: 1.26.
+# decays, ((span + 1) m + span m registers for a thread's m states). Backward kernel times on an
+# H100 (kernels/NOTES.md, v4), 128-channel blocks of two warpgroups: 2: 1.10 ms, 4: 1.04 ms.
 BACKWARD_SPAN = 4
-# Warpgroups per backward block, each with n / BACKWARD_WARPGROUPS of a channel's states, so each
-# SM scheduler has that many warps to switch between. Backward kernel times on an H100 with spans
-# of 2: 1: 1.15 ms, 2: 1.10 ms; 4 was slower in the bench (and its float32 block exceeds shared
-# memory).
-BACKWARD_WARPGROUPS = 2
 
 
 def supported(d, groups, n, chunk):
@@ -88,47 +84,19 @@ def _softplus(v):
   return jnp.maximum(v, 0.0) + jnp.log(1.0 + jnp.exp(-jnp.abs(v)))
 
 
-class _Step:
-  """Step t of the chunk in `slot`: x, dt before and after bias/softplus (zero past the true
-  length), and B_t, C_t as per-state scalars, read from shared memory where used: held across the
-  backward's span of steps they would cost 2n registers a step."""
-
-  def __init__(self, seq_s, bc_s, slot, t, first_step, bias_row, *, states, length, chunk,
-               softplus):
-    self.bc_s, self.slot, self.t, self.states = bc_s, slot, t, states
-    self.x = seq_s[0][slot, t].astype(jnp.float32)
-    self.dt_raw = seq_s[1][slot, t].astype(jnp.float32) + bias_row
-    self.dt = _softplus(self.dt_raw) if softplus else self.dt_raw
-    self.valid = None
-    if length % chunk:
-      self.valid = (first_step + t < length).astype(jnp.float32)
-      self.dt = self.dt * self.valid
-
-  def B(self):
-    return [self.bc_s[0][self.slot, self.t, i].astype(jnp.float32) for i in self.states]
-
-  def C(self):
-    return [self.bc_s[1][self.slot, self.t, i].astype(jnp.float32) for i in self.states]
-
-  def decays(self, A_rows):
-    """exp(dt A), given rows of log2(e) A: exp2 is one ex2.approx; exp multiplies first."""
-    return [jnp.exp2(self.dt * a) for a in A_rows]
-
-  def advance(self, h, decays):
-    drive = self.dt * self.x
-    return [e * hi + drive * b for e, hi, b in zip(decays, h, self.B())]
-
-
-def _prepare(x, A, B, C, D, dt_bias):
-  """The kernels' views of the inputs: per-channel parameters as rows log2(e) A^T (n), D, dt_bias
-  of one f32 array (one copy brings them all); B and C in float32 with groups and states on one
-  axis. B_t and C_t are read once per state and step: in bf16 each read also costs a shift out of
-  its packed pair (13% of the backward's instructions, 25% of the forward's: kernels/NOTES.md),
-  while the conversion here is 2 x 1 MB at Mamba's sizes."""
-  batch, padded_length, _ = x.shape
-  groups, n = B.shape[2:]
-  params = jnp.concatenate([A.T * _LOG2_E, D[None], dt_bias[None]]).astype(jnp.float32)
-  flat = lambda a: a.reshape(batch, padded_length, groups * n).astype(jnp.float32)
+def _prepare(A, B, C, D, dt_bias, subsets):
+  """The backward's views of the inputs, laid out as the forward's: parameter rows log2(e) A^T (n),
+  then D and dt_bias each repeated `subsets` times, so that a (subsets, channels) view gives every
+  lane its channel's value (one f32 array, one copy); B and C in float32, each group's states
+  reordered so that a thread's n / subsets states (i * subsets + p) sit together for one vector
+  load. In bf16 each read of B_t or C_t would also cost a shift out of its packed pair, while the
+  conversion here is 2 x 1 MB at Mamba's sizes (kernels/NOTES.md, v4)."""
+  batch, padded_length, groups, n = B.shape
+  m = n // subsets
+  params = jnp.concatenate([A.T * _LOG2_E, jnp.tile(D[None], (subsets, 1)),
+                            jnp.tile(dt_bias[None], (subsets, 1))]).astype(jnp.float32)
+  order = [i * subsets + p for p in range(subsets) for i in range(m)]
+  flat = lambda a: a[..., order].reshape(batch, padded_length, groups * n).astype(jnp.float32)
   return params, flat(B), flat(C)
 
 
@@ -181,12 +149,26 @@ def _lane_load(row, lanes, start, count, interpret):
   return load(row)
 
 
+def _sigmoid(v):
+  """1 / (1 + e^-v) with the reciprocal as the square of rsqrt.approx (2^-22.9 relative error,
+  kernels/NOTES.md v5): Lane semantics lowers 1 / v to div.rn.f32, about ten instructions with its
+  Newton steps and slow path, against rsqrt's one and a multiply. 1 + e^-v >= 1; where e^-v
+  overflows, rsqrt(inf) = 0."""
+  r = jax.lax.rsqrt(1.0 + jnp.exp(-v))
+  return r * r
+
+
 def _gate(z):
-  """silu(z) = z sigmoid(z) with the reciprocal as the square of rsqrt.approx (2^-22.9 relative
-  error, kernels/NOTES.md v5): Lane semantics lowers 1 / v to div.rn.f32, about ten instructions
-  with its Newton steps and slow path, against rsqrt's one and a multiply. 1 + e^-z >= 1."""
-  r = jax.lax.rsqrt(1.0 + jnp.exp(-z))
-  return z * (r * r)
+  """silu(z) = z sigmoid(z)."""
+  return z * _sigmoid(z)
+
+
+def _dot(u, v):
+  """sum_i u_i v_i as a chain of FMAs: the steps of a recurrence overlap, not the terms."""
+  total = u[0] * v[0]
+  for a, b in zip(u[1:], v[1:]):
+    total = a * b + total
+  return total
 
 
 def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_chunks,
@@ -355,279 +337,280 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
              interpret=None):
   """The gradients of `forward`, given its saved chunk states (batch, chunks, n, d).
 
-  Returns dx, ddt, dz (None without z) in the inputs' dtypes; dB and dC as partial sums over the
-  channels of one block and one warpgroup's share of the reduction tile,
-  (batch, d / 128 * BACKWARD_WARPGROUPS, padded length, n) float32; and float32 per-batch
-  dA (batch, d, n), dD and ddt_bias (batch, d), dh0 (batch, d, n).
+  Returns dx, ddt, dz (None without z) in the inputs' dtypes; dB and dC as partial sums over
+  channels, (batch, partials, padded length, n) float32 (one partial a group on the GPU, one a
+  block under the interpreter); and float32 per-batch dA (batch, d, n), dD and ddt_bias
+  (batch, d), dh0 (batch, d, n).
+
+  Blocks of BACKWARD_CHANNELS channels and one warpgroup, laid out as the forward's: lane
+  p * channels + c holds channel c's states i * subsets + p. Per chunk, last step first:
+  (1) dt after bias, softplus and the padding mask, dt * x and the gated dy, once per (step,
+  channel); the state at the start of every span of BACKWARD_SPAN steps, recomputed from the
+  saved one; then per reduction tile of 128 / 2n steps: (2) its spans' states recomputed in
+  registers and the adjoint recurrence, each thread its states, writing the steps' dB_t, dC_t
+  terms and its partial sums over states (of dh B, dh h e A' and h C) to shared memory; (3) the
+  tile's row sums (thread r sums row r: one step's dB or dC term of one state over the block's
+  channels) and, per (step, channel), dx, ddt and dz from the subsets' partial sums.
   """
   batch, padded_length, d = x.shape
   groups, n = B.shape[2:]
-  num_chunks = padded_length // chunk
+  channels = BACKWARD_CHANNELS
+  subsets = CHANNELS // channels
+  m = n // subsets  # states per thread
+  lanes = (subsets, channels)  # the shape of every per-thread array but the row sums'
   steps = _reduction_steps(n)  # steps per reduction tile
+  if n % subsets or steps % subsets:
+    raise ValueError(f"BACKWARD_CHANNELS={channels} splits n={n} states over {subsets} lanes: "
+                     "it needs n and 128 / (2n) to be multiples of 128 / BACKWARD_CHANNELS")
   span = min(BACKWARD_SPAN, steps)  # steps recomputed in registers at once
   spans = chunk // span
   tiles = chunk // steps  # reduction tiles per chunk
-  blocks = d // CHANNELS
+  blocks = d // channels
+  num_chunks = padded_length // chunk
   has_z = z is not None
-  wgs = BACKWARD_WARPGROUPS
-  m = n // wgs  # states per warpgroup
-  columns = CHANNELS // wgs  # of the reduction tile, summed by one warpgroup
-  params, B, C = _prepare(x, A, B, C, D, dt_bias)
-  dh_last = jnp.swapaxes(dh_last, 1, 2).astype(jnp.float32)
-  # x, dt and z's buffers take dx, ddt and dz once a step has read them: one slot per input.
+  f32 = jnp.float32
+  params, B, C = _prepare(A, B, C, D, dt_bias, subsets)
+  dh_last = jnp.swapaxes(dh_last, 1, 2).astype(f32)
+  # x, dt and z's buffers take dx, ddt and dz once pass (3) has read them: one slot per input.
   seq_inputs = [x, dt] + [z] * has_z + [dy]
-  # Each warpgroup's per-step sums over its states, which the warpgroups add up for dx, ddt and
-  # dz: of dh_i B_i, of dh_i h_i e_i A'_i and (with the gate) of h_i C_i.
-  num_parts = 2 + has_z
+  num_seq = len(seq_inputs)
+  num_parts = 2 + has_z  # a thread's per-step sums over its states: of dh B, dh h e A', h C
+  # On the GPU every block adds its dB, dC row sums into its group's float32 array with a
+  # reducing TMA copy (cp.reduce.async.bulk .add, done in L2): per-block partials would be 100 MB
+  # at Mamba's sizes, written and read again by XLA. The interpreter has no reducing copies:
+  # there each block writes its own partial and XLA sums them.
+  reduce_in_kernel = interpret is None
+  dbc_sums = (jax.new_ref(jnp.zeros((batch, groups, padded_length // steps, CHANNELS), f32))
+              if reduce_in_kernel else None)
 
   def selective_scan_backward(*refs):  # the name profilers show
-    num_seq = len(seq_inputs)
-    seq_g = refs[:num_seq]
-    B_g, C_g, params_g, chunks_g, dh_last_g = refs[num_seq:num_seq + 5]
-    grads_g = refs[num_seq + 5:num_seq + 5 + num_seq - 1]  # dx, ddt, dz
-    dbc_g, dA_g, dh0_g, sums_g = refs[2 * num_seq + 4:2 * num_seq + 8]
-    (*seq_s, B_s, C_s, starts_s, terms_s, parts_s, dbc_s, sums_s, bars, setup_bar, tile_bars,
-     free_bar) = refs[2 * num_seq + 8:]
-    bc_s = (B_s, C_s)
+    refs = iter(refs)
+    take = lambda count: [next(refs) for _ in range(count)]
+    seq_g = take(num_seq)
+    B_g, C_g, params_g, chunks_g, dh_last_g = take(5)
+    dbc_g = take(1)[0] if reduce_in_kernel else None
+    grads_g = take(num_seq - 1)  # dx, ddt, dz
+    dbc_g = dbc_g if reduce_in_kernel else take(1)[0]
+    dA_g, dh0_g, sums_g = take(3)
+    (*seq_s, B_s, C_s, params_s, starts_s, dt_s, drive_s, dyv_s, terms_s, parts_s, dbc_s, sums_s,
+     bars, setup_bar) = refs
     b = jax.lax.axis_index("b")
     c = jax.lax.axis_index("c")
-    wg = jax.lax.axis_index("wg")
-    first = wg * m  # this warpgroup's states are first .. first + m - 1
-    states = [first + i for i in range(m)]
-    my_states = pl.ds(first, m)
-    cols = pl.ds(c * CHANNELS, CHANNELS)
-    group_cols = pl.ds((c * CHANNELS) // (d // groups) * n, n)
-
-    def lead(body):
-      """Runs body in the first warpgroup only: it issues the input copies, stores dx and ddt."""
-      return pl.when(wg == 0)(body)
-
-    def last(body):
-      """Runs body in the last warpgroup only: it stores dz."""
-      return pl.when(wg == wgs - 1)(body)
-
-    # The parameters, read once into registers, arrive in buffers not used before then (shared
-    # memory is short with float32 inputs): A' in the second saved-state slot, which the second
-    # chunk's copy fills, D and dt_bias in sums_s, which takes dD and ddt_bias at the end.
-    @lead
-    def _():
-      plgpu.copy_gmem_to_smem(params_g.at[pl.ds(0, n), cols], starts_s.at[1], setup_bar)
-      plgpu.copy_gmem_to_smem(params_g.at[pl.ds(n, 2), cols], sums_s, setup_bar)
-      plgpu.copy_gmem_to_smem(dh_last_g.at[b, :, cols], starts_s.at[2], setup_bar)
-
+    cols = pl.ds(c * channels, channels)
+    group = (c * channels) // (d // groups)
+    group_cols = pl.ds(group * n, n)
+    # dh_last arrives in the third span-start slot, first written after it has been read.
+    plgpu.copy_gmem_to_smem(params_g.at[:, cols], params_s, setup_bar)
+    plgpu.copy_gmem_to_smem(dh_last_g.at[b, :, cols], starts_s.at[2], setup_bar)
     plgpu.barrier_wait(setup_bar)
-    A_rows = [starts_s[1, i] for i in states]  # log2(e) A
-    D_row, bias_row = sums_s[0], sums_s[1]
-    # The loop's carry must enter in the layout the body gives it (a load's, not a constant's):
-    # zeros go through this warpgroup's own part of parts_s. Each thread reads back only the
-    # column it wrote, of it and of starts_s, so neither needs a barrier.
-    parts_s[wg, 0, 0] = jnp.zeros((CHANNELS,), jnp.float32)
-    zeros = parts_s[wg, 0, 0]
-    # dD and ddt_bias need the sums over all states: every warpgroup carries the same ones.
-    carry = (tuple(starts_s[2, i] for i in states), (zeros,) * m, zeros, zeros)
+    my_states = lambda i: pl.ds(i * subsets, subsets)  # rows of state i * subsets + p
+    A_rows = [params_s[my_states(i)] for i in range(m)]
+    D_rows, bias_rows = params_s[pl.ds(n, subsets)], params_s[pl.ds(n + subsets, subsets)]
+    # The loops' carries must enter in the layout their bodies give them (a load's, not a
+    # constant's): zeros as a loaded row times zero.
+    zeros = A_rows[0] * 0.0
+    carry = (tuple(starts_s[2, my_states(i)] for i in range(m)), (zeros,) * m, zeros, zeros)
+    # Passes (1) and (3) take `subsets` steps at a time: lane p * channels + c has step p and
+    # channel c.
+    step_in_group = plgpu.broadcasted_iota(jnp.int32, lanes, 0,
+                                           layout=plgpu.Layout.WG_STRIDED(lanes, vec_size=1))
+    # Pass (2)'s reads: this lane's channel's value of a (step, channel) buffer; its states' B_t
+    # or C_t (the m from p * m on, in the reordered layout), one vector load.
+    per_channel = lambda buffer, t: _lane_load(buffer.at[t], lanes, (1, channels, 1), 1,
+                                               interpret)[0]
+    per_state = lambda buffer, t: _lane_load(buffer.at[t], lanes, (channels, subsets, m), m,
+                                             interpret)
 
     def fetch(k, slot):
       rows = pl.ds(k * chunk, chunk)
       for src, dst in zip(seq_g, seq_s):
         plgpu.copy_gmem_to_smem(src.at[b, rows, cols], dst.at[slot], bars.at[slot])
-      for src, dst in zip((B_g, C_g), bc_s):
+      for src, dst in zip((B_g, C_g), (B_s, C_s)):
         plgpu.copy_gmem_to_smem(src.at[b, rows, group_cols], dst.at[slot], bars.at[slot])
       plgpu.copy_gmem_to_smem(chunks_g.at[b, k, :, cols], starts_s.at[slot], bars.at[slot])
 
-    lead(lambda: fetch(num_chunks - 1, 0))
-    # The tile and parts_s are ordered between warpgroups by two mbarriers (which the interpreter
-    # runs too), each arrived at by every thread: `tile_written` after a tile's terms and partial
-    # sums are stored, waited for before they are read; `tile_read` arrived at once a warpgroup
-    # has read them, waited for just before the next tile's first store, so that the wait hides
-    # behind that tile's recompute (backward 1.14 -> 1.10 ms on an H100 against arriving and
-    # waiting at once). One arrival here stands for the tile before the first.
-    tile_written, tile_read = tile_bars.at[0], tile_bars.at[1]
-    plgpu.barrier_arrive(tile_read)
-
-    def adjoint_step(step, decay, h_prev, h, dh, dA, slot, t, local_t):
-      """Back-propagates through one step for this warpgroup's states, given their decays and
-      states before and after it; writes the step's dB_t, dC_t terms into the reduction tile and
-      its partial sums into parts_s. Returns the new dh and dA, and the step's gated dy (and
-      with the gate, dy, z and sigmoid(z)) for the outputs."""
-      dy_raw = seq_s[-1][slot, t].astype(jnp.float32)
-      dyv, gate = dy_raw, None
-      C_t = step.C()
-      if has_z:
-        zv = seq_s[2][slot, t].astype(jnp.float32)
-        sig = sigmoid(zv)
-        dyv, gate = dy_raw * zv * sig, (dy_raw, zv, sig)
-      dh = [dhi + dyv * ci for dhi, ci in zip(dh, C_t)]
-      drive = step.dt * step.x
-      row = local_t * 2 * n
-      for i, state in enumerate(states):
-        terms_s[row + state, pl.ds(0, CHANNELS)] = dh[i] * drive
-        terms_s[row + n + state, pl.ds(0, CHANNELS)] = dyv * h[i]
-      through = [dhi * hp * e for dhi, hp, e in zip(dh, h_prev, decay)]
-      parts = [_tree_sum([dhi * bi for dhi, bi in zip(dh, step.B())]),
-               _tree_sum([th * a for th, a in zip(through, A_rows)])]
-      if has_z:
-        parts.append(_tree_sum([hi * ci for hi, ci in zip(h, C_t)]))
-      for q, part in enumerate(parts):
-        parts_s[wg, q, local_t] = part
-      return ([dhi * e for dhi, e in zip(dh, decay)],
-              [da + th * step.dt for da, th in zip(dA, through)], dyv, gate)
-
-    def outputs(step, dyv, gate, dD, dbias, slot, t, local_t):
-      """dx, ddt and dz of one step from the warpgroups' partial sums; dD and ddt_bias added up.
-      The stores overwrite the step's x, dt and z, which every warpgroup has read by now."""
-      d_drive, through_a, *y_part = [
-          _tree_sum([parts_s[w, q, local_t] for w in range(wgs)]) for q in range(num_parts)]
-      ddt = d_drive * step.x + through_a * (1.0 / _LOG2_E)
-      if softplus:
-        ddt = ddt * sigmoid(step.dt_raw)
-      if step.valid is not None:
-        ddt = ddt * step.valid
-
-      @lead
-      def _():
-        dx = d_drive * step.dt + dyv * D_row
-        seq_s[0][slot, t] = dx.astype(seq_s[0].dtype)
-        seq_s[1][slot, t] = ddt.astype(seq_s[1].dtype)
-
-      if has_z:
-        @last
-        def _():
-          dy_raw, zv, sig = gate
-          y_pre = y_part[0] + D_row * step.x
-          seq_s[2][slot, t] = (dy_raw * y_pre * sig * (1.0 + zv * (1.0 - sig))).astype(
-              seq_s[2].dtype)
-      return dD + dyv * step.x, dbias + ddt
+    fetch(num_chunks - 1, 0)
 
     def chunk_body(i, carry):
       k = num_chunks - 1 - i
       slot = i % 2
       plgpu.barrier_wait(bars.at[slot])
-      read = lambda slot_t: _Step(seq_s, bc_s, slot, slot_t, k * chunk, bias_row, states=states,
-                                  length=length, chunk=chunk, softplus=softplus)
+      for j in range(chunk // subsets):  # pass (1)
+        group_steps = pl.ds(j * subsets, subsets)
+        dt_v = seq_s[1][slot, group_steps].astype(f32) + bias_rows
+        if softplus:
+          dt_v = _softplus(dt_v)
+        if length % chunk:
+          dt_v = dt_v * (k * chunk + j * subsets + step_in_group < length).astype(f32)
+        dy_v = seq_s[-1][slot, group_steps].astype(f32)
+        if has_z:
+          z_v = seq_s[2][slot, group_steps].astype(f32)
+          dy_v = dy_v * _gate(z_v)
+        dt_s[group_steps] = dt_v
+        drive_s[group_steps] = dt_v * seq_s[0][slot, group_steps].astype(f32)
+        dyv_s[group_steps] = dy_v
+      plgpu.commit_smem()  # pass (2) reads other lanes' values
+
       # The state at the start of every span s: starts_s[start(s)]. The saved one, span 0's,
-      # came into starts_s[slot]; span s > 0's goes to starts_s[s + 1]. Each warpgroup reads
-      # and writes only its own states' rows.
+      # came into starts_s[slot]; span s > 0's goes to starts_s[s + 1]. Each thread reads back
+      # only the rows and column it wrote.
       start = lambda s: s + 1 - (s == 0) * (s + 1 - slot)
 
       def span_start(s, h):
         for t in range(span):
-          step = read((s - 1) * span + t)
-          h = step.advance(h, step.decays(A_rows))
-        for j, state in enumerate(states):
-          starts_s[s + 1, state] = h[j]
+          step = (s - 1) * span + t
+          dt_t, drive_t = per_channel(dt_s, step), per_channel(drive_s, step)
+          h = [jnp.exp2(dt_t * a) * hi + drive_t * bi
+               for a, hi, bi in zip(A_rows, h, per_state(B_s.at[slot], step))]
+        for i in range(m):
+          starts_s[s + 1, my_states(i)] = h[i]
         return h
 
-      jax.lax.fori_loop(1, spans, span_start, [starts_s[slot, j] for j in states])
+      jax.lax.fori_loop(1, spans, span_start, [starts_s[slot, my_states(i)] for i in range(m)])
       # The previous chunk's gradient copies must have read the other slot before it refills,
       # and dbc_s before the tiles below rewrite it; waiting here, after the span pass, gives
-      # them that pass's time. Each warpgroup waits for its own copies; the first one, which
-      # refills, for the others' through free_bar.
+      # them that pass's time.
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      if wgs > 1:
-        pl.when(wg > 0)(lambda: plgpu.barrier_arrive(free_bar))
-        lead(lambda: plgpu.barrier_wait(free_bar))
 
-      @lead
+      @pl.when(k > 0)
       def _():
-        @pl.when(k > 0)
-        def _():
-          fetch(k - 1, 1 - slot)
+        fetch(k - 1, 1 - slot)
+
+      def adjoint_step(step, local_t, inputs, decay, h_prev, h, dh, dA):
+        """Back-propagates through one step for this thread's states, given their decays and
+        states before and after it; writes the step's dB_t, dC_t terms into the reduction tile
+        and its partial sums into parts_s. Returns the new dh and dA."""
+        dt_t, drive_t, B_t = inputs
+        dyv_t = per_channel(dyv_s, step)
+        C_t = per_state(C_s.at[slot], step)
+        dh = [dhi + dyv_t * ci for dhi, ci in zip(dh, C_t)]
+        row = local_t * 2 * n
+        for i in range(m):
+          terms_s[pl.ds(row + i * subsets, subsets), pl.ds(0, channels)] = dh[i] * drive_t
+          terms_s[pl.ds(row + n + i * subsets, subsets), pl.ds(0, channels)] = dyv_t * h[i]
+        through = [dhi * hp * e for dhi, hp, e in zip(dh, h_prev, decay)]
+        parts = [_dot(dh, B_t), _dot(through, A_rows)] + [_dot(h, C_t)] * has_z
+        for q, part in enumerate(parts):
+          parts_s[q, local_t] = part
+        return [dhi * e for dhi, e in zip(dh, decay)], [da + th * dt_t for da, th in zip(dA, through)]
+
+      def outputs(tile, dD, dbias):
+        """Pass (3) for the tile's steps: dx, ddt and dz per (step, channel) from the subsets'
+        partial sums, over x, dt and z's slots; dD and ddt_bias added up."""
+        for j in range(steps // subsets):
+          local_steps = pl.ds(j * subsets, subsets)
+          group_steps = pl.ds(tile * steps + j * subsets, subsets)
+          d_drive, through_a, *y_part = [
+              _tree_sum([parts_s[q, local_steps, p] for p in range(subsets)])
+              for q in range(num_parts)]
+          x_v = seq_s[0][slot, group_steps].astype(f32)
+          dyv = dyv_s[group_steps]
+          ddt = d_drive * x_v + through_a * (1.0 / _LOG2_E)
+          if softplus:
+            ddt = ddt * _sigmoid(seq_s[1][slot, group_steps].astype(f32) + bias_rows)
+          if length % chunk:
+            first_step = k * chunk + tile * steps + j * subsets
+            ddt = ddt * (first_step + step_in_group < length).astype(f32)
+          dx = d_drive * dt_s[group_steps] + dyv * D_rows
+          if has_z:
+            dy_raw = seq_s[-1][slot, group_steps].astype(f32)
+            z_v = seq_s[2][slot, group_steps].astype(f32)
+            sig = _sigmoid(z_v)
+            y_pre = y_part[0] + D_rows * x_v
+            seq_s[2][slot, group_steps] = (
+                dy_raw * y_pre * sig * (1.0 + z_v * (1.0 - sig))).astype(seq_s[2].dtype)
+          seq_s[0][slot, group_steps] = dx.astype(seq_s[0].dtype)
+          seq_s[1][slot, group_steps] = ddt.astype(seq_s[1].dtype)
+          dD, dbias = dD + dyv * x_v, dbias + ddt
+        return dD, dbias
 
       def tile_body(i, carry):
         """The adjoint through the steps of one reduction tile, last step first; then the
         tile's row sums and the steps' outputs."""
         dh, dA, dD, dbias = carry
         tile = tiles - 1 - i
-        done = []
         for local in reversed(range(steps // span)):
           s = tile * (steps // span) + local
-          h = [starts_s[start(s), j] for j in states]
-          span_steps = [read(s * span + t) for t in range(span)]
+          h = [starts_s[start(s), my_states(j)] for j in range(m)]
+          inputs = [(per_channel(dt_s, s * span + t), per_channel(drive_s, s * span + t),
+                     per_state(B_s.at[slot], s * span + t)) for t in range(span)]
           states_at, decays = [h], []
-          for step in span_steps:
-            decays.append(step.decays(A_rows))
-            states_at.append(step.advance(states_at[-1], decays[-1]))
-          # The adjoint reuses the span's decays: n registers a step instead of n more exps
-          # (4.33 against 4.48 ms for the backward on an H100: kernels/NOTES.md).
+          for dt_t, drive_t, B_t in inputs:
+            decays.append([jnp.exp2(dt_t * a) for a in A_rows])
+            states_at.append([e * hi + drive_t * bi
+                              for e, hi, bi in zip(decays[-1], states_at[-1], B_t)])
+          if local == steps // span - 1:
+            # Every lane is past the last tile's row sums and outputs: its tile and partial
+            # sums may be overwritten. Placed after the first span's recompute, which it hides.
+            plgpu.commit_smem()
           for t in reversed(range(span)):
-            local_t = local * span + t
-            if not done:  # this tile's first store comes next
-              plgpu.barrier_wait(tile_read)
-            dh, dA, dyv, gate = adjoint_step(span_steps[t], decays[t], states_at[t],
-                                             states_at[t + 1], dh, dA, slot, s * span + t,
-                                             local_t)
-            done.append((span_steps[t], dyv, gate, s * span + t, local_t))
-        plgpu.barrier_arrive(tile_written)
-        plgpu.barrier_wait(tile_written)
-        # Thread r sums its warpgroup's columns of row r: one step's dB or dC term for one
-        # state over a share of the block's channels.
-        col = lambda j: terms_s[pl.ds(0, CHANNELS), wg * columns + j]
-        partial = [col(j) for j in range(8)]
-        for j in range(8, columns):
+            dh, dA = adjoint_step(s * span + t, local * span + t, inputs[t], decays[t],
+                                  states_at[t], states_at[t + 1], dh, dA)
+        plgpu.commit_smem()  # the row sums and outputs read other lanes' terms and sums
+        col = lambda j: terms_s[pl.ds(0, CHANNELS), j]
+        partial = [col(j) for j in range(min(8, channels))]
+        for j in range(len(partial), channels):
           partial[j % 8] = partial[j % 8] + col(j)
-        dbc_s[wg, tile] = _tree_sum(partial)
-        for step, dyv, gate, t, local_t in done:
-          dD, dbias = outputs(step, dyv, gate, dD, dbias, slot, t, local_t)
-        plgpu.barrier_arrive(tile_read)
+        dbc_s[tile] = _tree_sum(partial)
+        dD, dbias = outputs(tile, dD, dbias)
         return tuple(dh), tuple(dA), dD, dbias
 
       carry = jax.lax.fori_loop(0, tiles, tile_body, carry)
       plgpu.commit_smem()  # the TMA stores below read what the threads wrote
       rows = pl.ds(k * chunk, chunk)
-
-      @lead
-      def _():
-        for src, dst in zip(seq_s[:2], grads_g[:2]):
-          plgpu.copy_smem_to_gmem(src.at[slot], dst.at[b, rows, cols])
-
-      if has_z:
-        last(lambda: plgpu.copy_smem_to_gmem(seq_s[2].at[slot], grads_g[2].at[b, rows, cols]))
-      plgpu.copy_smem_to_gmem(dbc_s.at[wg], dbc_g.at[b, c, wg, pl.ds(k * tiles, tiles)])
+      for src, dst in zip(seq_s, grads_g):
+        plgpu.copy_smem_to_gmem(src.at[slot], dst.at[b, rows, cols])
+      tile_rows = pl.ds(k * tiles, tiles)
+      if reduce_in_kernel:
+        plgpu.copy_smem_to_gmem(dbc_s, dbc_g.at[b, group, tile_rows], reduction_op="add")
+      else:
+        plgpu.copy_smem_to_gmem(dbc_s, dbc_g.at[b, c, tile_rows])
       return carry
 
     dh, dA, dD, dbias = jax.lax.fori_loop(0, num_chunks, chunk_body, carry)
-    plgpu.barrier_wait(tile_read)  # the last tile's arrivals: no phase goes unobserved
-    for j, state in enumerate(states):
-      starts_s[0, state] = dA[j]
-      starts_s[1, state] = dh[j]
-
-    @lead
-    def _():
-      sums_s[0] = dD
-      sums_s[1] = dbias
-
+    for i in range(m):
+      starts_s[0, my_states(i)] = dA[i]
+      starts_s[1, my_states(i)] = dh[i]
+    sums_s[0] = dD
+    sums_s[1] = dbias
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(starts_s.at[0, my_states], dA_g.at[b, my_states, cols])
-    plgpu.copy_smem_to_gmem(starts_s.at[1, my_states], dh0_g.at[b, my_states, cols])
-    lead(lambda: plgpu.copy_smem_to_gmem(sums_s, sums_g.at[b, :, cols]))
+    plgpu.copy_smem_to_gmem(starts_s.at[0], dA_g.at[b, :, cols])
+    plgpu.copy_smem_to_gmem(starts_s.at[1], dh0_g.at[b, :, cols])
+    plgpu.copy_smem_to_gmem(sums_s, sums_g.at[b, :, :, cols])
     plgpu.wait_smem_to_gmem(0)
 
-  f32 = jnp.float32
-  out_type = ([jax.ShapeDtypeStruct(a.shape, a.dtype) for a in seq_inputs[:-1]]
-              + [jax.ShapeDtypeStruct((batch, blocks, wgs, padded_length // steps, CHANNELS), f32),
-                 jax.ShapeDtypeStruct((batch, n, d), f32), jax.ShapeDtypeStruct((batch, n, d), f32),
-                 jax.ShapeDtypeStruct((batch, 2, d), f32)])
-  scratch = ([plgpu.SMEM((2, chunk, CHANNELS), a.dtype) for a in seq_inputs]
-             + [plgpu.SMEM((2, chunk, n), a.dtype) for a in (B, C)]
-             # The saved chunk states (two slots), then the span starts they lead to.
-             + [plgpu.SMEM((spans + 1, n, CHANNELS), f32),
-                # One word of padding per row: row r's word col sits in bank (r + col) % 32.
-                plgpu.SMEM((CHANNELS, CHANNELS + 1), f32),
-                plgpu.SMEM((wgs, num_parts, steps, CHANNELS), f32),
-                plgpu.SMEM((wgs, tiles, CHANNELS), f32), plgpu.SMEM((2, CHANNELS), f32),
-                plgpu.Barrier(num_arrivals=len(seq_inputs) + 3, num_barriers=2),
-                plgpu.Barrier(num_arrivals=3),
-                plgpu.Barrier(num_arrivals=wgs, num_barriers=2),
-                plgpu.Barrier(num_arrivals=max(wgs - 1, 1))])
+  out_type = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in seq_inputs[:-1]]
+  if not reduce_in_kernel:
+    out_type.append(jax.ShapeDtypeStruct((batch, blocks, padded_length // steps, CHANNELS), f32))
+  out_type += [jax.ShapeDtypeStruct((batch, n, d), f32), jax.ShapeDtypeStruct((batch, n, d), f32),
+               jax.ShapeDtypeStruct((batch, 2, subsets, d), f32)]
+  scratch = ([plgpu.SMEM((2, chunk, channels), a.dtype) for a in seq_inputs]
+             + [plgpu.SMEM((2, chunk, n), f32) for _ in (B, C)]
+             + [plgpu.SMEM((n + 2 * subsets, channels), f32),
+                # The saved chunk states (two slots), then the span starts they lead to.
+                plgpu.SMEM((spans + 1, n, channels), f32)]
+             # dt, dt * x and the gated dy: written by pass (1), read within the chunk.
+             + [plgpu.SMEM((chunk, channels), f32) for _ in range(3)]
+             # One word of padding per row: row r's word j sits in bank (r + j) % 32.
+             + [plgpu.SMEM((CHANNELS, channels + 1), f32),
+                plgpu.SMEM((num_parts, steps, subsets, channels), f32),
+                plgpu.SMEM((tiles, CHANNELS), f32), plgpu.SMEM((2, subsets, channels), f32),
+                plgpu.Barrier(num_arrivals=num_seq + 3, num_barriers=2),
+                plgpu.Barrier(num_arrivals=2)])
   call = plgpu.kernel(
       selective_scan_backward, out_type=out_type, scratch_types=scratch, grid=(batch, blocks),
-      grid_names=("b", "c"), num_threads=wgs, thread_name="wg", interpret=interpret,
-      compiler_params=_compiler_params())
-  outs = call(*seq_inputs, B, C, params, chunks, dh_last)
+      grid_names=("b", "c"), interpret=interpret, compiler_params=_compiler_params())
+  outs = call(*seq_inputs, B, C, params, chunks, dh_last, *[dbc_sums] * reduce_in_kernel)
   dx, ddt = outs[0], outs[1]
   dz = outs[2] if has_z else None
-  dbc, dA, dh0, sums = outs[2 + has_z:]
-  # Block c's warpgroup w is partial c * wgs + w: the blocks of a group stay contiguous.
-  dbc = dbc.reshape(batch, blocks * wgs, padded_length, 2, n)
+  if reduce_in_kernel:
+    dA, dh0, sums = outs[2 + has_z:]
+    dbc = jax.freeze(dbc_sums)
+  else:
+    dbc, dA, dh0, sums = outs[2 + has_z:]
+  # Partial j covers the j-th run of channels (a group on the GPU, a block under the
+  # interpreter): the partials of a group stay contiguous.
+  dbc = dbc.reshape(batch, -1, padded_length, 2, n)
+  sums = sums.sum(axis=2)
   return (dx, ddt, dz, dbc[..., 0, :], dbc[..., 1, :], jnp.swapaxes(dA, 1, 2), sums[:, 0],
           sums[:, 1], jnp.swapaxes(dh0, 1, 2))

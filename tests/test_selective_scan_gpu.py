@@ -74,11 +74,11 @@ def test_mosaic_gpu_forward_matches_oracle(groups, dtype, channels, slots, monke
                                err_msg=f"chunk {k}")
 
 
-@pytest.mark.parametrize("n, groups, dtype, reverse, gated, warpgroups",
-                         [(16, 2, jnp.float32, True, True, 2),
-                          (8, 1, jnp.bfloat16, False, False, 4)])
+@pytest.mark.parametrize("n, groups, dtype, reverse, gated, channels",
+                         [(16, 2, jnp.float32, True, True, 32),
+                          (8, 1, jnp.bfloat16, False, False, 16)])
 def test_mosaic_gpu_backward_matches_float64_autodiff(n, groups, dtype, reverse, gated,
-                                                      warpgroups, monkeypatch):
+                                                      channels, monkeypatch):
   """Forward and backward through selective_scan_pallas's custom_vjp in the GPU interpreter, with
   h0, D, dt_bias, softplus and the final state's cotangent, at an odd length (two chunks of
   8); with the z gate or without it (DenseMamba's readout scan). n = 16 sums dB_t and dC_t over 4
@@ -86,7 +86,7 @@ def test_mosaic_gpu_backward_matches_float64_autodiff(n, groups, dtype, reverse,
   8, one tile of two spans. The backward's states split over 2 or 4 warpgroups (8 or 2 states each), which add up their
   partial sums for dx, ddt and dz, and each sum a share of the tile's columns. The reference is
   autodiff of impl="reference" in float64 on the same (rounded) values."""
-  monkeypatch.setattr(selective_scan_gpu, "BACKWARD_WARPGROUPS", warpgroups)
+  monkeypatch.setattr(selective_scan_gpu, "BACKWARD_CHANNELS", channels)
   d = 2 * selective_scan_gpu.CHANNELS
   rng = np.random.default_rng(1)
   inputs = _random_inputs(rng, d, n, groups, dtype, length=13)
