@@ -83,11 +83,13 @@ def test_mosaic_gpu_backward_matches_float64_autodiff(n, groups, dtype, reverse,
   h0, D, dt_bias, softplus and the final state's cotangent, at an odd length (two chunks of
   8); with the z gate or without it (DenseMamba's readout scan). n = 16 sums dB_t and dC_t over 4
   steps at a time, two reduction tiles a chunk, each one span of 4 steps recomputed; n = 8 over
-  8, one tile of two spans. The backward's states split over 2 or 4 warpgroups (8 or 2 states each), which add up their
-  partial sums for dx, ddt and dz, and each sum a share of the tile's columns. The reference is
+  8, one tile of two spans. Blocks of 32 or 16 channels (4 or 8 a group of 128), whose n states
+  a channel split over 4 or 8 lanes (4 or 1 states each): the lanes' partial sums for dx, ddt and
+  dz meet in shared memory, and the row sums of dB_t, dC_t leave as one partial a block (the GPU
+  adds them by reducing copies, which the interpreter lacks). The reference is
   autodiff of impl="reference" in float64 on the same (rounded) values."""
   monkeypatch.setattr(selective_scan_gpu, "BACKWARD_CHANNELS", channels)
-  d = 2 * selective_scan_gpu.CHANNELS
+  d = groups * selective_scan_gpu.CHANNELS
   rng = np.random.default_rng(1)
   inputs = _random_inputs(rng, d, n, groups, dtype, length=13)
   if not gated:
