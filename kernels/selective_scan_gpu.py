@@ -476,20 +476,25 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
       def _():
         fetch(k - 1, 1 - slot)
 
-      def adjoint_step(local_t, inputs, decay, h_prev, h, dh, dA):
-        """Back-propagates through one step for this thread's states, given the step's inputs,
-        their decays and states before and after it; writes the step's dB_t, dC_t terms into
-        the reduction tile. Returns the new dh and dA, and the step's partial sums."""
-        dt_t, drive_t, B_t, dyv_t, C_t = inputs
+      def adjoint_step(step, local_t, inputs, decay, h_prev, h, dh, dA):
+        """Back-propagates through one step for this thread's states, given their decays and
+        states before and after it; writes the step's dB_t, dC_t terms into the reduction tile
+        and its partial sums into parts_s. Returns the new dh and dA."""
+        dt_t, drive_t, B_t = inputs
+        dyv_t = per_channel(dyv_s, step)
+        C_t = per_state(C_s.at[slot], step)
         dh = [dhi + dyv_t * ci for dhi, ci in zip(dh, C_t)]
         row = local_t * 2 * n
         for i in range(m):
           terms_s[pl.ds(row + i * subsets, subsets), pl.ds(0, channels)] = dh[i] * drive_t
           terms_s[pl.ds(row + n + i * subsets, subsets), pl.ds(0, channels)] = dyv_t * h[i]
-        through = [dhi * hp * e for dhi, hp, e in zip(dh, h_prev, decay)]
+        dh_prev = [dhi * e for dhi, e in zip(dh, decay)]
+        # The path through the decay, dh e h_prev, from the carried dh e: a multiply less a state.
+        through = [dp * hp for dp, hp in zip(dh_prev, h_prev)]
         parts = [_dot(dh, B_t), _dot(through, A_rows)] + [_dot(h, C_t)] * has_z
-        return ([dhi * e for dhi, e in zip(dh, decay)],
-                [da + th * dt_t for da, th in zip(dA, through)], parts)
+        for q, part in enumerate(parts):
+          parts_s[q, local_t] = part
+        return dh_prev, [da + th * dt_t for da, th in zip(dA, through)]
 
       def outputs(tile, dD, dbias):
         """Pass (3) for the tile's steps: dx, ddt and dz per (step, channel) from the subsets'
@@ -526,17 +531,13 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
         tile's row sums and the steps' outputs."""
         dh, dA, dD, dbias = carry
         tile = tiles - 1 - i
-        parts = [None] * steps
         for local in reversed(range(steps // span)):
           s = tile * (steps // span) + local
           h = [starts_s[start(s), my_states(j)] for j in range(m)]
-          # Every input of the span's steps is loaded before the adjoint's first store: ptxas
-          # cannot tell the buffers apart, and keeps loads below earlier stores.
           inputs = [(per_channel(dt_s, s * span + t), per_channel(drive_s, s * span + t),
-                     per_state(B_s.at[slot], s * span + t), per_channel(dyv_s, s * span + t),
-                     per_state(C_s.at[slot], s * span + t)) for t in range(span)]
+                     per_state(B_s.at[slot], s * span + t)) for t in range(span)]
           states_at, decays = [h], []
-          for dt_t, drive_t, B_t, *_ in inputs:
+          for dt_t, drive_t, B_t in inputs:
             decays.append([jnp.exp2(dt_t * a) for a in A_rows])
             states_at.append([e * hi + drive_t * bi
                               for e, hi, bi in zip(decays[-1], states_at[-1], B_t)])
@@ -545,13 +546,8 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
             # sums may be overwritten. Placed after the first span's recompute, which it hides.
             plgpu.commit_smem()
           for t in reversed(range(span)):
-            local_t = local * span + t
-            dh, dA, parts[local_t] = adjoint_step(local_t, inputs[t], decays[t], states_at[t],
-                                                  states_at[t + 1], dh, dA)
-        # The partial sums wait in registers until the tile's last step, for the same reason.
-        for local_t, step_parts in enumerate(parts):
-          for q, part in enumerate(step_parts):
-            parts_s[q, local_t] = part
+            dh, dA = adjoint_step(s * span + t, local * span + t, inputs[t], decays[t],
+                                  states_at[t], states_at[t + 1], dh, dA)
         plgpu.commit_smem()  # the row sums and outputs read other lanes' terms and sums
         col = lambda j: terms_s[pl.ds(0, CHANNELS), j]
         partial = [col(j) for j in range(min(8, channels))]
