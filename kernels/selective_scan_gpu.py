@@ -35,7 +35,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, gpu, vector
 
-CHANNELS = 128  # one warpgroup, one channel per thread
+CHANNELS = 128  # threads a warpgroup; the kernels take whole groups of this many channels
 # Channels per forward block, of one warpgroup: each thread holds n * channels / 128 of a channel's
 # states, the 128 / channels lanes of a channel in different warps. Mamba's batch 8 x d 1536 are
 # 12,288 (batch, channel) rows: blocks must be quarters of 128 rows to load 132 SMs evenly (3 an
@@ -47,13 +47,13 @@ FORWARD_CHANNELS = 32
 FORWARD_SLOTS = 2
 # Channels per backward block, of one warpgroup, laid out as the forward's: each thread holds
 # n * channels / 128 of a channel's states. 32 gives 384 blocks at Mamba's batch 8 x d 1536, 3 an
-# SM at most; v4's blocks of 128 channels (two warpgroups of 8 states) were 96 on 132 SMs, 1.03 ms
-# on an H100 (kernels/NOTES.md, v6).
+# SM at most. Backward kernel times on an H100 (kernels/NOTES.md, v6): 32: 0.735 ms, 64: 0.906;
+# the blocks of 128 channels and two warpgroups of 8 states before it (96 on 132 SMs): 1.04 ms.
 BACKWARD_CHANNELS = 32
 # Steps the backward recomputes and holds in registers at once (a divisor of the 128 / 2n steps
 # whose dB, dC terms fill the reduction tile): the states before and after each step and its
 # decays, ((span + 1) m + span m registers for a thread's m states). Backward kernel times on an
-# H100 (kernels/NOTES.md, v4), 128-channel blocks of two warpgroups: 2: 1.10 ms, 4: 1.04 ms.
+# H100 (kernels/NOTES.md, v6): 2: 0.776 ms, 4: 0.737 ms.
 BACKWARD_SPAN = 4
 
 
@@ -488,13 +488,11 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
         for i in range(m):
           terms_s[pl.ds(row + i * subsets, subsets), pl.ds(0, channels)] = dh[i] * drive_t
           terms_s[pl.ds(row + n + i * subsets, subsets), pl.ds(0, channels)] = dyv_t * h[i]
-        dh_prev = [dhi * e for dhi, e in zip(dh, decay)]
-        # The path through the decay, dh e h_prev, from the carried dh e: a multiply less a state.
-        through = [dp * hp for dp, hp in zip(dh_prev, h_prev)]
+        through = [dhi * hp * e for dhi, hp, e in zip(dh, h_prev, decay)]
         parts = [_dot(dh, B_t), _dot(through, A_rows)] + [_dot(h, C_t)] * has_z
         for q, part in enumerate(parts):
           parts_s[q, local_t] = part
-        return dh_prev, [da + th * dt_t for da, th in zip(dA, through)]
+        return [dhi * e for dhi, e in zip(dh, decay)], [da + th * dt_t for da, th in zip(dA, through)]
 
       def outputs(tile, dD, dbias):
         """Pass (3) for the tile's steps: dx, ddt and dz per (step, channel) from the subsets'
