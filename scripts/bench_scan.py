@@ -281,9 +281,9 @@ def check_peer(workload, peer, shape):
 
 def print_check(name, label, shape, results):
   for case, out_errs, grad_errs in results:
+    grads = ", ".join(f"{k} {v:.1e}" for k, v in grad_errs.items()) or "none (no backward)"
     print(f"check {name} {label} {shape} {case}: output rel errs "
-          + ", ".join(f"{e:.2e}" for e in out_errs) + "; input-gradient rel errs "
-          + ", ".join(f"{k} {v:.1e}" for k, v in grad_errs.items()), flush=True)
+          + ", ".join(f"{e:.2e}" for e in out_errs) + f"; input-gradient rel errs {grads}", flush=True)
 
 
 def time_mixer(impls, repeats, fused=False, check_fused=False, batch=8, length=2048):
@@ -476,10 +476,10 @@ def main():
 
   width = max([13] + [len(row[1]) + 1 for row in rows])
   device = lambda ms: "-" if ms is None else f"{ms:.3f}"  # noqa: E731
-  print(f"\n{'workload':<16}{'impl':<{width}}{'length':>7}{'fwd ms':>9}{'GB/s':>7}{'x floor':>8}"
+  print(f"\n{'workload':<17}{'impl':<{width}}{'length':>7}{'fwd ms':>9}{'GB/s':>7}{'x floor':>8}"
         f"{'fwd+bwd ms':>11}{'x floor':>8}{'fwd dev':>9}{'f+b dev':>9}")
   for name, impl, length, fwd, gbs, fwd_ratio, fwd_bwd, fwd_bwd_ratio, fwd_dev, fwd_bwd_dev in rows:
-    print(f"{name:<16}{impl:<{width}}{length:>7}{fwd:>9.3f}{gbs:>7.0f}{fwd_ratio:>8.1f}"
+    print(f"{name:<17}{impl:<{width}}{length:>7}{fwd:>9.3f}{gbs:>7.0f}{fwd_ratio:>8.1f}"
           f"{fwd_bwd:>11.3f}{fwd_bwd_ratio:>8.1f}{device(fwd_dev):>9}{device(fwd_bwd_dev):>9}")
 
 

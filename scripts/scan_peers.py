@@ -135,7 +135,8 @@ def wall_ms(fn, arg_sets, repeats):
 
 def device_ms(fn, arg_sets, repeats):
   """Device time per call: CUDA events around repeats calls queued back to back, behind one more
-  call that keeps the GPU busy while the host queues the first timed one."""
+  call that keeps the GPU busy while the host queues the first timed one. Where the host queues a
+  call more slowly than the GPU runs it, this is the host's time: an upper bound on the kernels'."""
   import torch
   start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
   fn(arg_sets[-1])
@@ -158,7 +159,8 @@ def time_peer(peer, sets, repeats, device_time=False):
     fwd_bwd_device = device_ms(peer.forward_backward, arg_sets, repeats) if device_time else None
   except Exception as error:  # fla refuses its Hopper backward under some Triton versions.
     print(f"{peer.label} backward: failed: {type(error).__name__}: {error}"[:300], flush=True)
-    fwd_bwd, fwd_bwd_device = float("nan"), float("nan") if device_time else None
+    fwd_bwd = float("nan")
+    fwd_bwd_device = float("nan") if device_time else None
   return fwd, fwd_bwd, fwd_device, fwd_bwd_device
 
 
