@@ -35,7 +35,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxlib.mlir import ir
-from jaxlib.mlir.dialects import arith, gpu, vector
+from jaxlib.mlir.dialects import arith, gpu, memref, nvvm, vector
 
 from kernels._common import sigmoid
 
@@ -189,6 +189,66 @@ def _gate(z):
   return z * (r * r)
 
 
+def _states_by_thread(sources, targets, subsets, interpret):
+  """target[t, p * m + i] = float32 source[t, i * subsets + p] for (chunk, n) buffers of B and C:
+  the m = n / subsets states that the threads of subset p hold, converted and made adjacent once
+  a chunk, so the recurrence reads a thread's B_t (or C_t) as one float32 vector load a step.
+
+  On the GPU this is inline Mosaic GPU code (Lane semantics cannot give lanes different
+  addresses): the chunk's (step, subset) groups of B, then of C, go one a thread; each thread
+  loads its group's m scalars and stores them as one vector. The interpreter permutes instead."""
+  chunk, n = targets[0].shape
+  m = n // subsets
+  if interpret is not None:
+    for source, target in zip(sources, targets):
+      by_state = source[...].astype(jnp.float32).reshape(chunk, m, subsets)
+      target[...] = jnp.swapaxes(by_state, 1, 2).reshape(chunk, n)
+    return
+  group_count = chunk * subsets  # per buffer
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 4)
+  def convert(_, *refs):
+    index = ir.IndexType.get()
+    constant = lambda v: arith.constant(index, v)
+    f32 = ir.F32Type.get()
+    lane = arith.remui(gpu.thread_id(gpu.Dimension.x), constant(CHANNELS))
+    for round_start in range(0, 2 * group_count, CHANNELS):
+      item = arith.addi(lane, constant(round_start))
+      for which, (source, target) in enumerate(zip(refs[:2], refs[2:])):
+        first, end = which * group_count, (which + 1) * group_count
+        if round_start >= end or round_start + CHANNELS <= first:
+          continue
+        in_range = arith.andi(arith.cmpi(arith.CmpIPredicate.uge, item, constant(first)),
+                              arith.cmpi(arith.CmpIPredicate.ult, item, constant(end)))
+        with mgpu.utils.when(in_range):
+          group = arith.subi(item, constant(first))
+          step = arith.divui(group, constant(subsets))
+          subset = arith.remui(group, constant(subsets))
+          values = []
+          for i in range(m):
+            value = memref.load(source, [step, arith.addi(subset, constant(i * subsets))])
+            values.append(value if value.type == f32 else arith.extf(f32, value))
+          vector.store(vector.from_elements(ir.VectorType.get((m,), f32), values), target,
+                       [step, arith.muli(subset, constant(m))], alignment=4 * m)
+
+  convert(*sources, *targets)
+
+
+def _await_stores_read(allow, interpret):
+  """Waits until at most the `allow` latest TMA stores of this thread still read shared memory,
+  without the warpgroup barrier that Pallas's wait_smem_to_gmem adds: the caller's next
+  commit_smem tells every thread (one barrier a chunk fewer in the forward)."""
+  if interpret is not None:
+    plgpu.wait_smem_to_gmem(allow, wait_read_only=True)
+    return
+
+  @plgpu.inline_mgpu()
+  def wait(_):
+    nvvm.cp_async_bulk_wait_group(allow, read=True)
+
+  wait()
+
+
 def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_chunks,
             interpret=None):
   """Returns y, the final state (batch, d, n) float32 and, if save_chunks, the state before each
@@ -196,12 +256,14 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
   multiple of chunk steps; steps from `length` on leave the state alone.
 
   Blocks of FORWARD_CHANNELS channels and one warpgroup: lane p * channels + c holds channel c's
-  states i * subsets + p (i < n / subsets), subsets = 128 / channels. Per chunk, three passes
-  separated by warpgroup barriers: (1) dt after bias, softplus and the padding mask, and dt * x,
-  once per (step, channel), `subsets` steps of one channel a thread; (2) the recurrence, each
-  thread its states, its per-step sums of h_i C_i kept in registers and stored at the chunk's
-  end; (3) y per (step, channel), `subsets` steps of one channel a thread: the subsets' sums,
-  D x and the gate. The inputs arrive FORWARD_SLOTS - 1 chunks ahead."""
+  states i * subsets + p (i < n / subsets), subsets = 128 / channels. Three passes a chunk:
+  (1) dt after bias, softplus and the padding mask, dt * x, D x and the gate, once per (step,
+  channel), `subsets` steps of one channel a thread, and B_t, C_t in float32 with a thread's
+  states adjacent (`_states_by_thread`); (2) the recurrence, each thread its states, its per-step
+  sums of h_i C_i kept in registers and stored at the chunk's end; (3) y per (step, channel): the
+  subsets' sums, D x and the gate. Pass (1) alone reads the input buffers, and passes (3) of
+  chunk k and (1) of chunk k + 1 share the warpgroup barriers around them: two barriers a chunk.
+  The copies of chunk k + FORWARD_SLOTS start once pass (1) of chunk k is done."""
   batch, padded_length, d = x.shape
   groups, n = B.shape[2:]
   channels = FORWARD_CHANNELS
@@ -216,10 +278,8 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
   # a (subsets, channels) view gives every lane its channel's value.
   params = jnp.concatenate([A.T * _LOG2_E, jnp.tile(D[None], (subsets, 1)),
                             jnp.tile(dt_bias[None], (subsets, 1))]).astype(f32)
-  # B and C in float32, each group's states reordered so that a thread's m states sit together.
-  order = [i * subsets + p for p in range(subsets) for i in range(m)]
-  flat = lambda a: a[..., order].reshape(batch, padded_length, groups * n).astype(f32)
-  B, C = flat(B), flat(C)
+  # B and C arrive in their own dtype, groups and states on one axis: the kernel converts them.
+  B, C = (a.reshape(batch, padded_length, groups * n) for a in (B, C))
   h0 = jnp.swapaxes(h0, 1, 2).astype(f32)
   seq_inputs = [x, dt] + [z] * has_z
 
@@ -230,7 +290,8 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
     chunks_g = refs[num_in + 2] if save_chunks else None
     scratch = refs[num_in + 2 + save_chunks:]
     seq_s, bc_s = scratch[:len(seq_inputs)], scratch[len(seq_inputs):len(seq_inputs) + 2]
-    params_s, state_s, dt_s, drive_s, part_s, y_s, bars, setup_bar = scratch[len(seq_inputs) + 2:]
+    (params_s, state_s, bc_f32_s, dt_s, drive_s, part_s, y_s, bars,
+     setup_bar) = scratch[len(seq_inputs) + 2:]
     b = jax.lax.axis_index("b")
     c = jax.lax.axis_index("c")
     cols = pl.ds(c * channels, channels)
@@ -241,31 +302,28 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
     my_states = lambda i: pl.ds(i * subsets, subsets)  # rows of state i * subsets + p
     A_rows = [params_s[my_states(i)] for i in range(m)]
     D_rows, bias_rows = params_s[pl.ds(n, subsets)], params_s[pl.ds(n + subsets, subsets)]
-    h = tuple(state_s[0, my_states(i)] for i in range(m))
     # Passes (1) and (3) take `subsets` steps at a time: lane p * channels + c has step p and
     # channel c.
     step_in_group = plgpu.broadcasted_iota(jnp.int32, lanes, 0,
                                            layout=plgpu.Layout.WG_STRIDED(lanes, vec_size=1))
+    group_steps = lambda j: pl.ds(j * subsets, subsets)
 
-    def fetch(k, slot):
-      rows = pl.ds(k * chunk, chunk)
+    def fetch(k):
+      rows, slot = pl.ds(k * chunk, chunk), k % slots
       for src, dst in zip(refs[:len(seq_inputs)], seq_s):
         plgpu.copy_gmem_to_smem(src.at[b, rows, cols], dst.at[slot], bars.at[slot])
       for src, dst in zip((B_g, C_g), bc_s):
         plgpu.copy_gmem_to_smem(src.at[b, rows, group_cols], dst.at[slot], bars.at[slot])
 
-    for k in range(min(slots - 1, num_chunks)):
-      fetch(k, k)
-
-    def chunk_body(k, h):
-      slot, out_slot = k % slots, k % 2  # of the inputs; of the saved state and y
-      plgpu.barrier_wait(bars.at[slot])
-      # The copies out of this slot's state_s and y_s two chunks ago must have read them: after
-      # them came only the last chunk's (state and) y copies. The barrier below tells every thread.
-      plgpu.wait_smem_to_gmem(1 + save_chunks, wait_read_only=True)
-      skips = []  # D x of pass (3)'s (step, channel) pairs, which are pass (1)'s
+    def prepare(k, inputs_ready):
+      """Pass (1) of chunk k, whose inputs are in their buffers once inputs_ready (a predicate)
+      holds: the inputs the recurrence reads go to shared memory; D x and the gate, which pass
+      (3) applies, stay in registers."""
+      slot = k % slots
+      pl.when(inputs_ready)(lambda: plgpu.barrier_wait(bars.at[slot]))
+      skips, gates = [], []
       for j in range(chunk // subsets):
-        steps = pl.ds(j * subsets, subsets)
+        steps = group_steps(j)
         dt_v = seq_s[1][slot, steps].astype(f32) + bias_rows
         if softplus:
           dt_v = _softplus(dt_v)
@@ -273,19 +331,33 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
           dt_v = dt_v * (k * chunk + j * subsets + step_in_group < length).astype(f32)
         x_v = seq_s[0][slot, steps].astype(f32)
         skips.append(D_rows * x_v)
-        drive = dt_v * x_v
+        if has_z:
+          gates.append(_gate(seq_s[2][slot, steps].astype(f32)))
         dt_s[steps] = dt_v
-        drive_s[steps] = drive
-      plgpu.commit_smem()
+        drive_s[steps] = dt_v * x_v
+      _states_by_thread([buffer.at[slot] for buffer in bc_s], bc_f32_s, subsets, interpret)
+      return tuple(skips), tuple(gates)
 
-      @pl.when(k + slots - 1 < num_chunks)
+    def save_state(k):
+      """The TMA copy of the state before chunk k, stored in its slot of state_s."""
+      plgpu.copy_smem_to_gmem(state_s.at[k % 2], chunks_g.at[b, k, :, cols])
+
+    for k in range(min(slots, num_chunks)):
+      fetch(k)
+    first = prepare(0, True)
+    plgpu.commit_smem()
+    if save_chunks:
+      save_state(0)  # state_s[0] holds h0
+
+    def chunk_body(k, carry):
+      h, (skips, gates) = carry
+      out_slot = k % 2  # of the saved state and y
+
+      @pl.when(k + slots < num_chunks)
       def _():
-        # Into the last chunk's slot: every thread is past its reads.
-        fetch(k + slots - 1, (k + slots - 1) % slots)
+        # Into this chunk's input buffers, which pass (1) has read.
+        fetch(k + slots)
 
-      if save_chunks:
-        for i in range(m):
-          state_s[out_slot, my_states(i)] = h[i]
       h = list(h)
       # Each step's sum over this thread's states of h_i C_i stays in registers until the
       # chunk's last step: a shared-memory store between steps would keep the compiler from
@@ -293,12 +365,11 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
       # store a step this kernel took 0.246 ms on an H100 (kernels/NOTES.md, v5).
       parts = []
       for t in range(chunk):
-        # This lane's channel's dt and dt x; its states' B_t and C_t (in the reordered layout:
-        # the m from p * m on), one vector load each.
+        # This lane's channel's dt and dt x; its states' B_t and C_t, one vector load each.
         dt_t, drive_t = (_lane_load(buffer.at[t], lanes, (1, channels, 1), 1, interpret)[0]
                          for buffer in (dt_s, drive_s))
-        B_t, C_t = (_lane_load(buffer.at[slot, t], lanes, (channels, subsets, m), m, interpret)
-                    for buffer in bc_s)
+        B_t, C_t = (_lane_load(buffer.at[t], lanes, (channels, subsets, m), m, interpret)
+                    for buffer in bc_f32_s)
         h = [jnp.exp2(dt_t * a) * hi + drive_t * bi for a, hi, bi in zip(A_rows, h, B_t)]
         part = h[0] * C_t[0]
         for hi, ci in zip(h[1:], C_t[1:]):  # a chain of FMAs: steps overlap, not terms
@@ -306,20 +377,30 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
         parts.append(part)
       for t, part in enumerate(parts):
         part_s[t] = part
+      # The copies out of the other state_s slot and this chunk's y_s slot, issued two chunks
+      # ago, must have read them before the stores after the next barrier: after them came
+      # only the last chunk's y and state copies.
+      _await_stores_read(1 + save_chunks, interpret)
       plgpu.commit_smem()
-      if save_chunks:
-        plgpu.copy_smem_to_gmem(state_s.at[out_slot], chunks_g.at[b, k, :, cols])
       for j, skip in enumerate(skips):
-        steps = pl.ds(j * subsets, subsets)
+        steps = group_steps(j)
         y = _tree_sum([part_s[steps, p] for p in range(subsets)] + [skip])
         if has_z:
-          y = y * _gate(seq_s[2][slot, steps].astype(f32))
+          y = y * gates[j]
         y_s[out_slot, steps] = y.astype(y_s.dtype)
+      if save_chunks:
+        for i in range(m):
+          state_s[1 - out_slot, my_states(i)] = h[i]
+      # After the last chunk this reads stale buffers, without waiting: its results go unused.
+      ahead = prepare(k + 1, k + 1 < num_chunks)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(y_s.at[out_slot], y_g.at[b, pl.ds(k * chunk, chunk), cols])
-      return tuple(h)
+      if save_chunks:
+        pl.when(k + 1 < num_chunks)(lambda: save_state(k + 1))
+      return tuple(h), ahead
 
-    h = jax.lax.fori_loop(0, num_chunks, chunk_body, h)
+    h0_rows = tuple(state_s[0, my_states(i)] for i in range(m))
+    h, _ = jax.lax.fori_loop(0, num_chunks, chunk_body, (h0_rows, first))
     plgpu.wait_smem_to_gmem(0)
     plgpu.commit_smem()
     for i in range(m):
@@ -333,9 +414,11 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
   if save_chunks:
     out_type.append(jax.ShapeDtypeStruct((batch, num_chunks, n, d), f32))
   scratch = ([plgpu.SMEM((slots, chunk, channels), a.dtype) for a in seq_inputs]
-             + [plgpu.SMEM((slots, chunk, n), f32) for _ in (B, C)]
+             + [plgpu.SMEM((slots, chunk, n), a.dtype) for a in (B, C)]
              + [plgpu.SMEM((n + 2 * subsets, channels), f32), plgpu.SMEM((2, n, channels), f32)]
-             # dt, dt * x and the partial sums of y: written and read within a chunk.
+             # B_t and C_t in float32, dt, dt * x and the partial sums of y: written and read
+             # within a chunk.
+             + [[plgpu.SMEM((chunk, n), f32) for _ in (B, C)]]
              + [plgpu.SMEM((chunk, channels), f32) for _ in range(2)]
              + [plgpu.SMEM((chunk, subsets, channels), f32),
                 plgpu.SMEM((2, chunk, channels), x.dtype),
