@@ -28,6 +28,8 @@ and dC leave as (batch, d / 128 * BACKWARD_WARPGROUPS, length, n) partials that 
 blocks of a group.
 """
 
+import math
+
 import jax
 import jax.experimental.mosaic.gpu as mgpu
 import jax.numpy as jnp
@@ -49,6 +51,12 @@ FORWARD_CHANNELS = 32
 # Input buffers of the forward: the copies of chunk k + FORWARD_SLOTS - 1 start while chunk k
 # computes. Forward kernel times on an H100: 2: 0.218 ms, 3: 0.230 ms.
 FORWARD_SLOTS = 2
+# Chunks the forward takes at once (where they divide the chunks): its input copies, y stores,
+# barriers and the code that issues them come once a window.
+FORWARD_CHUNKS = 2
+# Steps whose partial sums of y a forward thread holds in registers before it stores them (at
+# most a window's): one register each.
+FORWARD_SUMS_HELD = 32
 # Steps the backward recomputes and holds in registers at once (a divisor of the 128 / 2n steps
 # whose dB, dC terms fill the reduction tile): the states before and after each step and its
 # decays, ((span + 1) m + span m registers for a warpgroup's m states). Backward kernel times on
@@ -256,14 +264,15 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
   multiple of chunk steps; steps from `length` on leave the state alone.
 
   Blocks of FORWARD_CHANNELS channels and one warpgroup: lane p * channels + c holds channel c's
-  states i * subsets + p (i < n / subsets), subsets = 128 / channels. Three passes a chunk:
+  states i * subsets + p (i < n / subsets), subsets = 128 / channels. Time goes by in windows of
+  FORWARD_CHUNKS chunks (or fewer where they do not divide the chunks), three passes a window:
   (1) dt after bias, softplus and the padding mask, dt * x, D x and the gate, once per (step,
   channel), `subsets` steps of one channel a thread, and B_t, C_t in float32 with a thread's
   states adjacent (`_states_by_thread`); (2) the recurrence, each thread its states, its per-step
-  sums of h_i C_i kept in registers and stored at the chunk's end; (3) y per (step, channel): the
-  subsets' sums, D x and the gate. Pass (1) alone reads the input buffers, and passes (3) of
-  chunk k and (1) of chunk k + 1 share the warpgroup barriers around them: two barriers a chunk.
-  The copies of chunk k + FORWARD_SLOTS start once pass (1) of chunk k is done."""
+  sums of h_i C_i kept in registers and stored at the window's end; (3) y per (step, channel):
+  the subsets' sums, D x and the gate. Pass (1) alone reads the input buffers, and passes (3) of
+  window k and (1) of window k + 1 share the warpgroup barriers around them: two barriers a
+  window. The copies of window k + FORWARD_SLOTS start once pass (1) of window k is done."""
   batch, padded_length, d = x.shape
   groups, n = B.shape[2:]
   channels = FORWARD_CHANNELS
@@ -272,6 +281,9 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
   lanes = (subsets, channels)  # the shape of every per-thread array
   slots = FORWARD_SLOTS
   num_chunks = padded_length // chunk
+  per_window = math.gcd(num_chunks, FORWARD_CHUNKS)  # chunks
+  window = per_window * chunk  # steps
+  num_windows = num_chunks // per_window
   has_z = z is not None
   f32 = jnp.float32
   # Parameter rows: log2(e) A^T (n), then D and dt_bias, each repeated `subsets` times so that
@@ -297,7 +309,7 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
     cols = pl.ds(c * channels, channels)
     group_cols = pl.ds((c * channels) // (d // groups) * n, n)
     plgpu.copy_gmem_to_smem(params_g.at[:, cols], params_s, setup_bar)
-    plgpu.copy_gmem_to_smem(h0_g.at[b, :, cols], state_s.at[0], setup_bar)
+    plgpu.copy_gmem_to_smem(h0_g.at[b, :, cols], state_s.at[0, 0], setup_bar)
     plgpu.barrier_wait(setup_bar)
     my_states = lambda i: pl.ds(i * subsets, subsets)  # rows of state i * subsets + p
     A_rows = [params_s[my_states(i)] for i in range(m)]
@@ -309,26 +321,26 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
     group_steps = lambda j: pl.ds(j * subsets, subsets)
 
     def fetch(k):
-      rows, slot = pl.ds(k * chunk, chunk), k % slots
+      rows, slot = pl.ds(k * window, window), k % slots
       for src, dst in zip(refs[:len(seq_inputs)], seq_s):
         plgpu.copy_gmem_to_smem(src.at[b, rows, cols], dst.at[slot], bars.at[slot])
       for src, dst in zip((B_g, C_g), bc_s):
         plgpu.copy_gmem_to_smem(src.at[b, rows, group_cols], dst.at[slot], bars.at[slot])
 
     def prepare(k, inputs_ready):
-      """Pass (1) of chunk k, whose inputs are in their buffers once inputs_ready (a predicate)
+      """Pass (1) of window k, whose inputs are in their buffers once inputs_ready (a predicate)
       holds: the inputs the recurrence reads go to shared memory; D x and the gate, which pass
       (3) applies, stay in registers."""
       slot = k % slots
       pl.when(inputs_ready)(lambda: plgpu.barrier_wait(bars.at[slot]))
       skips, gates = [], []
-      for j in range(chunk // subsets):
+      for j in range(window // subsets):
         steps = group_steps(j)
         dt_v = seq_s[1][slot, steps].astype(f32) + bias_rows
         if softplus:
           dt_v = _softplus(dt_v)
-        if length % chunk:
-          dt_v = dt_v * (k * chunk + j * subsets + step_in_group < length).astype(f32)
+        if length < padded_length:
+          dt_v = dt_v * (k * window + j * subsets + step_in_group < length).astype(f32)
         x_v = seq_s[0][slot, steps].astype(f32)
         skips.append(D_rows * x_v)
         if has_z:
@@ -338,33 +350,30 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
       _states_by_thread([buffer.at[slot] for buffer in bc_s], bc_f32_s, subsets, interpret)
       return tuple(skips), tuple(gates)
 
-    def save_state(k):
-      """The TMA copy of the state before chunk k, stored in its slot of state_s."""
-      plgpu.copy_smem_to_gmem(state_s.at[k % 2], chunks_g.at[b, k, :, cols])
-
-    for k in range(min(slots, num_chunks)):
+    for k in range(min(slots, num_windows)):
       fetch(k)
     first = prepare(0, True)
     plgpu.commit_smem()
-    if save_chunks:
-      save_state(0)  # state_s[0] holds h0
 
-    def chunk_body(k, carry):
+    def window_body(k, carry):
       h, (skips, gates) = carry
-      out_slot = k % 2  # of the saved state and y
+      out_slot = k % 2  # of the saved states and y
 
-      @pl.when(k + slots < num_chunks)
+      @pl.when(k + slots < num_windows)
       def _():
-        # Into this chunk's input buffers, which pass (1) has read.
+        # Into this window's input buffers, which pass (1) has read.
         fetch(k + slots)
 
+      # Each step's sum over this thread's states of h_i C_i stays in registers for
+      # FORWARD_SUMS_HELD steps: a shared-memory store between steps would keep the compiler
+      # from loading the next steps' inputs early (ptxas cannot tell the buffers apart): with a
+      # store a step this kernel took 0.246 ms on an H100 (kernels/NOTES.md, v5). So do the
+      # states before the window's chunks, which are saved after it.
+      starts, parts = [h], []
       h = list(h)
-      # Each step's sum over this thread's states of h_i C_i stays in registers until the
-      # chunk's last step: a shared-memory store between steps would keep the compiler from
-      # loading the next steps' inputs early (ptxas cannot tell the buffers apart): with a
-      # store a step this kernel took 0.246 ms on an H100 (kernels/NOTES.md, v5).
-      parts = []
-      for t in range(chunk):
+      for t in range(window):
+        if t and t % chunk == 0:
+          starts.append(h)
         # This lane's channel's dt and dt x; its states' B_t and C_t, one vector load each.
         dt_t, drive_t = (_lane_load(buffer.at[t], lanes, (1, channels, 1), 1, interpret)[0]
                          for buffer in (dt_s, drive_s))
@@ -375,11 +384,13 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
         for hi, ci in zip(h[1:], C_t[1:]):  # a chain of FMAs: steps overlap, not terms
           part = hi * ci + part
         parts.append(part)
-      for t, part in enumerate(parts):
-        part_s[t] = part
-      # The copies out of the other state_s slot and this chunk's y_s slot, issued two chunks
-      # ago, must have read them before the stores after the next barrier: after them came
-      # only the last chunk's y and state copies.
+        if len(parts) == FORWARD_SUMS_HELD or t == window - 1:
+          for u, held in enumerate(parts):
+            part_s[t + 1 - len(parts) + u] = held
+          parts = []
+      # The copies out of this window's slots of state_s and y_s, issued two windows ago, must
+      # have read them before the stores after the next barrier: after them came only the last
+      # window's copies.
       _await_stores_read(1 + save_chunks, interpret)
       plgpu.commit_smem()
       for j, skip in enumerate(skips):
@@ -389,39 +400,42 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
           y = y * gates[j]
         y_s[out_slot, steps] = y.astype(y_s.dtype)
       if save_chunks:
-        for i in range(m):
-          state_s[1 - out_slot, my_states(i)] = h[i]
-      # After the last chunk this reads stale buffers, without waiting: its results go unused.
-      ahead = prepare(k + 1, k + 1 < num_chunks)
+        for s, start in enumerate(starts):
+          for i in range(m):
+            state_s[out_slot, s, my_states(i)] = start[i]
+      # After the last window this reads stale buffers, without waiting: its results go unused.
+      ahead = prepare(k + 1, k + 1 < num_windows)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(y_s.at[out_slot], y_g.at[b, pl.ds(k * chunk, chunk), cols])
+      plgpu.copy_smem_to_gmem(y_s.at[out_slot], y_g.at[b, pl.ds(k * window, window), cols])
       if save_chunks:
-        pl.when(k + 1 < num_chunks)(lambda: save_state(k + 1))
+        plgpu.copy_smem_to_gmem(state_s.at[out_slot],
+                                chunks_g.at[b, pl.ds(k * per_window, per_window), :, cols])
       return tuple(h), ahead
 
-    h0_rows = tuple(state_s[0, my_states(i)] for i in range(m))
-    h, _ = jax.lax.fori_loop(0, num_chunks, chunk_body, (h0_rows, first))
+    h0_rows = tuple(state_s[0, 0, my_states(i)] for i in range(m))
+    h, _ = jax.lax.fori_loop(0, num_windows, window_body, (h0_rows, first))
     plgpu.wait_smem_to_gmem(0)
     plgpu.commit_smem()
     for i in range(m):
-      state_s[0, my_states(i)] = h[i]
+      state_s[0, 0, my_states(i)] = h[i]
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(state_s.at[0], h_last_g.at[b, :, cols])
+    plgpu.copy_smem_to_gmem(state_s.at[0, 0], h_last_g.at[b, :, cols])
     plgpu.wait_smem_to_gmem(0)
 
   out_type = [jax.ShapeDtypeStruct(x.shape, x.dtype),
               jax.ShapeDtypeStruct((batch, n, d), f32)]
   if save_chunks:
     out_type.append(jax.ShapeDtypeStruct((batch, num_chunks, n, d), f32))
-  scratch = ([plgpu.SMEM((slots, chunk, channels), a.dtype) for a in seq_inputs]
-             + [plgpu.SMEM((slots, chunk, n), a.dtype) for a in (B, C)]
-             + [plgpu.SMEM((n + 2 * subsets, channels), f32), plgpu.SMEM((2, n, channels), f32)]
+  scratch = ([plgpu.SMEM((slots, window, channels), a.dtype) for a in seq_inputs]
+             + [plgpu.SMEM((slots, window, n), a.dtype) for a in (B, C)]
+             + [plgpu.SMEM((n + 2 * subsets, channels), f32),
+                plgpu.SMEM((2, per_window, n, channels), f32)]
              # B_t and C_t in float32, dt, dt * x and the partial sums of y: written and read
-             # within a chunk.
-             + [[plgpu.SMEM((chunk, n), f32) for _ in (B, C)]]
-             + [plgpu.SMEM((chunk, channels), f32) for _ in range(2)]
-             + [plgpu.SMEM((chunk, subsets, channels), f32),
-                plgpu.SMEM((2, chunk, channels), x.dtype),
+             # within a window.
+             + [[plgpu.SMEM((window, n), f32) for _ in (B, C)]]
+             + [plgpu.SMEM((window, channels), f32) for _ in range(2)]
+             + [plgpu.SMEM((window, subsets, channels), f32),
+                plgpu.SMEM((2, window, channels), x.dtype),
                 plgpu.Barrier(num_arrivals=len(seq_inputs) + 2, num_barriers=slots),
                 plgpu.Barrier(num_arrivals=2)])
   call = plgpu.kernel(
