@@ -7,9 +7,11 @@ chunk's inputs into shared memory while this one computes, and the outputs leave
 The forward runs one warpgroup per (batch element, FORWARD_CHANNELS channels), so that at Mamba's
 sizes the blocks load all of an H100's SMs evenly; a channel's n states are spread over the
 128 / FORWARD_CHANNELS lanes that hold it, in different warps, whose partial sums of y meet in
-shared memory. Each thread reads its states' B_t and C_t, which differ between warps, with inline
-Mosaic GPU code (Lane semantics addresses shared memory the same way in every lane). dt's
-softplus and dt * x are computed once per (step, channel) and shared. It saves the state before
+shared memory. B and C arrive in their own dtype and are converted to float32 once a chunk, each
+thread's states made adjacent, so that each thread reads its states' B_t and C_t, which differ
+between warps, as one vector load with inline Mosaic GPU code (Lane semantics addresses shared
+memory the same way in every lane). dt's softplus and dt * x are computed once per (step,
+channel) and shared. It takes FORWARD_CHUNKS chunks a loop iteration and saves the state before
 each chunk.
 
 The backward runs one block per (batch element, 128 channels), one channel per thread of each
@@ -52,11 +54,10 @@ FORWARD_CHANNELS = 32
 # computes. Forward kernel times on an H100: 2: 0.218 ms, 3: 0.230 ms.
 FORWARD_SLOTS = 2
 # Chunks the forward takes at once (where they divide the chunks): its input copies, y stores,
-# barriers and the code that issues them come once a window.
+# barriers and the code that issues them come once a window. Forward kernel times on an H100
+# (kernels/NOTES.md, v6): 1: 0.221 ms, 2: 0.208 ms, 4: 0.363 ms (115 KB of shared memory a
+# block: one block an SM).
 FORWARD_CHUNKS = 2
-# Steps whose partial sums of y a forward thread holds in registers before it stores them (at
-# most a window's): one register each.
-FORWARD_SUMS_HELD = 32
 # Steps the backward recomputes and holds in registers at once (a divisor of the 128 / 2n steps
 # whose dB, dC terms fill the reduction tile): the states before and after each step and its
 # decays, ((span + 1) m + span m registers for a warpgroup's m states). Backward kernel times on
@@ -364,9 +365,9 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
         # Into this window's input buffers, which pass (1) has read.
         fetch(k + slots)
 
-      # Each step's sum over this thread's states of h_i C_i stays in registers for
-      # FORWARD_SUMS_HELD steps: a shared-memory store between steps would keep the compiler
-      # from loading the next steps' inputs early (ptxas cannot tell the buffers apart): with a
+      # Each step's sum over this thread's states of h_i C_i stays in registers until the
+      # window's last step: a shared-memory store between steps would keep the compiler from
+      # loading the next steps' inputs early (ptxas cannot tell the buffers apart): with a
       # store a step this kernel took 0.246 ms on an H100 (kernels/NOTES.md, v5). So do the
       # states before the window's chunks, which are saved after it.
       starts, parts = [h], []
@@ -384,10 +385,8 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
         for hi, ci in zip(h[1:], C_t[1:]):  # a chain of FMAs: steps overlap, not terms
           part = hi * ci + part
         parts.append(part)
-        if len(parts) == FORWARD_SUMS_HELD or t == window - 1:
-          for u, held in enumerate(parts):
-            part_s[t + 1 - len(parts) + u] = held
-          parts = []
+      for t, part in enumerate(parts):
+        part_s[t] = part
       # The copies out of this window's slots of state_s and y_s, issued two windows ago, must
       # have read them before the stores after the next barrier: after them came only the last
       # window's copies.

@@ -43,8 +43,7 @@ def test_mosaic_gpu_forward_matches_oracle(groups, dtype, channels, slots, windo
   a channel split over 4, 8 or 1 lanes (2, 1 or 8 states each); the lanes' partial sums of y meet
   in shared memory. Inputs 1 or 2 windows ahead (2 or 3 buffers). Windows of 3 chunks (the
   whole sequence, two of its chunks' start states saved mid-window) or of 1 (FORWARD_CHUNKS 2
-  does not divide the 3 chunks, nor 1). The partial sums of y leave registers every 16 steps:
-  twice in a 24-step window.
+  does not divide the 3 chunks, nor 1).
 
   The interpreter runs a warpgroup as one program, so it checks the arithmetic and the copies, not
   the barriers between warps: those only a GPU run checks (scripts/bench_scan.py --check).
@@ -52,7 +51,6 @@ def test_mosaic_gpu_forward_matches_oracle(groups, dtype, channels, slots, windo
   monkeypatch.setattr(selective_scan_gpu, "FORWARD_CHANNELS", channels)
   monkeypatch.setattr(selective_scan_gpu, "FORWARD_SLOTS", slots)
   monkeypatch.setattr(selective_scan_gpu, "FORWARD_CHUNKS", window)
-  monkeypatch.setattr(selective_scan_gpu, "FORWARD_SUMS_HELD", 16)
   d = 2 * selective_scan_gpu.CHANNELS if groups == 2 else selective_scan_gpu.CHANNELS
   inputs = _random_inputs(np.random.default_rng(0), d, N_STATE, groups, dtype)
   padded_length = -(-LENGTH // CHUNK) * CHUNK
