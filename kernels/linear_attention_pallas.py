@@ -4,8 +4,7 @@ The XLA side pads the length to whole chunks and sums the log-decay within each 
 kernels take it from there. Both steps are plain JAX, so autodiff turns dc back into the gradient of
 the log-decay (a reversed cumulative sum) and of whichever log_decay form the caller gave. The
 kernels sit under one jax.custom_vjp whose residuals are the inputs plus the state entering each
-chunk, (batch, heads, chunks, dk, dv) (float32 on TPU; bf16 on GPU, with the final state appended):
-never one state per step.
+chunk, (batch, heads, chunks, dk, dv) (float32 on TPU, bf16 on GPU): never one state per step.
 
 Backends: Mosaic GPU on NVIDIA Hopper (kernels/linear_attention_gpu.py); Mosaic TPU
 (kernels/linear_attention_tpu.py), which CPU runs in TPU interpret mode.
