@@ -154,11 +154,29 @@ class LinearAttention:
     return dict(q=normal(keys[0], dk, dk**-0.5), k=normal(keys[1], dk), v=normal(keys[2], dv),
                 log_decay=jax.random.uniform(keys[3], (batch, length, heads), minval=-0.2, maxval=-0.01))
 
-  def run(self, impl, inputs):
-    return linear_attention(**inputs, impl=impl)
+  def run(self, impl, inputs, **flags):
+    return linear_attention(**inputs, **flags, impl=impl)
 
   def check_cases(self, shape):
-    return [("default", self.inputs(99, **shape), {})]
+    """(label, inputs, flags) that --check runs: the timed configuration, then the options it leaves
+    out: h0, reverse and the final state; no decay, one per head and one per key channel; float32
+    inputs; a length that is not a whole number of chunks; dk and dv swapped."""
+    timed = self.inputs(99, **shape)
+    batch, length, heads, dk, dv = (shape[n] for n in ("batch", "length", "heads", "dk", "dv"))
+    h0 = jax.random.normal(jax.random.key(98), (batch, heads, dk, dv))
+    odd = {**shape, "length": length - 5}
+    per_channel = jax.random.uniform(jax.random.key(97), (batch, odd["length"], heads, dk),
+                                     minval=-0.2, maxval=-0.01)
+    per_head = jax.random.uniform(jax.random.key(96), (heads,), minval=-0.2, maxval=-0.01)
+    return [("per-token decay", timed, {}),
+            ("h0 reverse state", {**timed, "h0": h0}, dict(reverse=True, return_state=True)),
+            ("no decay, odd length", {**self.inputs(95, **odd), "log_decay": None}, {}),
+            ("per-head decay, float32", {**self.inputs(94, **shape, dtype=jnp.float32),
+                                         "log_decay": per_head}, {}),
+            ("per-channel decay, odd length, h0 reverse state",
+             {**self.inputs(93, **odd), "log_decay": per_channel, "h0": h0},
+             dict(reverse=True, return_state=True)),
+            ("dk 64, dv 128", self.inputs(92, **{**shape, "dk": 64, "dv": 128}), {})]
 
   def bytes_moved(self, batch, length, heads, dk, dv, dtype=jnp.bfloat16):
     """(forward, forward+backward) bytes that must cross HBM: each input read once, output written once."""
@@ -281,7 +299,9 @@ def check_peer(workload, peer, shape):
 
 def print_check(name, label, shape, results):
   for case, out_errs, grad_errs in results:
-    grads = ", ".join(f"{k} {v:.1e}" for k, v in grad_errs.items()) or "none (no backward)"
+    # An input that is None (no decay) has no gradient.
+    grads = (", ".join(f"{k} {v:.1e}" for k, v in grad_errs.items() if v is not None)
+             or "none (no backward)")
     print(f"check {name} {label} {shape} {case}: output rel errs "
           + ", ".join(f"{e:.2e}" for e in out_errs) + f"; input-gradient rel errs {grads}", flush=True)
 
