@@ -15,8 +15,10 @@ come from q * exp(c) against k * exp(-c). That factorisation needs exp(-c) to st
 channel's log-decay summed over one chunk must stay above about -80 (float32 and bfloat16 range);
 the XLA and TPU paths have no such limit.
 
-The backward kernel walks the chunks in reverse from the chunk-start states the forward saved,
-carrying the state's gradient dS the same way.
+The backward kernel walks the chunks in reverse from the chunk-start states the forward saved (in
+bf16, the operand precision of its matmuls), carrying the state's gradient dS the same way. Its
+buffers fit two blocks on an SM at the benchmark's shape, and it issues the products that depend
+only on the loaded chunk together, waiting once.
 """
 
 import functools
@@ -53,15 +55,19 @@ def _present(**scratch):
   return {name: value for name, value in scratch.items() if value is not None}
 
 
-def _matmul(terms, shape):
-  """sum of a @ b over terms (pairs of SMEM refs or bf16 WGMMA arrays), in float32."""
+def _matmuls(*products):
+  """start + sum(a @ b over terms), in float32, for each (start, terms) of products: start is a
+  float32 WGMMA array or the shape of zeros, terms pairs of SMEM refs or bf16 WGMMA arrays. Every
+  wgmma is issued back to back and all are waited for once."""
 
-  def body(acc_ref):
-    for a, b in terms:
-      plgpu.wgmma(acc_ref, a, b)
-    return acc_ref[...]
+  def body(acc_refs):
+    for acc_ref, (_, terms) in zip(acc_refs, products):
+      for a, b in terms:
+        plgpu.wgmma(acc_ref, a, b)
 
-  return pl.run_scoped(body, plgpu.ACC(shape, _F32))
+  starts = tuple(plgpu.ACC.init(plgpu.layout_cast(jnp.zeros(start, _F32), plgpu.Layout.WGMMA)
+                                if isinstance(start, tuple) else start) for start, _ in products)
+  return pl.run_state(body)(starts)
 
 
 def _rows(vector, shape):
@@ -170,7 +176,8 @@ def _store_final_state(staging, value, destination):
 
 
 def forward(q, k, v, c, h0, *, chunk_size, interpret):
-  """o (bf16), the final state and the (batch, heads, chunks, dk, dv) chunk-start states."""
+  """o (bf16), the final state and the (batch, heads, chunks, dk, dv) chunk-start states, in bf16
+  (the backward's matmuls read them in bf16)."""
   del chunk_size  # Always CHUNK here.
   q, k, v = (x.astype(_BF16) for x in (q, k, v))
   batch, length, heads, dk = q.shape
@@ -184,7 +191,7 @@ def forward(q, k, v, c, h0, *, chunk_size, interpret):
                         n_slots=n_slots),
       out_type=(jax.ShapeDtypeStruct((batch, length, heads, dv), _BF16),
                 jax.ShapeDtypeStruct((batch, heads, dk, dv), _F32),
-                jax.ShapeDtypeStruct((batch, heads, n_chunks, dk, dv), _F32)),
+                jax.ShapeDtypeStruct((batch, heads, n_chunks, dk, dv), _BF16)),
       scratch_types=_present(
           q=_tiled((n_slots, CHUNK, dk)), k=_tiled((n_slots, CHUNK, dk)),
           v=_tiled((n_slots, CHUNK, dv)), **_c_scratch(per_channel, dk, n_slots),
@@ -242,9 +249,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, c_ref, c_last_ref, h0_ref, o_ref, s_las
     wait(slot)
     q_smem, k_smem, v_smem = (scratch[n].at[slot] for n in ("q", "k", "v"))
     decay = _Chunk(c_slot(slot), per_channel)
-    plgpu.wait_smem_to_gmem(0)  # Last step's stores out of o and state_f32 are done.
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # Last step's stores have read o and state.
     scratch["state"][...] = s.astype(_BF16)
-    state_f32[...] = s
     q_decayed = decay.scale_rows(plgpu.load(q_smem, layout=plgpu.Layout.WGMMA).astype(_F32),
                                  lambda c, c_last: c)
     k = plgpu.load(k_smem, layout=plgpu.Layout.WGMMA).astype(_F32)
@@ -252,17 +258,17 @@ def _forward_kernel(q_ref, k_ref, v_ref, c_ref, c_last_ref, h0_ref, o_ref, s_las
     if per_channel:
       scratch["k_grown"][...] = decay.scale_rows(k, lambda c, c_last: -c).astype(_BF16)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(state_f32, states_ref.at[b, h, j])
+    plgpu.copy_smem_to_gmem(scratch["state"], states_ref.at[b, h, j])
 
     q_bf16 = q_decayed.astype(_BF16)
     if per_channel:
-      scores = _matmul([(q_bf16, scratch["k_grown"].transpose((1, 0)))], (CHUNK, CHUNK))
+      (scores,) = _matmuls(((CHUNK, CHUNK), [(q_bf16, scratch["k_grown"].transpose((1, 0)))]))
       scores = jnp.where(_causal(scores.shape), scores, 0.0)
     else:
-      scores = _matmul([(q_smem, k_smem.transpose((1, 0)))], (CHUNK, CHUNK))
+      (scores,) = _matmuls(((CHUNK, CHUNK), [(q_smem, k_smem.transpose((1, 0)))]))
       scores = scores * decay.decay_matrix()
-    o = _matmul([(scores.astype(_BF16), v_smem), (q_bf16, scratch["state"])], (CHUNK, v_ref.shape[-1]))
-    s = decay.state_decay(s) + _matmul([(scratch["k_decayed"].transpose((1, 0)), v_smem)], s.shape)
+    o, s = _matmuls(((CHUNK, v_ref.shape[-1]), [(scores.astype(_BF16), v_smem), (q_bf16, scratch["state"])]),
+                    (decay.state_decay(s), [(scratch["k_decayed"].transpose((1, 0)), v_smem)]))
     scratch["o"][...] = o.astype(_BF16)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(scratch["o"], o_ref.at[b, pl.ds(j * CHUNK, CHUNK), h])
@@ -283,20 +289,22 @@ def backward(q, k, v, c, states, do, ds_last, *, chunk_size, interpret):
   n_chunks = length // CHUNK
   c, c_last = _prepare_c(c)
   dc_shape = (batch, length, heads, dk) if per_channel else (batch, heads, length)
+  # 103.5 KB at dk 128, dv 64 with one decay per step: two blocks share an SM, one computing
+  # while the other waits on its loads and matmuls.
+  chunk_buffers = _present(
+      q=_tiled((CHUNK, dk)), k=_tiled((CHUNK, dk)), v=_tiled((CHUNK, dv)),
+      do=_tiled((CHUNK, dv)), **_c_scratch(per_channel, dk),
+      state=_tiled((dk, dv)), d_state=_tiled((dk, dv)), decayed=_tiled((CHUNK, dk)),
+      k_grown=_tiled((CHUNK, dk)) if per_channel else None, extra=plgpu.SMEM((dk,), _F32))
   kernel = plgpu.kernel(
-      functools.partial(_backward_kernel, per_channel=per_channel, n_chunks=n_chunks),
+      functools.partial(_backward_kernel, per_channel=per_channel, n_chunks=n_chunks,
+                        chunk_buffers=chunk_buffers),
       out_type=(jax.ShapeDtypeStruct((batch, length, heads, dk), _BF16),
                 jax.ShapeDtypeStruct((batch, length, heads, dk), _BF16),
                 jax.ShapeDtypeStruct((batch, length, heads, dv), _BF16),
                 jax.ShapeDtypeStruct(dc_shape, _F32),
                 jax.ShapeDtypeStruct((batch, heads, dk, dv), _F32)),
-      scratch_types=_present(
-          q=_tiled((CHUNK, dk)), k=_tiled((CHUNK, dk)), v=_tiled((CHUNK, dv)),
-          do=_tiled((CHUNK, dv)), **_c_scratch(per_channel, dk),
-          state=_tiled((dk, dv)), d_state=_tiled((dk, dv)), state_f32=plgpu.SMEM((dk, dv), _F32),
-          q_decayed=_tiled((CHUNK, dk)), k_grown=_tiled((CHUNK, dk)) if per_channel else None,
-          extra=plgpu.SMEM((dk,), _F32),
-          barriers=plgpu.Barrier(num_barriers=9)),
+      scratch_types=dict(barriers=plgpu.Barrier(num_barriers=9)),
       grid=(heads, batch), grid_names=("heads", "batch"),
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
@@ -309,99 +317,142 @@ def backward(q, k, v, c, states, do, ds_last, *, chunk_size, interpret):
 
 
 def _backward_kernel(q_ref, k_ref, v_ref, c_ref, c_last_ref, states_ref, do_ref, ds_last_ref,
-                     dq_ref, dk_ref, dv_ref, dc_ref, dh0_ref, *, per_channel, n_chunks, **scratch):
+                     dq_ref, dk_ref, dv_ref, dc_ref, dh0_ref, *, per_channel, n_chunks,
+                     chunk_buffers, barriers):
   h, b = lax.axis_index("heads"), lax.axis_index("batch")
   dk, dv = q_ref.shape[-1], v_ref.shape[-1]
-  bars = scratch["barriers"]
+  staging = plgpu.SMEM((dk, dv), _F32)
+  # dS_last comes in and dh0 leaves through float32 staging that shares its SMEM with the chunk
+  # loop's buffers (sequential scopes reuse SMEM).
+
+  def load_ds_last(staging_ref):
+    plgpu.copy_gmem_to_smem(ds_last_ref.at[b, h], staging_ref, barriers.at[8])
+    plgpu.barrier_wait(barriers.at[8])
+    return plgpu.load(staging_ref, layout=plgpu.Layout.WGMMA)
+
+  ds = pl.run_scoped(load_ds_last, staging)
+  ds = pl.run_scoped(
+      functools.partial(_backward_chunks, (q_ref, k_ref, v_ref, c_ref, c_last_ref, states_ref,
+                                           do_ref), (dq_ref, dk_ref, dv_ref, dc_ref), ds,
+                        barriers, per_channel=per_channel, n_chunks=n_chunks, b=b, h=h),
+      **chunk_buffers)
+  pl.run_scoped(lambda staging_ref: _store_final_state(staging_ref, ds, dh0_ref.at[b, h]), staging)
+
+
+def _backward_chunks(in_refs, out_refs, ds, bars, *, per_channel, n_chunks, b, h, **scratch):
+  """The chunks in reverse; ds, the state's gradient, enters as dS_last and leaves as dh0.
+
+  Per chunk, with D the decay matrix exp(c_t - c_s) [s <= t] and dS the gradient of the state
+  leaving the chunk (one decay per step; per key channel the decays factor as in the forward):
+    dq = (do v^T * D) k + (do e^c) S^T          dk = (v do^T * D^T) q + dk_inter,
+    dv = (k q^T * D^T) do + (k e^(c_last - c)) dS      dk_inter = (v e^(c_last - c)) dS^T
+    dS <- e^c_last dS + (q e^c)^T do
+  and the gradient of c: q dq - k dk, plus, at the last step, the c_last term
+  sum(e^c_last S * dS) + sum over steps of k * dk_inter. The second sum takes the very dk_inter
+  that dk holds, so that the two cancel as they should (through any other rounding of the same
+  quantity, the state leaving the chunk, dlog_decay's error grew from 2e-3 to 7e-3 on the GPU).
+  """
+  q_ref, k_ref, v_ref, c_ref, c_last_ref, states_ref, do_ref = in_refs
+  dq_ref, dk_ref, dv_ref, dc_ref = out_refs
+  dk, dv = q_ref.shape[-1], v_ref.shape[-1]
   wgmma = plgpu.Layout.WGMMA
-  state_f32 = scratch["state_f32"]
   c_refs = {name: scratch[name] for name in _c_scratch(per_channel, dk)}
-  # Barriers: q, k, v, do, the chunk-start state, up to three for c; then dS_last.
-  plgpu.copy_gmem_to_smem(ds_last_ref.at[b, h], state_f32, bars.at[8])
-  plgpu.barrier_wait(bars.at[8])
-  ds = plgpu.load(state_f32, layout=wgmma)
+  q_smem, k_smem, v_smem, do_smem = (scratch[n] for n in ("q", "k", "v", "do"))
+  state, d_state, decayed = scratch["state"], scratch["d_state"], scratch["decayed"]
+  transpose = lambda ref: ref.transpose((1, 0))
+  load = lambda ref: plgpu.load(ref, layout=wgmma).astype(_F32)
+  square = (CHUNK, CHUNK)
+  # Barriers: q, k, v, do, the chunk-start state, up to three for c; (8: dS_last).
 
   def step(i, ds):
     j = n_chunks - 1 - i
     steps = pl.ds(j * CHUNK, CHUNK)
-    plgpu.wait_smem_to_gmem(0)  # The previous chunk's gradients have left SMEM.
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # The last chunk's gradients have left SMEM.
     plgpu.commit_smem()
-    for n, (ref, bar) in enumerate(((q_ref, "q"), (k_ref, "k"), (v_ref, "v"), (do_ref, "do"))):
-      plgpu.copy_gmem_to_smem(ref.at[b, steps, h], scratch[bar], bars.at[n])
-    plgpu.copy_gmem_to_smem(states_ref.at[b, h, j], state_f32, bars.at[4])
+    for n, (ref, smem) in enumerate(((q_ref, q_smem), (k_ref, k_smem), (v_ref, v_smem),
+                                     (do_ref, do_smem))):
+      plgpu.copy_gmem_to_smem(ref.at[b, steps, h], smem, bars.at[n])
+    plgpu.copy_gmem_to_smem(states_ref.at[b, h, j], state, bars.at[4])
     _copy_c(c_ref, c_last_ref, b, h, j, c_refs, bars, 5)
     for n in range(5):
       plgpu.barrier_wait(bars.at[n])
     _wait_c(c_refs, bars, 5)
 
     decay = _Chunk(c_refs, per_channel)
-    q = plgpu.load(scratch["q"], layout=wgmma).astype(_F32)
-    k = plgpu.load(scratch["k"], layout=wgmma).astype(_F32)
-    s = plgpu.load(state_f32, layout=wgmma)
-    scratch["state"][...] = s.astype(_BF16)
-    scratch["d_state"][...] = ds.astype(_BF16)
-    q_decayed = decay.scale_rows(q, lambda c, c_last: c)
-    k_decayed = decay.scale_rows(k, lambda c, c_last: c_last - c)
-    scratch["q_decayed"][...] = q_decayed.astype(_BF16)
+    ds_decayed = decay.state_decay(ds)
+    # The state's part of the c_last term, by key channel; SMEM turns its row layout into columns.
+    scratch["extra"][...] = jnp.sum(load(state) * ds_decayed, axis=1)
+    # Per key channel, e^c_last moves from the keys onto dS: k e^(c_last - c) = (k e^-c) e^c_last.
+    d_state[...] = (ds_decayed if per_channel else ds).astype(_BF16)
+    decayed[...] = decay.scale_rows(load(q_smem), lambda c, c_last: c).astype(_BF16)
     if per_channel:
-      k_grown = decay.scale_rows(k, lambda c, c_last: -c)
-      scratch["k_grown"][...] = k_grown.astype(_BF16)
+      scratch["k_grown"][...] = decay.scale_rows(load(k_smem), lambda c, c_last: -c).astype(_BF16)
     plgpu.commit_smem()
+    extra = plgpu.load(scratch["extra"], layout=_COLS)
 
-    q_smem, k_smem, v_smem, do_smem = (scratch[n] for n in ("q", "k", "v", "do"))
-    square = (CHUNK, CHUNK)
-    transpose = lambda ref: ref.transpose((1, 0))
-    # Scores and their gradient, each also transposed, so that every product below has its
-    # (size, size) operand in registers, as wgmma's left operand.
+    # The products that need only SMEM operands, issued together: the carried dS and the scores
+    # and their gradient, each also transposed, so that every product below has its (size, size)
+    # operand in registers, as wgmma's left operand.
     if per_channel:
-      scores_t = _matmul([(k_grown.astype(_BF16), transpose(scratch["q_decayed"]))], square)
+      scores_t = [(scratch["k_grown"], transpose(decayed))]
+    else:
+      scores_t = [(k_smem, transpose(q_smem))]
+    ds, scores_t, d_scores, d_scores_t = _matmuls(
+        (ds_decayed, [(transpose(decayed), do_smem)]), (square, scores_t),
+        (square, [(do_smem, transpose(v_smem))]), (square, [(v_smem, transpose(do_smem))]))
+    if per_channel:
       scores_t = jnp.where(_causal(square, transposed=True), scores_t, 0.0)
+      d_scores = jnp.where(_causal(square), d_scores, 0.0)
+      d_scores_t = jnp.where(_causal(square, transposed=True), d_scores_t, 0.0)
     else:
-      scores_t = _matmul([(k_smem, transpose(q_smem))], square) * decay.decay_matrix(True)
-    d_scores = _matmul([(do_smem, transpose(v_smem))], square)
-    d_scores_t = _matmul([(v_smem, transpose(do_smem))], square)
+      scores_t = scores_t * decay.decay_matrix(True)
+      d_scores = d_scores * decay.decay_matrix()
+      d_scores_t = d_scores_t * decay.decay_matrix(True)
+    scores_t, d_scores, d_scores_t = (x.astype(_BF16) for x in (scores_t, d_scores, d_scores_t))
+
+    # dv and dk_inter, then dk (started from dk_inter) and dq, one wait each: registers allow no
+    # more at once. With one decay per step the decays ride on the operands, q e^c's SMEM now
+    # holding k e^(c_last - c); per key channel they scale the products.
     if per_channel:
-      d_scores = jnp.where(_causal(square), d_scores, 0.0).astype(_BF16)
-      d_scores_t = jnp.where(_causal(square, transposed=True), d_scores_t, 0.0).astype(_BF16)
-      dq = decay.scale_rows(_matmul([(d_scores, scratch["k_grown"]),
-                                     (do_smem, transpose(scratch["state"]))], (CHUNK, dk)),
-                            lambda c, c_last: c)
-      dk_intra = decay.scale_rows(_matmul([(d_scores_t, scratch["q_decayed"])], (CHUNK, dk)),
-                                  lambda c, c_last: -c)
+      keys_to_end, values_to_end = scratch["k_grown"], v_smem
+      key_scale = decay.scale_rows
     else:
-      d_scores = (d_scores * decay.decay_matrix()).astype(_BF16)
-      d_scores_t = (d_scores_t * decay.decay_matrix(True)).astype(_BF16)
-      dq = (_matmul([(d_scores, k_smem)], (CHUNK, dk))
-            + decay.scale_rows(_matmul([(do_smem, transpose(scratch["state"]))], (CHUNK, dk)),
-                               lambda c, c_last: c))
-      dk_intra = _matmul([(d_scores_t, q_smem)], (CHUNK, dk))
-    dk_inter = decay.scale_rows(_matmul([(v_smem, transpose(scratch["d_state"]))], (CHUNK, dk)),
-                                lambda c, c_last: c_last - c)
-    dv_ = _matmul([(scores_t.astype(_BF16), do_smem),
-                   (k_decayed.astype(_BF16), scratch["d_state"])], (CHUNK, dv))
-    dk_ = dk_intra + dk_inter
-
-    # dc = q dq - k dk, and c_last also scales the carried state and every key of the chunk.
-    # The state's row sums come out laid out along rows; SMEM turns them into a column layout.
-    scratch["extra"][...] = jnp.sum(decay.state_decay(s * ds), axis=1)
-    plgpu.commit_smem()
-    extra = plgpu.load(scratch["extra"], layout=_COLS) + jnp.sum(k * dk_inter, axis=0)
+      from_end = lambda x: decay.scale_rows(load(x), lambda c, c_last: c_last - c).astype(_BF16)
+      decayed[...] = from_end(k_smem)
+      plgpu.commit_smem()
+      keys_to_end, values_to_end = decayed, from_end(v_smem)
+      key_scale = lambda x, exponent: x
+    dv_, dk_inter = _matmuls(((CHUNK, dv), [(scores_t, do_smem), (keys_to_end, d_state)]),
+                             ((CHUNK, dk), [(values_to_end, transpose(d_state))]))
+    dv_ = dv_.astype(_BF16)
+    extra = extra + jnp.sum(load(k_smem) * key_scale(dk_inter, lambda c, c_last: -c), axis=0)
+    (dk_,) = _matmuls((dk_inter, [(d_scores_t, decayed if per_channel else q_smem)]))
+    dk_ = key_scale(dk_, lambda c, c_last: -c)
+    # dc = q dq - k dk + the c_last term, summed over channels as it goes with one decay per step,
+    # so that little stays live across the last product.
     rows = plgpu.broadcasted_iota(jnp.int32, (CHUNK, dk), 0, layout=wgmma)
-    dc = q * dq - k * dk_ + jnp.where(rows == CHUNK - 1, _cols(extra, (CHUNK, dk)), 0.0)
-    if not per_channel:
-      dc = jnp.sum(dc, axis=1)
+    channel_sum = (lambda x: x) if per_channel else (lambda x: jnp.sum(x, axis=1))
+    dc = channel_sum(jnp.where(rows == CHUNK - 1, _cols(extra, (CHUNK, dk)), 0.0)
+                     - load(k_smem) * dk_)
+    dk_ = dk_.astype(_BF16)
+    if per_channel:
+      dq_terms = [(d_scores, scratch["k_grown"]), (do_smem, transpose(state))]
+    else:
+      do_decayed = decay.scale_rows(load(do_smem), lambda c, c_last: c).astype(_BF16)
+      dq_terms = [(d_scores, k_smem), (do_decayed, transpose(state))]
+    (dq,) = _matmuls(((CHUNK, dk), dq_terms))
+    dq = key_scale(dq, lambda c, c_last: c)
+    dc = dc + channel_sum(load(q_smem) * dq)
 
-    ds = decay.state_decay(ds) + _matmul([(transpose(scratch["q_decayed"]), do_smem)], ds.shape)
     # The gradients leave through the SMEM of the inputs they match, whose reads are all done.
     dc_smem = scratch["c" if per_channel else "c_rows"]
-    for name, value in (("q", dq), ("k", dk_), ("v", dv_)):
-      scratch[name][...] = value.astype(_BF16)
+    for smem, value in ((q_smem, dq.astype(_BF16)), (k_smem, dk_), (v_smem, dv_)):
+      smem[...] = value
     dc_smem[...] = dc
     plgpu.commit_smem()
-    for name, ref in (("q", dq_ref), ("k", dk_ref), ("v", dv_ref)):
-      plgpu.copy_smem_to_gmem(scratch[name], ref.at[b, steps, h])
+    for smem, ref in ((q_smem, dq_ref), (k_smem, dk_ref), (v_smem, dv_ref)):
+      plgpu.copy_smem_to_gmem(smem, ref.at[b, steps, h])
     plgpu.copy_smem_to_gmem(dc_smem, dc_ref.at[b, steps, h] if per_channel else dc_ref.at[b, h, steps])
     return ds
 
-  ds = lax.fori_loop(0, n_chunks, step, ds)
-  _store_final_state(state_f32, ds, dh0_ref.at[b, h])
+  return lax.fori_loop(0, n_chunks, step, ds)

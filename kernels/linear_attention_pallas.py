@@ -4,7 +4,7 @@ The XLA side pads the length to whole chunks and sums the log-decay within each 
 kernels take it from there. Both steps are plain JAX, so autodiff turns dc back into the gradient of
 the log-decay (a reversed cumulative sum) and of whichever log_decay form the caller gave. The
 kernels sit under one jax.custom_vjp whose residuals are the inputs plus the state entering each
-chunk, (batch, heads, chunks, dk, dv) in float32: never one state per step.
+chunk, (batch, heads, chunks, dk, dv) (float32 on TPU, bf16 on GPU): never one state per step.
 
 Backends: Mosaic GPU on NVIDIA Hopper (kernels/linear_attention_gpu.py); Mosaic TPU
 (kernels/linear_attention_tpu.py), which CPU runs in TPU interpret mode.
@@ -74,7 +74,8 @@ def _kernels_forward(module, size, q, k, v, c, h0):
 def _kernels_backward(module, size, residuals, cotangents):
   q, k, v, c, states = residuals
   do, ds_last = cotangents
-  return module.backward(q, k, v, c, states, do.astype(q.dtype), ds_last.astype(states.dtype),
+  # The saved states may be narrower than the state (bf16 on GPU); its gradient stays float32.
+  return module.backward(q, k, v, c, states, do.astype(q.dtype), ds_last.astype(jnp.float32),
                          chunk_size=size, interpret=_interpret(module))
 
 

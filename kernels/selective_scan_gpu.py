@@ -7,24 +7,27 @@ chunk's inputs into shared memory while this one computes, and the outputs leave
 The forward runs one warpgroup per (batch element, FORWARD_CHANNELS channels), so that at Mamba's
 sizes the blocks load all of an H100's SMs evenly; a channel's n states are spread over the
 128 / FORWARD_CHANNELS lanes that hold it, in different warps, whose partial sums of y meet in
-shared memory. Each thread reads its states' B_t and C_t, which differ between warps, with inline
-Mosaic GPU code (Lane semantics addresses shared memory the same way in every lane). dt's
-softplus and dt * x are computed once per (step, channel) and shared. It saves the state before
+shared memory. B and C arrive in their own dtype and are converted to float32 once a chunk, each
+thread's states made adjacent, so that each thread reads its states' B_t and C_t, which differ
+between warps, as one vector load with inline Mosaic GPU code (Lane semantics addresses shared
+memory the same way in every lane). dt's softplus and dt * x are computed once per (step,
+channel) and shared. It takes FORWARD_CHUNKS chunks a loop iteration and saves the state before
 each chunk.
 
 The backward runs one warpgroup per (batch element, BACKWARD_CHANNELS channels), laid out as the
 forward's so that its blocks too load all SMs evenly: the adjoint recurrences of different states
 do not interact, and the per-step sums over a channel's states (for dx, ddt and dz) meet in shared
-memory. It walks the
-chunks in reverse, recomputes the states at the start of every span of BACKWARD_SPAN steps from
-the saved one into shared memory, then, span by span in reverse, a span's states in registers, and
-runs the adjoint recurrence. Its gradients of B_t and C_t sum over channels, across threads: each
+memory. It walks the chunks in reverse, recomputes the states at the start of every span of
+BACKWARD_SPAN steps from the saved one into shared memory, then, span by span in reverse, a span's
+states in registers, and runs the adjoint recurrence. Its gradients of B_t and C_t sum over channels, across threads: each
 thread writes its states' terms per step into a column of a shared-memory tile, 128 rows for
 `steps` = 128 / 2n steps, and after those steps thread r sums row r (conflict-free with rows padded
 by a word): one barrier pair per tile instead of a shuffle tree and a barrier per sum. The tiles of
 a chunk run as a loop, not unrolled, so the code fits the instruction cache. On the GPU the blocks
 add their row sums into one float32 array per group with reducing TMA copies.
 """
+
+import math
 
 import jax
 import jax.experimental.mosaic.gpu as mgpu
@@ -33,7 +36,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxlib.mlir import ir
-from jaxlib.mlir.dialects import arith, gpu, vector
+from jaxlib.mlir.dialects import arith, gpu, memref, nvvm, vector
 
 CHANNELS = 128  # threads a warpgroup; the kernels take whole groups of this many channels
 # Channels per forward block, of one warpgroup: each thread holds n * channels / 128 of a channel's
@@ -45,6 +48,11 @@ FORWARD_CHANNELS = 32
 # Input buffers of the forward: the copies of chunk k + FORWARD_SLOTS - 1 start while chunk k
 # computes. Forward kernel times on an H100: 2: 0.218 ms, 3: 0.230 ms.
 FORWARD_SLOTS = 2
+# Chunks the forward takes at once (where they divide the chunks): its input copies, y stores,
+# barriers and the code that issues them come once a window. Forward kernel times on an H100
+# (kernels/NOTES.md, v6): 1: 0.221 ms, 2: 0.208 ms, 4: 0.363 ms (115 KB of shared memory a
+# block: one block an SM).
+FORWARD_CHUNKS = 2
 # Channels per backward block, of one warpgroup, laid out as the forward's: each thread holds
 # n * channels / 128 of a channel's states. 32 gives 384 blocks at Mamba's batch 8 x d 1536, 3 an
 # SM at most. Backward kernel times on an H100 (kernels/NOTES.md, v6): 32: 0.735 ms, 64: 0.906;
@@ -171,6 +179,66 @@ def _dot(u, v):
   return total
 
 
+def _states_by_thread(sources, targets, subsets, interpret):
+  """target[t, p * m + i] = float32 source[t, i * subsets + p] for (chunk, n) buffers of B and C:
+  the m = n / subsets states that the threads of subset p hold, converted and made adjacent once
+  a chunk, so the recurrence reads a thread's B_t (or C_t) as one float32 vector load a step.
+
+  On the GPU this is inline Mosaic GPU code (Lane semantics cannot give lanes different
+  addresses): the chunk's (step, subset) groups of B, then of C, go one a thread; each thread
+  loads its group's m scalars and stores them as one vector. The interpreter permutes instead."""
+  chunk, n = targets[0].shape
+  m = n // subsets
+  if interpret is not None:
+    for source, target in zip(sources, targets):
+      by_state = source[...].astype(jnp.float32).reshape(chunk, m, subsets)
+      target[...] = jnp.swapaxes(by_state, 1, 2).reshape(chunk, n)
+    return
+  group_count = chunk * subsets  # per buffer
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 4)
+  def convert(_, *refs):
+    index = ir.IndexType.get()
+    constant = lambda v: arith.constant(index, v)
+    f32 = ir.F32Type.get()
+    lane = arith.remui(gpu.thread_id(gpu.Dimension.x), constant(CHANNELS))
+    for round_start in range(0, 2 * group_count, CHANNELS):
+      item = arith.addi(lane, constant(round_start))
+      for which, (source, target) in enumerate(zip(refs[:2], refs[2:])):
+        first, end = which * group_count, (which + 1) * group_count
+        if round_start >= end or round_start + CHANNELS <= first:
+          continue
+        in_range = arith.andi(arith.cmpi(arith.CmpIPredicate.uge, item, constant(first)),
+                              arith.cmpi(arith.CmpIPredicate.ult, item, constant(end)))
+        with mgpu.utils.when(in_range):
+          group = arith.subi(item, constant(first))
+          step = arith.divui(group, constant(subsets))
+          subset = arith.remui(group, constant(subsets))
+          values = []
+          for i in range(m):
+            value = memref.load(source, [step, arith.addi(subset, constant(i * subsets))])
+            values.append(value if value.type == f32 else arith.extf(f32, value))
+          vector.store(vector.from_elements(ir.VectorType.get((m,), f32), values), target,
+                       [step, arith.muli(subset, constant(m))], alignment=4 * m)
+
+  convert(*sources, *targets)
+
+
+def _await_stores_read(allow, interpret):
+  """Waits until at most the `allow` latest TMA stores of this thread still read shared memory,
+  without the warpgroup barrier that Pallas's wait_smem_to_gmem adds: the caller's next
+  commit_smem tells every thread (one barrier a chunk fewer in the forward)."""
+  if interpret is not None:
+    plgpu.wait_smem_to_gmem(allow, wait_read_only=True)
+    return
+
+  @plgpu.inline_mgpu()
+  def wait(_):
+    nvvm.cp_async_bulk_wait_group(allow, read=True)
+
+  wait()
+
+
 def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_chunks,
             interpret=None):
   """Returns y, the final state (batch, d, n) float32 and, if save_chunks, the state before each
@@ -178,12 +246,15 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
   multiple of chunk steps; steps from `length` on leave the state alone.
 
   Blocks of FORWARD_CHANNELS channels and one warpgroup: lane p * channels + c holds channel c's
-  states i * subsets + p (i < n / subsets), subsets = 128 / channels. Per chunk, three passes
-  separated by warpgroup barriers: (1) dt after bias, softplus and the padding mask, and dt * x,
-  once per (step, channel), `subsets` steps of one channel a thread; (2) the recurrence, each
-  thread its states, its per-step sums of h_i C_i kept in registers and stored at the chunk's
-  end; (3) y per (step, channel), `subsets` steps of one channel a thread: the subsets' sums,
-  D x and the gate. The inputs arrive FORWARD_SLOTS - 1 chunks ahead."""
+  states i * subsets + p (i < n / subsets), subsets = 128 / channels. Time goes by in windows of
+  FORWARD_CHUNKS chunks (or fewer where they do not divide the chunks), three passes a window:
+  (1) dt after bias, softplus and the padding mask, dt * x, D x and the gate, once per (step,
+  channel), `subsets` steps of one channel a thread, and B_t, C_t in float32 with a thread's
+  states adjacent (`_states_by_thread`); (2) the recurrence, each thread its states, its per-step
+  sums of h_i C_i kept in registers and stored at the window's end; (3) y per (step, channel):
+  the subsets' sums, D x and the gate. Pass (1) alone reads the input buffers, and passes (3) of
+  window k and (1) of window k + 1 share the warpgroup barriers around them: two barriers a
+  window. The copies of window k + FORWARD_SLOTS start once pass (1) of window k is done."""
   batch, padded_length, d = x.shape
   groups, n = B.shape[2:]
   channels = FORWARD_CHANNELS
@@ -192,16 +263,17 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
   lanes = (subsets, channels)  # the shape of every per-thread array
   slots = FORWARD_SLOTS
   num_chunks = padded_length // chunk
+  per_window = math.gcd(num_chunks, FORWARD_CHUNKS)  # chunks
+  window = per_window * chunk  # steps
+  num_windows = num_chunks // per_window
   has_z = z is not None
   f32 = jnp.float32
   # Parameter rows: log2(e) A^T (n), then D and dt_bias, each repeated `subsets` times so that
   # a (subsets, channels) view gives every lane its channel's value.
   params = jnp.concatenate([A.T * _LOG2_E, jnp.tile(D[None], (subsets, 1)),
                             jnp.tile(dt_bias[None], (subsets, 1))]).astype(f32)
-  # B and C in float32, each group's states reordered so that a thread's m states sit together.
-  order = [i * subsets + p for p in range(subsets) for i in range(m)]
-  flat = lambda a: a[..., order].reshape(batch, padded_length, groups * n).astype(f32)
-  B, C = flat(B), flat(C)
+  # B and C arrive in their own dtype, groups and states on one axis: the kernel converts them.
+  B, C = (a.reshape(batch, padded_length, groups * n) for a in (B, C))
   h0 = jnp.swapaxes(h0, 1, 2).astype(f32)
   seq_inputs = [x, dt] + [z] * has_z
 
@@ -212,75 +284,83 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
     chunks_g = refs[num_in + 2] if save_chunks else None
     scratch = refs[num_in + 2 + save_chunks:]
     seq_s, bc_s = scratch[:len(seq_inputs)], scratch[len(seq_inputs):len(seq_inputs) + 2]
-    params_s, state_s, dt_s, drive_s, part_s, y_s, bars, setup_bar = scratch[len(seq_inputs) + 2:]
+    (params_s, state_s, bc_f32_s, dt_s, drive_s, part_s, y_s, bars,
+     setup_bar) = scratch[len(seq_inputs) + 2:]
     b = jax.lax.axis_index("b")
     c = jax.lax.axis_index("c")
     cols = pl.ds(c * channels, channels)
     group_cols = pl.ds((c * channels) // (d // groups) * n, n)
     plgpu.copy_gmem_to_smem(params_g.at[:, cols], params_s, setup_bar)
-    plgpu.copy_gmem_to_smem(h0_g.at[b, :, cols], state_s.at[0], setup_bar)
+    plgpu.copy_gmem_to_smem(h0_g.at[b, :, cols], state_s.at[0, 0], setup_bar)
     plgpu.barrier_wait(setup_bar)
     my_states = lambda i: pl.ds(i * subsets, subsets)  # rows of state i * subsets + p
     A_rows = [params_s[my_states(i)] for i in range(m)]
     D_rows, bias_rows = params_s[pl.ds(n, subsets)], params_s[pl.ds(n + subsets, subsets)]
-    h = tuple(state_s[0, my_states(i)] for i in range(m))
     # Passes (1) and (3) take `subsets` steps at a time: lane p * channels + c has step p and
     # channel c.
     step_in_group = plgpu.broadcasted_iota(jnp.int32, lanes, 0,
                                            layout=plgpu.Layout.WG_STRIDED(lanes, vec_size=1))
+    group_steps = lambda j: pl.ds(j * subsets, subsets)
 
-    def fetch(k, slot):
-      rows = pl.ds(k * chunk, chunk)
+    def fetch(k):
+      rows, slot = pl.ds(k * window, window), k % slots
       for src, dst in zip(refs[:len(seq_inputs)], seq_s):
         plgpu.copy_gmem_to_smem(src.at[b, rows, cols], dst.at[slot], bars.at[slot])
       for src, dst in zip((B_g, C_g), bc_s):
         plgpu.copy_gmem_to_smem(src.at[b, rows, group_cols], dst.at[slot], bars.at[slot])
 
-    for k in range(min(slots - 1, num_chunks)):
-      fetch(k, k)
-
-    def chunk_body(k, h):
-      slot, out_slot = k % slots, k % 2  # of the inputs; of the saved state and y
-      plgpu.barrier_wait(bars.at[slot])
-      # The copies out of this slot's state_s and y_s two chunks ago must have read them: after
-      # them came only the last chunk's (state and) y copies. The barrier below tells every thread.
-      plgpu.wait_smem_to_gmem(1 + save_chunks, wait_read_only=True)
-      skips = []  # D x of pass (3)'s (step, channel) pairs, which are pass (1)'s
-      for j in range(chunk // subsets):
-        steps = pl.ds(j * subsets, subsets)
+    def prepare(k, inputs_ready):
+      """Pass (1) of window k, whose inputs are in their buffers once inputs_ready (a predicate)
+      holds: the inputs the recurrence reads go to shared memory; D x and the gate, which pass
+      (3) applies, stay in registers."""
+      slot = k % slots
+      pl.when(inputs_ready)(lambda: plgpu.barrier_wait(bars.at[slot]))
+      skips, gates = [], []
+      for j in range(window // subsets):
+        steps = group_steps(j)
         dt_v = seq_s[1][slot, steps].astype(f32) + bias_rows
         if softplus:
           dt_v = _softplus(dt_v)
-        if length % chunk:
-          dt_v = dt_v * (k * chunk + j * subsets + step_in_group < length).astype(f32)
+        if length < padded_length:
+          dt_v = dt_v * (k * window + j * subsets + step_in_group < length).astype(f32)
         x_v = seq_s[0][slot, steps].astype(f32)
         skips.append(D_rows * x_v)
-        drive = dt_v * x_v
+        if has_z:
+          gates.append(_gate(seq_s[2][slot, steps].astype(f32)))
         dt_s[steps] = dt_v
-        drive_s[steps] = drive
-      plgpu.commit_smem()
+        drive_s[steps] = dt_v * x_v
+      _states_by_thread([buffer.at[slot] for buffer in bc_s], bc_f32_s, subsets, interpret)
+      return tuple(skips), tuple(gates)
 
-      @pl.when(k + slots - 1 < num_chunks)
+    for k in range(min(slots, num_windows)):
+      fetch(k)
+    first = prepare(0, True)
+    plgpu.commit_smem()
+
+    def window_body(k, carry):
+      h, (skips, gates) = carry
+      out_slot = k % 2  # of the saved states and y
+
+      @pl.when(k + slots < num_windows)
       def _():
-        # Into the last chunk's slot: every thread is past its reads.
-        fetch(k + slots - 1, (k + slots - 1) % slots)
+        # Into this window's input buffers, which pass (1) has read.
+        fetch(k + slots)
 
-      if save_chunks:
-        for i in range(m):
-          state_s[out_slot, my_states(i)] = h[i]
-      h = list(h)
       # Each step's sum over this thread's states of h_i C_i stays in registers until the
-      # chunk's last step: a shared-memory store between steps would keep the compiler from
+      # window's last step: a shared-memory store between steps would keep the compiler from
       # loading the next steps' inputs early (ptxas cannot tell the buffers apart): with a
-      # store a step this kernel took 0.246 ms on an H100 (kernels/NOTES.md, v5).
-      parts = []
-      for t in range(chunk):
-        # This lane's channel's dt and dt x; its states' B_t and C_t (in the reordered layout:
-        # the m from p * m on), one vector load each.
+      # store a step this kernel took 0.246 ms on an H100 (kernels/NOTES.md, v5). So do the
+      # states before the window's chunks, which are saved after it.
+      starts, parts = [h], []
+      h = list(h)
+      for t in range(window):
+        if t and t % chunk == 0:
+          starts.append(h)
+        # This lane's channel's dt and dt x; its states' B_t and C_t, one vector load each.
         dt_t, drive_t = (_lane_load(buffer.at[t], lanes, (1, channels, 1), 1, interpret)[0]
                          for buffer in (dt_s, drive_s))
-        B_t, C_t = (_lane_load(buffer.at[slot, t], lanes, (channels, subsets, m), m, interpret)
-                    for buffer in bc_s)
+        B_t, C_t = (_lane_load(buffer.at[t], lanes, (channels, subsets, m), m, interpret)
+                    for buffer in bc_f32_s)
         h = [jnp.exp2(dt_t * a) * hi + drive_t * bi for a, hi, bi in zip(A_rows, h, B_t)]
         part = h[0] * C_t[0]
         for hi, ci in zip(h[1:], C_t[1:]):  # a chain of FMAs: steps overlap, not terms
@@ -288,39 +368,54 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
         parts.append(part)
       for t, part in enumerate(parts):
         part_s[t] = part
+      # The copies out of this window's slots of state_s and y_s, issued two windows ago, must
+      # have read them before the stores after the next barrier: after them came only the last
+      # window's copies.
+      _await_stores_read(1 + save_chunks, interpret)
       plgpu.commit_smem()
-      if save_chunks:
-        plgpu.copy_smem_to_gmem(state_s.at[out_slot], chunks_g.at[b, k, :, cols])
       for j, skip in enumerate(skips):
-        steps = pl.ds(j * subsets, subsets)
+        steps = group_steps(j)
         y = _tree_sum([part_s[steps, p] for p in range(subsets)] + [skip])
         if has_z:
-          y = y * _gate(seq_s[2][slot, steps].astype(f32))
+          y = y * gates[j]
         y_s[out_slot, steps] = y.astype(y_s.dtype)
+      if save_chunks:
+        for s, start in enumerate(starts):
+          for i in range(m):
+            state_s[out_slot, s, my_states(i)] = start[i]
+      # After the last window this reads stale buffers, without waiting: its results go unused.
+      ahead = prepare(k + 1, k + 1 < num_windows)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(y_s.at[out_slot], y_g.at[b, pl.ds(k * chunk, chunk), cols])
-      return tuple(h)
+      plgpu.copy_smem_to_gmem(y_s.at[out_slot], y_g.at[b, pl.ds(k * window, window), cols])
+      if save_chunks:
+        plgpu.copy_smem_to_gmem(state_s.at[out_slot],
+                                chunks_g.at[b, pl.ds(k * per_window, per_window), :, cols])
+      return tuple(h), ahead
 
-    h = jax.lax.fori_loop(0, num_chunks, chunk_body, h)
+    h0_rows = tuple(state_s[0, 0, my_states(i)] for i in range(m))
+    h, _ = jax.lax.fori_loop(0, num_windows, window_body, (h0_rows, first))
     plgpu.wait_smem_to_gmem(0)
     plgpu.commit_smem()
     for i in range(m):
-      state_s[0, my_states(i)] = h[i]
+      state_s[0, 0, my_states(i)] = h[i]
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(state_s.at[0], h_last_g.at[b, :, cols])
+    plgpu.copy_smem_to_gmem(state_s.at[0, 0], h_last_g.at[b, :, cols])
     plgpu.wait_smem_to_gmem(0)
 
   out_type = [jax.ShapeDtypeStruct(x.shape, x.dtype),
               jax.ShapeDtypeStruct((batch, n, d), f32)]
   if save_chunks:
     out_type.append(jax.ShapeDtypeStruct((batch, num_chunks, n, d), f32))
-  scratch = ([plgpu.SMEM((slots, chunk, channels), a.dtype) for a in seq_inputs]
-             + [plgpu.SMEM((slots, chunk, n), f32) for _ in (B, C)]
-             + [plgpu.SMEM((n + 2 * subsets, channels), f32), plgpu.SMEM((2, n, channels), f32)]
-             # dt, dt * x and the partial sums of y: written and read within a chunk.
-             + [plgpu.SMEM((chunk, channels), f32) for _ in range(2)]
-             + [plgpu.SMEM((chunk, subsets, channels), f32),
-                plgpu.SMEM((2, chunk, channels), x.dtype),
+  scratch = ([plgpu.SMEM((slots, window, channels), a.dtype) for a in seq_inputs]
+             + [plgpu.SMEM((slots, window, n), a.dtype) for a in (B, C)]
+             + [plgpu.SMEM((n + 2 * subsets, channels), f32),
+                plgpu.SMEM((2, per_window, n, channels), f32)]
+             # B_t and C_t in float32, dt, dt * x and the partial sums of y: written and read
+             # within a window.
+             + [[plgpu.SMEM((window, n), f32) for _ in (B, C)]]
+             + [plgpu.SMEM((window, channels), f32) for _ in range(2)]
+             + [plgpu.SMEM((window, subsets, channels), f32),
+                plgpu.SMEM((2, window, channels), x.dtype),
                 plgpu.Barrier(num_arrivals=len(seq_inputs) + 2, num_barriers=slots),
                 plgpu.Barrier(num_arrivals=2)])
   call = plgpu.kernel(

@@ -5,6 +5,9 @@
   python scripts/bench_scan.py --seq                # lengths 512 .. 16384: time should grow linearly
   python scripts/bench_scan.py --compare            # adds the peers that are installed
   python scripts/bench_scan.py --workload linear_attention --compare   # with fla's chunk_simple_gla
+  bash scripts/build_mamba_ssm_peer.sh mamba_ssm-2.3.2.post1.tar.gz /tmp/mamba_peer && \
+      PYTHONPATH=/tmp/mamba_peer:$PYTHONPATH python scripts/bench_scan.py --workload selective_scan \
+      --compare --check                             # with mamba_ssm's CUDA selective scan
   python scripts/bench_scan.py --check              # first checks each impl against a float32 reference
   python scripts/bench_scan.py --impl pallas --device_time   # adds each call's device (kernel) time
   python scripts/bench_scan.py --workload selective_scan --impl pallas pallas_triton  # Mosaic vs Triton
@@ -22,6 +25,12 @@ floor (bytes that must move / copy bandwidth, measured at the start of the same 
 holds each call's host dispatch (0.1-0.4 ms a call on an H100, kernels/NOTES.md); --device_time
 adds the device time per call, the summed durations of its device ops in a jax.profiler trace of
 --repeats calls (kernels only, as CUDA events around the kernels would give).
+
+--compare runs the installed peers (scripts/scan_peers.py: mamba_ssm's selective_scan_cuda, fla's
+chunk_simple_gla) through torch on the same input sets, in the same run and table, computing the
+same function (for the selective scan: D, the z gate, dt_bias and softplus); with --check their
+output and input gradients are checked against the float32 reference as ours are. A peer's device
+time is CUDA events around its calls queued back to back.
 
 A workload is one op and its default shape: it makes the inputs, runs an impl, and counts the
 bytes. `WORKLOADS` maps names to them; a new op adds one class and one entry.
@@ -41,6 +50,7 @@ import jax.numpy as jnp
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 
 import kernels  # noqa: E402
+import scan_peers  # noqa: E402  scripts/scan_peers.py
 from kernels import linear_attention, selective_scan  # noqa: E402
 
 SEQ_SWEEP = (512, 1024, 2048, 4096, 8192, 16384)
@@ -119,12 +129,12 @@ class SelectiveScan:
     return forward, forward + backward
 
   def peers(self):
-    """Peer kernels runnable here: name -> run(inputs); a string value says why one is missing."""
+    """Peers by name: a TorchPeer where it is installed, else a line saying why it is missing."""
     try:
-      import selective_scan_cuda  # noqa: F401  (mamba_ssm's CUDA extension)
-    except ImportError:
-      return {"mamba_ssm selective_scan_cuda": "not installed (needs a CUDA build of mamba_ssm)"}
-    return {"mamba_ssm selective_scan_cuda": "installed, but calling it needs torch tensors; not wired"}
+      return {"mamba_ssm selective_scan_cuda": scan_peers.MambaSsmPeer()}
+    except ImportError as error:
+      return {"mamba_ssm selective_scan_cuda": f"not installed ({error}); "
+                                               "scripts/build_mamba_ssm_peer.sh builds it"}
 
   # Measured side by side on an H100 (issue 4), batch 8, length 2048, d 1536, n 16, bf16.
   published = {"mamba_ssm CUDA (issue 4)": (0.42, 2.30), "associative fp32 (issue 4)": (3.79, 13.9)}
@@ -144,11 +154,29 @@ class LinearAttention:
     return dict(q=normal(keys[0], dk, dk**-0.5), k=normal(keys[1], dk), v=normal(keys[2], dv),
                 log_decay=jax.random.uniform(keys[3], (batch, length, heads), minval=-0.2, maxval=-0.01))
 
-  def run(self, impl, inputs):
-    return linear_attention(**inputs, impl=impl)
+  def run(self, impl, inputs, **flags):
+    return linear_attention(**inputs, **flags, impl=impl)
 
   def check_cases(self, shape):
-    return [("default", self.inputs(99, **shape), {})]
+    """(label, inputs, flags) that --check runs: the timed configuration, then the options it leaves
+    out: h0, reverse and the final state; no decay, one per head and one per key channel; float32
+    inputs; a length that is not a whole number of chunks; dk and dv swapped."""
+    timed = self.inputs(99, **shape)
+    batch, length, heads, dk, dv = (shape[n] for n in ("batch", "length", "heads", "dk", "dv"))
+    h0 = jax.random.normal(jax.random.key(98), (batch, heads, dk, dv))
+    odd = {**shape, "length": length - 5}
+    per_channel = jax.random.uniform(jax.random.key(97), (batch, odd["length"], heads, dk),
+                                     minval=-0.2, maxval=-0.01)
+    per_head = jax.random.uniform(jax.random.key(96), (heads,), minval=-0.2, maxval=-0.01)
+    return [("per-token decay", timed, {}),
+            ("h0 reverse state", {**timed, "h0": h0}, dict(reverse=True, return_state=True)),
+            ("no decay, odd length", {**self.inputs(95, **odd), "log_decay": None}, {}),
+            ("per-head decay, float32", {**self.inputs(94, **shape, dtype=jnp.float32),
+                                         "log_decay": per_head}, {}),
+            ("per-channel decay, odd length, h0 reverse state",
+             {**self.inputs(93, **odd), "log_decay": per_channel, "h0": h0},
+             dict(reverse=True, return_state=True)),
+            ("dk 64, dv 128", self.inputs(92, **{**shape, "dk": 64, "dv": 128}), {})]
 
   def bytes_moved(self, batch, length, heads, dk, dv, dtype=jnp.bfloat16):
     """(forward, forward+backward) bytes that must cross HBM: each input read once, output written once."""
@@ -159,48 +187,11 @@ class LinearAttention:
     return forward, forward + backward
 
   def peers(self):
+    """Peers by name: a TorchPeer where it is installed, else a line saying why it is missing."""
     try:
-      from fla.ops.simple_gla import chunk_simple_gla  # noqa: F401
+      return {"fla chunk_simple_gla": scan_peers.FlaSimpleGlaPeer()}
     except ImportError as error:
       return {"fla chunk_simple_gla": f"not installed ({error})"}
-    return {"fla chunk_simple_gla": "installed: timed below on the same inputs"}
-
-  def time_peers(self, sets, repeats):
-    """(name, forward ms, forward+backward ms) of the installed peers on the same inputs (torch)."""
-    try:
-      import torch
-      from fla.ops.simple_gla import chunk_simple_gla
-    except ImportError:
-      return []
-    to_torch = lambda a: torch.from_dlpack(a).requires_grad_(True)
-    torch_sets = [{k: to_torch(v) for k, v in ins.items()} for ins in sets]
-
-    def forward(ins):
-      return chunk_simple_gla(ins["q"], ins["k"], ins["v"], g=ins["log_decay"], scale=1.0)[0]
-
-    def forward_backward(ins):
-      forward(ins).backward(torch.ones_like(ins["v"]))
-
-    def median(fn):
-      for ins in torch_sets:
-        fn(ins)
-      torch.cuda.synchronize()
-      times = []
-      for i in range(repeats):
-        start = time.perf_counter()
-        fn(torch_sets[i % len(torch_sets)])
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-      return 1e3 * statistics.median(times)
-
-    with torch.no_grad():
-      fwd = median(forward)
-    try:
-      fwd_bwd = median(forward_backward)
-    except RuntimeError as error:  # fla refuses its Hopper backward under some Triton versions.
-      print(f"fla chunk_simple_gla backward: {error}"[:300], flush=True)
-      fwd_bwd = float("nan")
-    return [("fla chunk_simple_gla", fwd, fwd_bwd)]
 
   # Measured side by side on an H100 (issue 4), batch 8, length 2048, 24 heads, dk 128, dv 64.
   published = {"fla chunk_simple_gla (issue 4)": (0.49, float("nan")),
@@ -254,37 +245,65 @@ def run_once(workload, impl, inputs):
   jax.block_until_ready(jax.jit(forward_backward).lower(inputs).compile()(inputs))
 
 
-_reference_results = {}
-
-
 def relative_error(got, want):
   """||got - want|| / ||want|| over all elements, in float32."""
   return float(jnp.linalg.norm((got.astype(jnp.float32) - want).ravel()) / jnp.linalg.norm(want.ravel()))
 
 
+def random_cotangents(out):
+  """Random cotangents for every output, the same for every impl (fixed key), in the outputs' dtypes."""
+  keys = jax.random.split(jax.random.key(7), len(jax.tree.leaves(out)))
+  return jax.tree.unflatten(jax.tree.structure(out), [
+      jax.random.normal(k, o.shape).astype(o.dtype) for k, o in zip(keys, jax.tree.leaves(out))])
+
+
+def outputs_and_grads(workload, impl, ins, flags):
+  out, vjp = jax.vjp(lambda i: workload.run(impl, i, **flags), ins)
+  return out, vjp(random_cotangents(out))[0]
+
+
+_reference_results = {}
+
+
+def reference_results(workload, label, ins, flags, shape):
+  """Outputs and input gradients of float32 'reference' on check case `label`, once per run."""
+  key = (workload.name, label, tuple(shape.items()))
+  if key not in _reference_results:  # one reference per case, whatever the variants
+    upcast = jax.tree.map(lambda a: a.astype(jnp.float32), ins)
+    _reference_results[key] = jax.jit(
+        functools.partial(outputs_and_grads, workload, "reference", flags=flags))(upcast)
+  return _reference_results[key]
+
+
 def check(workload, impl, shape):
   """Per check case: its label, and the relative L2 errors of impl's outputs and input gradients
   against float32 'reference' on the same values (random cotangents for every output)."""
-
-  def outputs_and_grads(impl, ins, flags):
-    out, vjp = jax.vjp(lambda i: workload.run(impl, i, **flags), ins)
-    keys = jax.random.split(jax.random.key(7), len(jax.tree.leaves(out)))
-    weights = jax.tree.unflatten(jax.tree.structure(out), [
-        jax.random.normal(k, o.shape).astype(o.dtype) for k, o in zip(keys, jax.tree.leaves(out))])
-    return out, vjp(weights)[0]
-
   results = []
   for label, ins, flags in workload.check_cases(shape):
-    key = (workload.name, label, tuple(shape.items()))
-    if key not in _reference_results:  # one reference per case, whatever the variants
-      upcast = jax.tree.map(lambda a: a.astype(jnp.float32), ins)
-      _reference_results[key] = jax.jit(
-          functools.partial(outputs_and_grads, "reference", flags=flags))(upcast)
-    want = _reference_results[key]
-    got = jax.jit(functools.partial(outputs_and_grads, impl, flags=flags))(ins)
+    want = reference_results(workload, label, ins, flags, shape)
+    got = jax.jit(functools.partial(outputs_and_grads, workload, impl, flags=flags))(ins)
     out_errs = jax.tree.leaves(jax.tree.map(relative_error, got[0], want[0]))
     results.append((label, out_errs, jax.tree.map(relative_error, got[1], want[1])))
   return results
+
+
+def check_peer(workload, peer, shape):
+  """As check() for a peer, on the first check case (the timed configuration): the peers run
+  neither h0, reverse nor the final state."""
+  label, ins, flags = workload.check_cases(shape)[0]
+  want_out, want_grads = reference_results(workload, label, ins, flags, shape)
+  out, grads = scan_peers.outputs_and_grads(peer, ins, random_cotangents(want_out))
+  return [(label, [relative_error(out, want_out)],
+           {k: relative_error(g, want_grads[k]) for k, g in grads.items()})]
+
+
+def print_check(name, label, shape, results):
+  for case, out_errs, grad_errs in results:
+    # An input that is None (no decay) has no gradient.
+    grads = (", ".join(f"{k} {v:.1e}" for k, v in grad_errs.items() if v is not None)
+             or "none (no backward)")
+    print(f"check {name} {label} {shape} {case}: output rel errs "
+          + ", ".join(f"{e:.2e}" for e in out_errs) + f"; input-gradient rel errs {grads}", flush=True)
 
 
 def time_mixer(impls, repeats, fused=False, check_fused=False, batch=8, length=2048):
@@ -427,9 +446,14 @@ def main():
     workload = WORKLOADS[name]
     impls = args.impl or workload.impls
     lengths = SEQ_SWEEP if args.seq else (workload.default_shape["length"],)
+    peers = {}
     if args.compare:
-      for peer, status in workload.peers().items():
-        print(f"{name} peer {peer}: {status}")
+      for peer, found in workload.peers().items():
+        installed = not isinstance(found, str)
+        print(f"{name} peer {peer}: "
+              + ("installed: timed below on the same inputs" if installed else found), flush=True)
+        if installed:
+          peers[peer] = found
       for peer, (fwd, fwd_bwd) in workload.published.items():
         print(f"{name} published {peer}: forward {fwd} ms, forward+backward {fwd_bwd} ms")
     if "length" in overrides and not args.seq:
@@ -438,12 +462,21 @@ def main():
       shape = {**workload.default_shape, **overrides, "length": length}
       sets = [workload.inputs(seed, **shape) for seed in range(args.sets)]
       fwd_bytes, fwd_bwd_bytes = workload.bytes_moved(**shape)
-      if args.compare and hasattr(workload, "time_peers"):
-        for peer, fwd, fwd_bwd in workload.time_peers(sets, args.repeats):
-          rows.append((name, peer[:12], length, fwd, fwd_bytes / (fwd * 1e-3) / 1e9,
-                       fwd / (fwd_bytes / bandwidth * 1e3), fwd_bwd,
-                       fwd_bwd / (fwd_bwd_bytes / bandwidth * 1e3), None, None))
-          print(f"{name} peer {peer}:  " + "  ".join(map(str, rows[-1])), flush=True)
+      small = {**shape, "length": min(length, 256)}
+      for peer_name, peer in peers.items():
+        try:
+          fwd, fwd_bwd, fwd_device, fwd_bwd_device = scan_peers.time_peer(
+              peer, sets, args.repeats, args.device_time)
+          if args.check:
+            print_check(name, peer.label, small, check_peer(workload, peer, small))
+        except Exception as error:  # A peer that fails is reported, not fatal.
+          print(f"{name} peer {peer_name} length {length}: failed: {type(error).__name__}: "
+                f"{error}"[:2000], flush=True)
+          continue
+        rows.append((name, peer.label, length, fwd, fwd_bytes / (fwd * 1e-3) / 1e9,
+                     fwd / (fwd_bytes / bandwidth * 1e3), fwd_bwd,
+                     fwd_bwd / (fwd_bwd_bytes / bandwidth * 1e3), fwd_device, fwd_bwd_device))
+        print("  ".join(map(str, rows[-1])), flush=True)
       for impl, variant in itertools.product(impls, args.variants):
         settings = [v for v in variant.split(",") if v]
         label = " ".join([impl] + [v.rsplit(".", 1)[-1] for v in settings])
@@ -459,18 +492,14 @@ def main():
                        fwd_bwd / (fwd_bwd_bytes / bandwidth * 1e3), fwd_device, fwd_bwd_device))
           print("  ".join(map(str, rows[-1])), flush=True)
           if args.check:
-            small = {**shape, "length": min(length, 256)}
-            for case, out_errs, grad_errs in check(workload, impl, small):
-              print(f"check {name} {label} {small} {case}: output rel errs "
-                    + ", ".join(f"{e:.2e}" for e in out_errs) + "; input-gradient rel errs "
-                    + ", ".join(f"{k} {v:.1e}" for k, v in grad_errs.items()), flush=True)
+            print_check(name, label, small, check(workload, impl, small))
 
   width = max([13] + [len(row[1]) + 1 for row in rows])
   device = lambda ms: "-" if ms is None else f"{ms:.3f}"  # noqa: E731
-  print(f"\n{'workload':<16}{'impl':<{width}}{'length':>7}{'fwd ms':>9}{'GB/s':>7}{'x floor':>8}"
+  print(f"\n{'workload':<17}{'impl':<{width}}{'length':>7}{'fwd ms':>9}{'GB/s':>7}{'x floor':>8}"
         f"{'fwd+bwd ms':>11}{'x floor':>8}{'fwd dev':>9}{'f+b dev':>9}")
   for name, impl, length, fwd, gbs, fwd_ratio, fwd_bwd, fwd_bwd_ratio, fwd_dev, fwd_bwd_dev in rows:
-    print(f"{name:<16}{impl:<{width}}{length:>7}{fwd:>9.3f}{gbs:>7.0f}{fwd_ratio:>8.1f}"
+    print(f"{name:<17}{impl:<{width}}{length:>7}{fwd:>9.3f}{gbs:>7.0f}{fwd_ratio:>8.1f}"
           f"{fwd_bwd:>11.3f}{fwd_bwd_ratio:>8.1f}{device(fwd_dev):>9}{device(fwd_bwd_dev):>9}")
 
 

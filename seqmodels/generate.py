@@ -153,7 +153,7 @@ def inference_model(model: nnx.Module) -> nnx.Module:
     for name in ("kernel", "bias", "embedding"):
       param = getattr(module, name, None)
       if isinstance(param, nnx.Param):
-        param[...] = param[...].astype(dtype)
+        param.set_value(param[...].astype(dtype))  # param[...] = would keep the float32 buffer
   return model
 
 

@@ -53,6 +53,19 @@ def argmax_of_full_forward(model, prompts, n, vocab_size, length=32):
   return [s[len(p):] for s, p in zip(sequences, prompts)]
 
 
+def test_inference_model_stores_weights_in_the_compute_dtype_and_leaves_the_model_alone():
+  """A bf16 decoding step must read bf16 weights: float32 ones are converted at every step (on an
+  H100 that took mamba-370m from 1.55 to 2.3 ms a token)."""
+  model = lm.build(tiny_config("mamba", **{"model.dtype": "bfloat16"}).model, seed=0)
+  inference = generate.inference_model(model)
+  dtypes = lambda m: {str(getattr(module, name)[...].dtype) for _, module in nnx.iter_modules(m)  # noqa: E731
+                      for name in ("kernel", "embedding") if isinstance(module, (nnx.Linear, nnx.Embed))
+                      and hasattr(module, name)}
+  assert dtypes(inference) == {"bfloat16"} and dtypes(model) == {"float32"}
+  tokens = jnp.asarray([[3, 17, 5]], jnp.int32)
+  np.testing.assert_allclose(inference(tokens), model(tokens), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("arch", CAUSAL)
 def test_greedy_batch_of_mixed_lengths_equals_argmax_of_full_forward(arch):
   model, cfg = spread_model(arch)

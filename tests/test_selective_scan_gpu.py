@@ -33,21 +33,24 @@ def _on_device(inputs, dtype):
           for k, v in inputs.items()}
 
 
-@pytest.mark.parametrize("groups, dtype, channels, slots",
-                         [(2, jnp.float32, 32, 2), (1, jnp.bfloat16, 16, 3),
-                          (1, jnp.bfloat16, 128, 2)])
-def test_mosaic_gpu_forward_matches_oracle(groups, dtype, channels, slots, monkeypatch):
+@pytest.mark.parametrize("groups, dtype, channels, slots, window",
+                         [(2, jnp.float32, 32, 2, 3), (1, jnp.bfloat16, 16, 3, 2),
+                          (1, jnp.bfloat16, 128, 2, 1)])
+def test_mosaic_gpu_forward_matches_oracle(groups, dtype, channels, slots, window, monkeypatch):
   """Two groups of channels (or one), an odd length (padding steps must leave the state alone),
   h0, D, z, dt_bias and softplus; the saved chunk states are the oracle's states at the chunk
   boundaries. Blocks of 32, 16 or 128 channels: 4, 8 or 1 blocks a group of 128, whose 8 states
   a channel split over 4, 8 or 1 lanes (2, 1 or 8 states each); the lanes' partial sums of y meet
-  in shared memory. Inputs 1 or 2 chunks ahead (2 or 3 buffers).
+  in shared memory. Inputs 1 or 2 windows ahead (2 or 3 buffers). Windows of 3 chunks (the
+  whole sequence, two of its chunks' start states saved mid-window) or of 1 (FORWARD_CHUNKS 2
+  does not divide the 3 chunks, nor 1).
 
   The interpreter runs a warpgroup as one program, so it checks the arithmetic and the copies, not
   the barriers between warps: those only a GPU run checks (scripts/bench_scan.py --check).
   """
   monkeypatch.setattr(selective_scan_gpu, "FORWARD_CHANNELS", channels)
   monkeypatch.setattr(selective_scan_gpu, "FORWARD_SLOTS", slots)
+  monkeypatch.setattr(selective_scan_gpu, "FORWARD_CHUNKS", window)
   d = 2 * selective_scan_gpu.CHANNELS if groups == 2 else selective_scan_gpu.CHANNELS
   inputs = _random_inputs(np.random.default_rng(0), d, N_STATE, groups, dtype)
   padded_length = -(-LENGTH // CHUNK) * CHUNK
