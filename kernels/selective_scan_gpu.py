@@ -92,20 +92,23 @@ def _softplus(v):
   return jnp.maximum(v, 0.0) + jnp.log(1.0 + jnp.exp(-jnp.abs(v)))
 
 
-def _prepare(A, B, C, D, dt_bias, subsets):
-  """The backward's views of the inputs, laid out as the forward's: parameter rows log2(e) A^T (n),
-  then D and dt_bias each repeated `subsets` times, so that a (subsets, channels) view gives every
-  lane its channel's value (one f32 array, one copy); B and C in float32, each group's states
-  reordered so that a thread's n / subsets states (i * subsets + p) sit together for one vector
-  load. In bf16 each read of B_t or C_t would also cost a shift out of its packed pair, while the
-  conversion here is 2 x 1 MB at Mamba's sizes (kernels/NOTES.md, v4)."""
+def _parameter_rows(A, D, dt_bias, subsets):
+  """Both kernels' parameters as one float32 array (one copy): rows log2(e) A^T (n), then D and
+  dt_bias each repeated `subsets` times, so that a (subsets, channels) view gives every lane its
+  channel's value."""
+  return jnp.concatenate([A.T * _LOG2_E, jnp.tile(D[None], (subsets, 1)),
+                          jnp.tile(dt_bias[None], (subsets, 1))]).astype(jnp.float32)
+
+
+def _states_in_float32_by_thread(B, C, subsets):
+  """The backward's B and C: float32, each group's states reordered so that a thread's n / subsets
+  states (i * subsets + p) sit together for one vector load. In bf16 each read of B_t or C_t would
+  also cost a shift out of its packed pair, while the conversion here is 2 x 1 MB at Mamba's sizes
+  (kernels/NOTES.md, v4). The forward converts and reorders in the kernel instead (v6 forward)."""
   batch, padded_length, groups, n = B.shape
-  m = n // subsets
-  params = jnp.concatenate([A.T * _LOG2_E, jnp.tile(D[None], (subsets, 1)),
-                            jnp.tile(dt_bias[None], (subsets, 1))]).astype(jnp.float32)
-  order = [i * subsets + p for p in range(subsets) for i in range(m)]
+  order = [i * subsets + p for p in range(subsets) for i in range(n // subsets)]
   flat = lambda a: a[..., order].reshape(batch, padded_length, groups * n).astype(jnp.float32)
-  return params, flat(B), flat(C)
+  return flat(B), flat(C)
 
 
 def _compiler_params():
@@ -268,10 +271,7 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
   num_windows = num_chunks // per_window
   has_z = z is not None
   f32 = jnp.float32
-  # Parameter rows: log2(e) A^T (n), then D and dt_bias, each repeated `subsets` times so that
-  # a (subsets, channels) view gives every lane its channel's value.
-  params = jnp.concatenate([A.T * _LOG2_E, jnp.tile(D[None], (subsets, 1)),
-                            jnp.tile(dt_bias[None], (subsets, 1))]).astype(f32)
+  params = _parameter_rows(A, D, dt_bias, subsets)
   # B and C arrive in their own dtype, groups and states on one axis: the kernel converts them.
   B, C = (a.reshape(batch, padded_length, groups * n) for a in (B, C))
   h0 = jnp.swapaxes(h0, 1, 2).astype(f32)
@@ -464,7 +464,8 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
   num_chunks = padded_length // chunk
   has_z = z is not None
   f32 = jnp.float32
-  params, B, C = _prepare(A, B, C, D, dt_bias, subsets)
+  params = _parameter_rows(A, D, dt_bias, subsets)
+  B, C = _states_in_float32_by_thread(B, C, subsets)
   dh_last = jnp.swapaxes(dh_last, 1, 2).astype(f32)
   # x, dt and z's buffers take dx, ddt and dz once pass (3) has read them: one slot per input.
   seq_inputs = [x, dt] + [z] * has_z + [dy]
