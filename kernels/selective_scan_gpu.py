@@ -24,7 +24,9 @@ thread writes its states' terms per step into a column of a shared-memory tile, 
 `steps` = 128 / 2n steps, and after those steps thread r sums row r (conflict-free with rows padded
 by a word): one barrier pair per tile instead of a shuffle tree and a barrier per sum. The tiles of
 a chunk run as a loop, not unrolled, so the code fits the instruction cache. On the GPU the blocks
-add their row sums into one float32 array per group with reducing TMA copies.
+add their row sums into one float32 array per group with reducing TMA copies (one partial array a
+block would be 100 MB at Mamba's sizes); the blocks' order of addition is not fixed, so the
+gradients of B and C may differ in their last bits between runs of the same inputs.
 """
 
 import math
