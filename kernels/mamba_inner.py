@@ -10,8 +10,8 @@ the backward their transposes (pads and adds). Here the conv and silu are one ke
 out of xz, and the backward is written out: it recomputes x (one conv pass) and dt (one small
 matmul) instead of keeping them, so a layer's residuals are xz, x_proj's small output and the
 scan's chunk states (as mamba_ssm's mamba_inner_fn keeps), and its conv kernel writes the gradient
-of xz whole, dz included. z and the dt/B/C pieces are still slices of xz and x_proj's output: the
-scan kernels read separate arrays.
+of xz whole, dz included. The scan's Mosaic GPU kernels read the gate z in place in xz; the
+dt/B/C pieces are still slices of x_proj's (small) output.
 
 Runs on one GPU (Mosaic GPU kernels) and on CPU (the conv in Pallas's Mosaic GPU interpreter, the
 scan's portable Pallas kernels in interpret mode); there is no TPU version of the conv kernel.
@@ -90,11 +90,12 @@ def _forward(config, save_chunks, xz, conv_state, conv_kernel, conv_bias, x_proj
 
 
 def _ssm_inputs(config, xz, xdbc, dt_proj, A_log):
-  """dt, A, B, C and z for the scan, from xz and x_proj's output xdbc."""
-  d, n = A_log.shape
+  """dt, A, B, C and the gate for the scan, from xz and x_proj's output xdbc. The gate is xz
+  itself: the scan reads z, its last d channels, in place, where a slice would be a copy."""
+  n = A_log.shape[1]
   dt = _linear(xdbc[..., :config.rank], dt_proj)
   bc = xdbc[..., config.rank:].reshape(*xdbc.shape[:2], 2, 1, n)
-  return dt, -jnp.exp(A_log), bc[:, :, 0], bc[:, :, 1], xz[..., d:]
+  return dt, -jnp.exp(A_log), bc[:, :, 0], bc[:, :, 1], xz
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

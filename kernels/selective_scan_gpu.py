@@ -113,6 +113,13 @@ def _states_in_float32_by_thread(B, C, subsets):
   return flat(B), flat(C)
 
 
+def _column_offsets(arrays, d):
+  """Where each sequence input's d channels start: the gate z may be a wider array whose last d
+  channels it is (Mamba's in_proj output xz), which the kernels then read in place rather than
+  have XLA copy its half out (kernels/NOTES.md, session 8)."""
+  return [a.shape[-1] - d for a in arrays]
+
+
 def _compiler_params():
   """Without Pallas's automatic barriers (one before and one after every shared-memory store):
   the kernels order their shared memory themselves, commit_smem (a proxy fence and a warpgroup
@@ -248,7 +255,8 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
             interpret=None):
   """Returns y, the final state (batch, d, n) float32 and, if save_chunks, the state before each
   chunk as (batch, chunks, n, d) float32 (the layout `backward` reads). Inputs are padded to a
-  multiple of chunk steps; steps from `length` on leave the state alone.
+  multiple of chunk steps; steps from `length` on leave the state alone. The gate z (or None) is
+  the last d channels of its array, which may be wider (read in place).
 
   Blocks of FORWARD_CHANNELS channels and one warpgroup: lane p * channels + c holds channel c's
   states i * subsets + p (i < n / subsets), subsets = 128 / channels. Time goes by in windows of
@@ -278,6 +286,7 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
   B, C = (a.reshape(batch, padded_length, groups * n) for a in (B, C))
   h0 = jnp.swapaxes(h0, 1, 2).astype(f32)
   seq_inputs = [x, dt] + [z] * has_z
+  offsets = _column_offsets(seq_inputs, d)
 
   def selective_scan_forward(*refs):  # the name profilers show
     num_in = 6 + has_z
@@ -306,8 +315,9 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
 
     def fetch(k):
       rows, slot = pl.ds(k * window, window), k % slots
-      for src, dst in zip(refs[:len(seq_inputs)], seq_s):
-        plgpu.copy_gmem_to_smem(src.at[b, rows, cols], dst.at[slot], bars.at[slot])
+      for src, dst, offset in zip(refs[:len(seq_inputs)], seq_s, offsets):
+        plgpu.copy_gmem_to_smem(src.at[b, rows, pl.ds(offset + c * channels, channels)],
+                                dst.at[slot], bars.at[slot])
       for src, dst in zip((B_g, C_g), bc_s):
         plgpu.copy_gmem_to_smem(src.at[b, rows, group_cols], dst.at[slot], bars.at[slot])
 
@@ -432,9 +442,11 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
 
 def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, softplus, chunk,
              interpret=None):
-  """The gradients of `forward`, given its saved chunk states (batch, chunks, n, d).
+  """The gradients of `forward`, given its saved chunk states (batch, chunks, n, d), with z as
+  `forward` takes it.
 
-  Returns dx, ddt, dz (None without z) in the inputs' dtypes; dB and dC as partial sums over
+  Returns dx, ddt, dz (None without z; (batch, padded length, d) however wide z is) in the inputs'
+  dtypes; dB and dC as partial sums over
   channels, (batch, partials, padded length, n) float32 (one partial a group on the GPU, one a
   block under the interpreter); and float32 per-batch dA (batch, d, n), dD and ddt_bias
   (batch, d), dh0 (batch, d, n).
@@ -471,6 +483,7 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
   dh_last = jnp.swapaxes(dh_last, 1, 2).astype(f32)
   # x, dt and z's buffers take dx, ddt and dz once pass (3) has read them: one slot per input.
   seq_inputs = [x, dt] + [z] * has_z + [dy]
+  offsets = _column_offsets(seq_inputs, d)
   num_seq = len(seq_inputs)
   num_parts = 2 + has_z  # a thread's per-step sums over its states: of dh B, dh h e A', h C
   # On the GPU every block adds its dB, dC row sums into its group's float32 array with a
@@ -521,8 +534,9 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
 
     def fetch(k, slot):
       rows = pl.ds(k * chunk, chunk)
-      for src, dst in zip(seq_g, seq_s):
-        plgpu.copy_gmem_to_smem(src.at[b, rows, cols], dst.at[slot], bars.at[slot])
+      for src, dst, offset in zip(seq_g, seq_s, offsets):
+        plgpu.copy_gmem_to_smem(src.at[b, rows, pl.ds(offset + c * channels, channels)],
+                                dst.at[slot], bars.at[slot])
       for src, dst in zip((B_g, C_g), (B_s, C_s)):
         plgpu.copy_gmem_to_smem(src.at[b, rows, group_cols], dst.at[slot], bars.at[slot])
       plgpu.copy_gmem_to_smem(chunks_g.at[b, k, :, cols], starts_s.at[slot], bars.at[slot])
@@ -677,7 +691,7 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
     plgpu.copy_smem_to_gmem(sums_s, sums_g.at[b, :, :, cols])
     plgpu.wait_smem_to_gmem(0)
 
-  out_type = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in seq_inputs[:-1]]
+  out_type = [jax.ShapeDtypeStruct(x.shape, a.dtype) for a in seq_inputs[:-1]]
   if not reduce_in_kernel:
     out_type.append(jax.ShapeDtypeStruct((batch, blocks, padded_length // steps, CHANNELS), f32))
   out_type += [jax.ShapeDtypeStruct((batch, n, d), f32), jax.ShapeDtypeStruct((batch, n, d), f32),

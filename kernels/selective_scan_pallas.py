@@ -295,7 +295,8 @@ def _mosaic_gpu(config, x, B):
 def forward(config, x, dt, A, B, C, D, dt_bias, z, h0, save_chunks):
   """y and the final state; with save_chunks also the state before each chunk, which `backward`
   reads. Sequence inputs are padded to whole chunks, B and C are (batch, length, groups, n), and D,
-  dt_bias and h0 are arrays."""
+  dt_bias and h0 are arrays. The gate z (or None) is the last d channels of its array, which may
+  be wider: the Mosaic GPU kernels read it in place."""
   if _mosaic_gpu(config, x, B):
     return selective_scan_gpu.forward(x, dt, A, B, C, D, dt_bias, z, h0, length=config.length,
                                       softplus=config.softplus, chunk=config.chunk,
@@ -304,7 +305,7 @@ def forward(config, x, dt, A, B, C, D, dt_bias, z, h0, save_chunks):
   batch, padded_length, d = x.shape
   n = A.shape[1]
   has_z = z is not None
-  inputs = [x, dt, A, B, C, D[None], dt_bias[None]] + [z] * has_z + [h0]
+  inputs = [x, dt, A, B, C, D[None], dt_bias[None]] + [_gate_channels(z, d)] * has_z + [h0]
   in_specs = ([specs.seq(), specs.seq(), specs.matrix(), specs.bc(), specs.bc(), specs.param(),
                specs.param()] + [specs.seq()] * has_z + [specs.state()])
   out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((batch, d, n), config.acc)]
@@ -315,6 +316,11 @@ def forward(config, x, dt, A, B, C, D, dt_bias, z, h0, save_chunks):
     out_specs.append(specs.chunks(num_chunks))
   kernel = functools.partial(_forward_kernel, config, has_z, save_chunks)
   return _call(kernel, config, grid, in_specs, out_specs, out_shape, *inputs)
+
+
+def _gate_channels(z, d):
+  """The gate: the last d channels of z, or None (the portable kernels' blocks index z as x)."""
+  return z if z is None or z.shape[-1] == d else z[..., z.shape[-1] - d:]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -330,7 +336,8 @@ def _scan_fwd(config, x, dt, A, B, C, D, dt_bias, z, h0):
 
 def backward(config, residuals, cotangents):
   """The gradients of every input of `forward`, given its inputs and saved chunk states as
-  residuals (x, dt, A, B, C, D, dt_bias, z, h0, chunks) and the cotangents (dy, dh_last)."""
+  residuals (x, dt, A, B, C, D, dt_bias, z, h0, chunks) and the cotangents (dy, dh_last); dz is
+  the gate's, (batch, length, d), however wide z is."""
   x, dt, A, B, C, D, dt_bias, z, h0, chunks = residuals
   dy, dh_last = cotangents
   batch, padded_length, d = x.shape
@@ -359,6 +366,7 @@ def _portable_backward(config, x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_las
   batch, padded_length, d = x.shape
   n = B.shape[3]
   has_z = z is not None
+  z = _gate_channels(z, d)
   acc = config.acc
   inputs = ([x, dt, A, B, C, D[None], dt_bias[None]] + [z] * has_z
             + [chunks, dy.astype(x.dtype), dh_last.astype(acc)])

@@ -128,6 +128,33 @@ def test_mosaic_gpu_backward_matches_float64_autodiff(n, groups, dtype, reverse,
                                atol=tolerance, err_msg=name)
 
 
+def test_mosaic_gpu_kernels_read_the_gate_in_place():
+  """The gate z as the last d channels of a wider array (Mamba's in_proj output xz, which the fused
+  mixer hands over whole so that XLA copies no half of it out) gives the outputs of z alone, bit for
+  bit, in the forward and the backward; the other channels are x, which a wrong offset would
+  read."""
+  d, n, length = selective_scan_gpu.CHANNELS, 8, 16
+  arrays = _on_device(_random_inputs(np.random.default_rng(2), d, n, 1, jnp.bfloat16, length),
+                      jnp.bfloat16)
+  xz = jnp.concatenate([arrays["x"], arrays["z"]], axis=-1)
+  common = dict(length=length - 3, softplus=True, chunk=CHUNK, interpret=plgpu.InterpretGPUParams())
+  rng = np.random.default_rng(3)
+  dy = jnp.asarray(rng.normal(size=arrays["x"].shape), jnp.bfloat16)
+  dh_last = jnp.asarray(rng.normal(size=arrays["h0"].shape), jnp.float32)
+
+  def scan(z):
+    args = [arrays[k] for k in ("x", "dt", "A", "B", "C", "D", "dt_bias")]
+    y, h_last, chunks = selective_scan_gpu.forward(*args, z, arrays["h0"], save_chunks=True, **common)
+    grads = selective_scan_gpu.backward(*args, z, chunks, dy, dh_last, **common)
+    return (y, h_last, chunks) + grads
+
+  for name, want, got in zip(("y", "h_last", "chunks", "dx", "ddt", "dz", "dB", "dC", "dA", "dD",
+                              "ddt_bias", "dh0"), scan(arrays["z"]), scan(xz)):
+    assert got.shape == want.shape, name
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                  err_msg=name)
+
+
 @pytest.mark.parametrize("dtype", (jnp.bfloat16, jnp.float32))
 def test_mosaic_gpu_kernels_lower_for_cuda(dtype):
   """Mamba's sizes (n = 16, chunks of 16): layout inference, the strided shared-memory accesses
@@ -140,7 +167,9 @@ def test_mosaic_gpu_kernels_lower_for_cuda(dtype):
   common = dict(length=length - 3, softplus=True, chunk=chunk)
   forward = functools.partial(selective_scan_gpu.forward, save_chunks=True, **common)
   backward = functools.partial(selective_scan_gpu.backward, **common)
-  jax.jit(forward).trace(seq, seq, f32(d, n), bc, bc, f32(d), f32(d), seq, state).lower(
-      lowering_platforms=("cuda",))
-  jax.jit(backward).trace(seq, seq, f32(d, n), bc, bc, f32(d), f32(d), seq, chunks, seq,
-                          state).lower(lowering_platforms=("cuda",))
+  xz = jax.ShapeDtypeStruct((batch, length, 2 * d), dtype)  # the gate read in place
+  for gate in (seq, xz):
+    jax.jit(forward).trace(seq, seq, f32(d, n), bc, bc, f32(d), f32(d), gate, state).lower(
+        lowering_platforms=("cuda",))
+    jax.jit(backward).trace(seq, seq, f32(d, n), bc, bc, f32(d), f32(d), gate, chunks, seq,
+                            state).lower(lowering_platforms=("cuda",))
