@@ -108,12 +108,13 @@ def forward(xz, halo, kernel, bias, *, interpret=None):
                args=(xz, halo, _params(kernel, bias)))
 
 
-def backward(xz, halo, x_after, kernel, bias, dy, dy_after, dz, *, interpret=None):
-  """The gradients of `forward`, given dy (the cotangent of its output) and dz (of z, xz's second
-  half, passed through).
+def backward(xz, halo, x_after, kernel, bias, dy_parts, dy_after_parts, dz, *, interpret=None):
+  """The gradients of `forward`, given the cotangent of its output as a sum of parts (added in
+  float32 here, where XLA would spend a pass over them: Mamba's dx comes from the scan and from
+  x_proj) and dz (of z, xz's second half, passed through).
 
-  x_after and dy_after are right_halo of x and dy. Returns the gradient of xz (batch, length,
-  2 channels) in xz's dtype; per-block float32 partial sums of dkernel and dbias (batch, segments,
+  x_after is right_halo of x, and dy_after_parts those of the parts. Returns the gradient of xz
+  (batch, length, 2 channels) in xz's dtype; per-block float32 partial sums of dkernel and dbias (batch, segments,
   width + 1, channels); and the gradient of each segment's left halo from that segment's outputs
   (batch, segments, width - 1, channels) float32, whose first segment's is the conv state's.
   """
@@ -122,29 +123,36 @@ def backward(xz, halo, x_after, kernel, bias, dy, dy_after, dz, *, interpret=Non
   segments = halo.shape[1]
   segment = length // segments
   blocks = channels // CHANNELS
+  parts = len(dy_parts)
   f32 = jnp.float32
 
-  def body(xz_g, halo_g, x_after_g, params_g, dy_g, dy_after_g, dz_g, dxz_g, dparams_g, dhalo_g,
-           x_s, dy_s, halo_s, x_after_s, dy_after_s, params_s, dparams_s, dhalo_s, bar, dz_bar):
+  def body(*refs):
+    refs = iter(refs)
+    take = lambda count: [next(refs) for _ in range(count)]
+    xz_g, halo_g, x_after_g, params_g = take(4)
+    dy_g, dy_after_g = take(parts), take(parts)
+    dz_g, dxz_g, dparams_g, dhalo_g, x_s = take(5)
+    # The parts' scratch buffers arrive as two lists (scratch keeps its nesting).
+    dy_s, dy_after_s, halo_s, x_after_s, params_s, dparams_s, dhalo_s, bar, dz_bar = refs
     b, c, s = (jax.lax.axis_index(name) for name in ("b", "c", "s"))
     rows = pl.ds(s * segment, segment)
 
     @pl.when(c >= blocks)
     def _():  # Blocks of the second half copy dz into its place.
-      plgpu.copy_gmem_to_smem(dz_g.at[b, rows, pl.ds((c - blocks) * CHANNELS, CHANNELS)], dy_s,
-                              dz_bar)
+      plgpu.copy_gmem_to_smem(dz_g.at[b, rows, pl.ds((c - blocks) * CHANNELS, CHANNELS)],
+                              dy_s[0], dz_bar)
       plgpu.barrier_wait(dz_bar)
-      plgpu.copy_smem_to_gmem(dy_s, dxz_g.at[b, rows, pl.ds(c * CHANNELS, CHANNELS)])
+      plgpu.copy_smem_to_gmem(dy_s[0], dxz_g.at[b, rows, pl.ds(c * CHANNELS, CHANNELS)])
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when(c < blocks)
     def _():
       cols = pl.ds(c * CHANNELS, CHANNELS)
       plgpu.copy_gmem_to_smem(params_g.at[:, cols], params_s, bar)
-      for src, dst in ((halo_g, halo_s), (x_after_g, x_after_s), (dy_after_g, dy_after_s)):
+      for src, dst in ((halo_g, halo_s), (x_after_g, x_after_s), *zip(dy_after_g, dy_after_s)):
         plgpu.copy_gmem_to_smem(src.at[b, s, :, cols], dst, bar)
-      plgpu.copy_gmem_to_smem(xz_g.at[b, rows, cols], x_s, bar)
-      plgpu.copy_gmem_to_smem(dy_g.at[b, rows, cols], dy_s, bar)
+      for src, dst in ((xz_g, x_s), *zip(dy_g, dy_s)):
+        plgpu.copy_gmem_to_smem(src.at[b, rows, cols], dst, bar)
       plgpu.barrier_wait(bar)
       weights = [params_s[k] for k in range(width)]
       bias_row = params_s[width]
@@ -152,7 +160,9 @@ def backward(xz, halo, x_after, kernel, bias, dy, dy_after, dz, *, interpret=Non
       # step 0 on, read as they are needed.
       x_at = lambda t: (halo_s[t + width - 1] if t < 0 else x_s[t] if t < segment
                         else x_after_s[t - segment]).astype(f32)
-      dy_at = lambda t: (dy_s[t] if t < segment else dy_after_s[t - segment]).astype(f32)
+      dy_at = lambda t: functools.reduce(jnp.add, [
+          (rows_s[t] if t < segment else after_s[t - segment]).astype(f32)
+          for rows_s, after_s in zip(dy_s, dy_after_s)])
       window = [x_at(t) for t in range(-(width - 1), 0)]
       dpre = []  # the pre-activation's gradient at each step
       dweights, dbias = [None] * width, None
@@ -173,27 +183,28 @@ def backward(xz, halo, x_after, kernel, bias, dy, dy_after, dz, *, interpret=Non
         if r < 0:
           dhalo_s[r + width - 1] = dx
         else:
-          dy_s[r] = dx.astype(dy_s.dtype)  # Row r of dy was read at step r: reuse its slot.
+          dy_s[0][r] = dx.astype(xz.dtype)  # Row r of dy was read at step r: reuse its slot.
       for k in range(width):
         dparams_s[k] = dweights[k]
       dparams_s[width] = dbias
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(dy_s, dxz_g.at[b, rows, cols])
+      plgpu.copy_smem_to_gmem(dy_s[0], dxz_g.at[b, rows, cols])
       plgpu.copy_smem_to_gmem(dparams_s, dparams_g.at[b, s, :, cols])
       plgpu.copy_smem_to_gmem(dhalo_s, dhalo_g.at[b, s, :, cols])
       plgpu.wait_smem_to_gmem(0)
 
-  if not xz.dtype == dy.dtype == dy_after.dtype == dz.dtype:
-    raise ValueError(f"xz, dy, dy_after and dz must share a dtype, got {xz.dtype}, {dy.dtype}, "
-                     f"{dy_after.dtype} and {dz.dtype}")
+  dtypes = {a.dtype for a in (xz, dz, *dy_parts, *dy_after_parts)}
+  if len(dtypes) > 1 or len(dy_after_parts) != parts:
+    raise ValueError(f"xz, dz and the {parts} dy parts and their halos must share a dtype, got "
+                     f"{sorted(map(str, dtypes))} and {len(dy_after_parts)} halos")
   rows_type = lambda count, dtype=xz.dtype: plgpu.SMEM((count, CHANNELS), dtype)
-  scratch = [rows_type(segment), rows_type(segment), rows_type(width - 1), rows_type(width - 1),
-             rows_type(width - 1), rows_type(width + 1, f32), rows_type(width + 1, f32),
-             rows_type(width - 1, f32), plgpu.Barrier(num_arrivals=6),
-             plgpu.Barrier(num_arrivals=1)]
+  scratch = [rows_type(segment), [rows_type(segment)] * parts, [rows_type(width - 1)] * parts,
+             rows_type(width - 1), rows_type(width - 1), rows_type(width + 1, f32),
+             rows_type(width + 1, f32), rows_type(width - 1, f32),
+             plgpu.Barrier(num_arrivals=4 + 2 * parts), plgpu.Barrier(num_arrivals=1)]
   out_type = [jax.ShapeDtypeStruct(xz.shape, xz.dtype),
               jax.ShapeDtypeStruct((batch, segments, width + 1, channels), f32),
               jax.ShapeDtypeStruct((batch, segments, width - 1, channels), f32)]
   return _call(body, out_type=out_type, scratch=scratch, grid=(batch, 2 * blocks, segments),
                interpret=interpret,
-               args=(xz, halo, x_after, _params(kernel, bias), dy, dy_after, dz))
+               args=(xz, halo, x_after, _params(kernel, bias), *dy_parts, *dy_after_parts, dz))

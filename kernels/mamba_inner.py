@@ -7,11 +7,13 @@
 The unfused mixer (seqmodels/mamba.py) is XLA ops around the scan kernel: the split of xz, the
 concatenate of the conv state, the shifted slices and silu, the split of x_proj's output, and in
 the backward their transposes (pads and adds). Here the conv and silu are one kernel that reads x
-out of xz, and the backward is written out: it recomputes x (one conv pass) and dt (one small
-matmul) instead of keeping them, so a layer's residuals are xz, x_proj's small output and the
-scan's chunk states (as mamba_ssm's mamba_inner_fn keeps), and its conv kernel writes the gradient
-of xz whole, dz included. The scan's Mosaic GPU kernels read the gate z in place in xz; the
-dt/B/C pieces are still slices of x_proj's (small) output.
+out of xz, and the backward is written out. A layer's residuals are xz, x, x_proj's small output
+and the scan's chunk states; dt (one small matmul) is recomputed. mamba_ssm's mamba_inner_fn
+recomputes x too, to save memory; here x is kept, since under model.remat=block the backward's
+recomputed forward has just made it (a conv pass a layer less; without remat, one activation
+more a layer). The conv backward kernel takes x's two cotangents (from the scan and from x_proj)
+and adds them, and writes the gradient of xz whole, dz included. The scan's Mosaic GPU kernels
+read the gate z in place in xz; the dt/B/C pieces are still slices of x_proj's (small) output.
 
 Runs on one GPU (Mosaic GPU kernels) and on CPU (the conv in Pallas's Mosaic GPU interpreter, the
 scan's portable Pallas kernels in interpret mode); there is no TPU version of the conv kernel.
@@ -73,20 +75,19 @@ def _linear(x, kernel):
   return jax.lax.dot_general(x, kernel.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())))
 
 
-def _conv(config, xz, conv_state, conv_kernel, conv_bias):
-  """The conv's left halo, and x after the conv, its bias and silu."""
-  halo = causal_conv1d.left_halo(xz[..., :conv_kernel.shape[1]], conv_state, config.segment)
-  return halo, causal_conv1d.forward(xz, halo, conv_kernel, conv_bias,
-                                     interpret=config.conv_interpret)
+def _left_halo(config, xz, conv_state):
+  """The conv inputs before each of the conv kernel's segments (conv_state's before the first)."""
+  return causal_conv1d.left_halo(xz[..., :conv_state.shape[2]], conv_state, config.segment)
 
 
 def _forward(config, save_chunks, xz, conv_state, conv_kernel, conv_bias, x_proj, dt_proj, dt_bias,
              A_log, D, h0):
-  _, x = _conv(config, xz, conv_state, conv_kernel, conv_bias)
+  x = causal_conv1d.forward(xz, _left_halo(config, xz, conv_state), conv_kernel, conv_bias,
+                            interpret=config.conv_interpret)
   xdbc = _linear(x, x_proj)
   dt, A, B, C, z = _ssm_inputs(config, xz, xdbc, dt_proj, A_log)
   outs = selective_scan_pallas.forward(config.scan, x, dt, A, B, C, D, dt_bias, z, h0, save_chunks)
-  return outs, xdbc
+  return outs, x, xdbc
 
 
 def _ssm_inputs(config, xz, xdbc, dt_proj, A_log):
@@ -100,27 +101,26 @@ def _ssm_inputs(config, xz, xdbc, dt_proj, A_log):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _inner(config, xz, conv_state, conv_kernel, conv_bias, x_proj, dt_proj, dt_bias, A_log, D, h0):
-  (y, h_last), _ = _forward(config, False, xz, conv_state, conv_kernel, conv_bias, x_proj, dt_proj,
+  (y, h_last), _, _ = _forward(config, False, xz, conv_state, conv_kernel, conv_bias, x_proj, dt_proj,
                             dt_bias, A_log, D, h0)
   return y, h_last
 
 
 def _inner_fwd(config, xz, conv_state, conv_kernel, conv_bias, x_proj, dt_proj, dt_bias, A_log, D,
                h0):
-  (y, h_last, chunks), xdbc = _forward(config, True, xz, conv_state, conv_kernel, conv_bias, x_proj,
-                                       dt_proj, dt_bias, A_log, D, h0)
-  residuals = (xz, conv_state, conv_kernel, conv_bias, x_proj, dt_proj, dt_bias, A_log, D, h0,
+  (y, h_last, chunks), x, xdbc = _forward(config, True, xz, conv_state, conv_kernel, conv_bias,
+                                          x_proj, dt_proj, dt_bias, A_log, D, h0)
+  residuals = (xz, conv_state, conv_kernel, conv_bias, x_proj, dt_proj, dt_bias, A_log, D, h0, x,
                xdbc, chunks)
   return (y, h_last), residuals
 
 
 def _inner_bwd(config, residuals, cotangents):
-  (xz, conv_state, conv_kernel, conv_bias, x_proj, dt_proj, dt_bias, A_log, D, h0, xdbc,
+  (xz, conv_state, conv_kernel, conv_bias, x_proj, dt_proj, dt_bias, A_log, D, h0, x, xdbc,
    chunks) = residuals
   dy, dh_last = cotangents
   width, d = conv_kernel.shape
-  # x again from the conv, rather than kept from the forward: one pass over (batch, length, d).
-  halo, x = _conv(config, xz, conv_state, conv_kernel, conv_bias)
+  halo = _left_halo(config, xz, conv_state)
   dt, A, B, C, z = _ssm_inputs(config, xz, xdbc, dt_proj, A_log)
   dx, ddt, dA, dB, dC, dD, ddt_bias, dz, dh0 = selective_scan_pallas.backward(
       config.scan, (x, dt, A, B, C, D, dt_bias, z, h0, chunks), (dy.astype(xz.dtype), dh_last))
@@ -131,11 +131,12 @@ def _inner_bwd(config, residuals, cotangents):
                           axis=-1)
   _, x_proj_vjp = jax.vjp(_linear, x, x_proj)
   dx_from_proj, d_x_proj = x_proj_vjp(dxdbc)
-  dx = dx + dx_from_proj
 
+  # x's two cotangents go to the conv kernel as they are: it adds them.
+  dx_parts = (dx, dx_from_proj)
   dxz, dparams, dhalo = causal_conv1d.backward(
       xz, halo, causal_conv1d.right_halo(xz[..., :d], width, config.segment), conv_kernel, conv_bias,
-      dx, causal_conv1d.right_halo(dx, width, config.segment), dz,
+      dx_parts, [causal_conv1d.right_halo(part, width, config.segment) for part in dx_parts], dz,
       interpret=config.conv_interpret)
   dparams = dparams.sum(axis=(0, 1))
   return (dxz, dhalo[:, 0].astype(conv_state.dtype), dparams[:width], dparams[width], d_x_proj,

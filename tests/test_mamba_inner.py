@@ -29,9 +29,12 @@ def _conv_reference(xz, state, kernel, bias):
   return jax.nn.silu(sum(padded[:, k:k + length] * kernel[k] for k in range(WIDTH)) + bias)
 
 
-def test_conv_kernels_match_float64_autodiff():
+@pytest.mark.parametrize("parts", [1, 2])
+def test_conv_kernels_match_float64_autodiff(parts):
   """Two segments (the halos between them and the conv state before the first), one block of
-  channels and one of the z pass-through; the backward against float64 autodiff, dz copied."""
+  channels and one of the z pass-through; the backward against float64 autodiff, dz copied, with
+  the output's cotangent whole or as two parts that the kernel adds (Mamba's dx from the scan and
+  from x_proj)."""
   rng = np.random.default_rng(0)
   batch, segment, channels = 2, causal_conv1d.INTERPRET_SEGMENT, causal_conv1d.CHANNELS
   length = 2 * segment
@@ -50,9 +53,11 @@ def test_conv_kernels_match_float64_autodiff():
   x = f32["xz"][..., :channels]
   halo = causal_conv1d.left_halo(x, f32["state"], segment)
   y = causal_conv1d.forward(f32["xz"], halo, f32["kernel"], f32["bias"], interpret=interpret)
+  dy_parts = [dy] if parts == 1 else [dy / 4, dy * 0.75]
   dxz, dparams, dhalo = causal_conv1d.backward(
-      f32["xz"], halo, causal_conv1d.right_halo(x, WIDTH, segment), f32["kernel"], f32["bias"], dy,
-      causal_conv1d.right_halo(dy, WIDTH, segment), dz, interpret=interpret)
+      f32["xz"], halo, causal_conv1d.right_halo(x, WIDTH, segment), f32["kernel"], f32["bias"],
+      dy_parts, [causal_conv1d.right_halo(part, WIDTH, segment) for part in dy_parts], dz,
+      interpret=interpret)
 
   close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5)
   close(y, want)
@@ -123,7 +128,8 @@ def test_conv_kernels_lower_for_cuda():
   kernel, bias = (jax.ShapeDtypeStruct(shape, jnp.float32) for shape in ((WIDTH, channels), (channels,)))
   jax.jit(causal_conv1d.forward).trace(seq(2 * channels), halo, kernel, bias).lower(
       lowering_platforms=("cuda",))
-  jax.jit(causal_conv1d.backward).trace(seq(2 * channels), halo, halo, kernel, bias, seq(channels), halo,
+  jax.jit(causal_conv1d.backward).trace(seq(2 * channels), halo, halo, kernel, bias,
+                                        [seq(channels)] * 2, [halo] * 2,
                                         seq(channels)).lower(lowering_platforms=("cuda",))
 
 
