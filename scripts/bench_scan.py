@@ -39,10 +39,8 @@ bytes. `WORKLOADS` maps names to them; a new op adds one class and one entry.
 import argparse
 import functools
 import itertools
-import statistics
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -52,21 +50,14 @@ sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 import kernels  # noqa: E402
 import scan_peers  # noqa: E402  scripts/scan_peers.py
 from kernels import linear_attention, selective_scan  # noqa: E402
+from seqmodels import profiling  # noqa: E402
 
 SEQ_SWEEP = (512, 1024, 2048, 4096, 8192, 16384)
 
 
 def median_ms(fn, input_sets, repeats):
   """Median wall time of fn over repeats calls, cycling through input_sets, after one warm-up each."""
-  for inputs in input_sets:
-    jax.block_until_ready(fn(*inputs))
-  times = []
-  for i in range(repeats):
-    inputs = input_sets[i % len(input_sets)]
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*inputs))
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
+  return profiling.median_wall_ms(lambda inputs: fn(*inputs), input_sets, repeats, jax.block_until_ready)
 
 
 def copy_bandwidth(repeats):
@@ -204,8 +195,6 @@ WORKLOADS = {"selective_scan": SelectiveScan(), "linear_attention": LinearAttent
 def device_ms(fn, inputs, repeats):
   """Device time per call of jitted fn: its device ops' summed durations in a jax.profiler trace of
   `repeats` calls (kernels only, no host dispatch); None where the backend traces no device ops."""
-  from seqmodels import profiling
-
   compiled = fn.lower(*inputs).compile()
 
   def run():

@@ -16,11 +16,10 @@ device time per call, here CUDA events around calls queued back to back (the ker
 between them), where ours sums its kernels' durations from a profiler trace.
 """
 
-import statistics
-import time
-
 import jax
 import jax.numpy as jnp
+
+from seqmodels import profiling
 
 
 def _to_torch(array):
@@ -121,16 +120,7 @@ def wall_ms(fn, arg_sets, repeats):
   """Median wall time of fn over repeats calls, cycling through arg_sets, synchronizing after each
   call (as block_until_ready does for ours), after one warm-up call per set."""
   import torch
-  for args in arg_sets:
-    fn(args)
-  torch.cuda.synchronize()
-  times = []
-  for i in range(repeats):
-    start = time.perf_counter()
-    fn(arg_sets[i % len(arg_sets)])
-    torch.cuda.synchronize()
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
+  return profiling.median_wall_ms(fn, arg_sets, repeats, lambda _: torch.cuda.synchronize())
 
 
 def device_ms(fn, arg_sets, repeats):

@@ -18,6 +18,8 @@ import gzip
 import json
 import os
 import re
+import statistics
+import time
 
 import jax
 
@@ -27,6 +29,20 @@ ATTENTION_KERNELS = re.compile(r"cudnn|fmha|flash|attention", re.I)
 # the scan core's (kernels/), named after its body.
 SCAN_KERNELS = re.compile(r"mosaic_gpu_kernel")
 COPIES = re.compile(r"memcpy|memset", re.I)
+
+
+def median_wall_ms(call, arg_sets, repeats, synchronize):
+  """Median wall time in ms of call(args), cycling through arg_sets, each call followed by
+  synchronize(its result), after one warm-up call per set: how the benchmark scripts time our jax
+  functions (synchronize = jax.block_until_ready) and the torch peers alike."""
+  for args in arg_sets:
+    synchronize(call(args))
+  times = []
+  for i in range(repeats):
+    start = time.perf_counter()
+    synchronize(call(arg_sets[i % len(arg_sets)]))
+    times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times)
 
 
 def trace(run, directory, *, hlo_text, steps):
