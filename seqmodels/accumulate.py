@@ -9,7 +9,9 @@ activations are alive at a time.
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from seqmodels import sharding
 from seqmodels.errors import UserError
 
 
@@ -38,24 +40,40 @@ def loss_and_grads(sums_fn, params, batch: dict, microbatches: int):
 
   sums_fn(params, batch) -> {"loss", "correct", "count"} sums; a batch's optional "weights" says
   which positions count (all of them without it).
+
+  With several microbatches on a mesh that splits the batch over 'data', each data-parallel group
+  accumulates the gradients of its own rows inside a shard_map and the groups' sums are added once
+  at the end: one all-reduce a step, where under XLA's partitioning alone every microbatch's
+  gradients would be all-reduced inside the loop (16 all-reduces a step for 16 microbatches).
   """
   targets = batch["targets"]
   count = jnp.sum(batch["weights"]) if "weights" in batch else jnp.asarray(targets.size, jnp.float32)
   count = jnp.maximum(count, 1.0)  # A masked-LM batch could, rarely, mask nothing.
 
-  def share(params, piece):
+  def share(params, piece, count):
     sums = sums_fn(params, piece)
     return sums["loss"] / count, sums["correct"] / count
 
   grad_fn = jax.value_and_grad(share, has_aux=True)
   if microbatches == 1:
-    (loss, accuracy), grads = grad_fn(params, batch)
+    (loss, accuracy), grads = grad_fn(params, batch, count)
     return loss, accuracy, grads
 
-  def accumulate(totals, piece):
-    (loss, accuracy), grads = grad_fn(params, piece)
-    return jax.tree.map(jnp.add, totals, (loss, accuracy, grads)), None
+  def accumulated(params, batch, count):
+    def add(totals, piece):
+      (loss, accuracy), grads = grad_fn(params, piece, count)
+      return jax.tree.map(jnp.add, totals, (loss, accuracy, grads)), None
 
-  zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-  (loss, accuracy, grads), _ = jax.lax.scan(accumulate, zeros, split_microbatches(batch, microbatches))
-  return loss, accuracy, grads
+    zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    return jax.lax.scan(add, zeros, split_microbatches(batch, microbatches))[0]
+
+  if not sharding.splits_data(sharding.context_mesh()):
+    return accumulated(params, batch, count)
+
+  def group_sums(params, batch, count):
+    return jax.lax.psum(accumulated(params, batch, count), "data")
+
+  # check_vma=False: the sums start from plain zeros and become data-varying in the loop; the specs
+  # say how everything is laid out (parameters whole within a group, the batch split).
+  return jax.shard_map(group_sums, in_specs=(P(), P("data"), P()), out_specs=P(), axis_names={"data"},
+                       check_vma=False)(params, batch, count)

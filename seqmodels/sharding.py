@@ -157,19 +157,45 @@ def jit(mesh: Mesh, fn, **jit_kwargs):
   return on_mesh
 
 
-def _context_mesh():
+def context_mesh():
   """The mesh a `jit` above is tracing on, or None outside one (plain evaluation and decoding)."""
   mesh = jax.sharding.get_abstract_mesh()
   return None if mesh.empty or set(mesh.axis_names) != set(AXES) else mesh
 
 
+def _manual_axes() -> frozenset:
+  """The mesh axes a shard_map above has made manual (accumulate.py's data-parallel groups): inside
+  it arrays are already one group's block, so specs and sums leave those axes out."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return frozenset() if mesh.empty else frozenset(mesh.manual_axes)
+
+
 def activation_spec(*names) -> P:
-  return P(*(ACTIVATION_RULES.get(name) for name in names))
+  manual = _manual_axes()
+
+  def axes(name):
+    rule = ACTIVATION_RULES.get(name)
+    kept = tuple(a for a in ((rule,) if isinstance(rule, str) else rule or ()) if a not in manual)
+    return kept[0] if len(kept) == 1 else kept or None
+
+  return P(*(axes(name) for name in names))
+
+
+def splits_data(mesh) -> bool:
+  """Whether `mesh` (a context mesh, or None) splits the batch over a 'data' axis still to be
+  mapped, so that data-parallel groups can each sum their own gradients first.
+
+  Not where fsdp and tensor both split too: XLA's partitioner (jax 0.11.2) fails a check
+  (spmd_partitioner_util.cc: partition group sizes) on the embedding's gather from a table split
+  over both, inside a shard_map manual over 'data'."""
+  if mesh is None or mesh.shape["data"] == 1 or "data" in _manual_axes():
+    return False
+  return mesh.shape["fsdp"] == 1 or mesh.shape["tensor"] == 1
 
 
 def constrain(x, *names):
   """x laid out by the logical names of its dimensions; unchanged outside a mesh."""
-  if _context_mesh() is None:
+  if context_mesh() is None:
     return x
   return jax.lax.with_sharding_constraint(x, activation_spec(*names))
 
@@ -185,8 +211,8 @@ def _run_local(kernel, arrays, out_names, **options):
   the associative scan, and keeping no per-step residuals saves memory besides.
   """
   present = {k: a for k, (a, _) in arrays.items() if a is not None}
-  mesh = _context_mesh()
-  if mesh is None or mesh.size == 1:  # One device holds every block: nothing to map, nothing to recompute.
+  mesh = context_mesh()
+  if mesh is None or _mapped_size(mesh) == 1:  # One device holds every block: nothing to map or recompute.
     return kernel(**present, **options)
   in_specs = {k: activation_spec(*names) for k, (a, names) in arrays.items() if a is not None}
   out_specs = jax.tree.map(lambda names: activation_spec(*names), out_names,
@@ -195,10 +221,12 @@ def _run_local(kernel, arrays, out_names, **options):
   def local(a):
     return kernel(**a, **options)
 
+  outer_manual = _manual_axes()  # Read here: inside the maps below every axis is manual.
+
   def local_grads(a, cotangent):
     grads = jax.vjp(local, a)[1](cotangent)[0]
     # An argument the spec leaves whole on some mesh axes got one partial gradient per block there.
-    return {k: _sum_over_unsplit_axes(g, in_specs[k]) for k, g in grads.items()}
+    return {k: _sum_over_unsplit_axes(g, in_specs[k], outer_manual) for k, g in grads.items()}
 
   # check_vma=False: the kernels start their carries from plain zeros, which JAX's varying-axis
   # typing would reject inside the map; the specs above say exactly how every block is laid out.
@@ -209,9 +237,17 @@ def _run_local(kernel, arrays, out_names, **options):
   return run(present)
 
 
-def _sum_over_unsplit_axes(x, spec: P):
+def _mapped_size(mesh) -> int:
+  """Devices over the axes no shard_map above has made manual: how many blocks a kernel sees."""
+  manual = _manual_axes()
+  return math.prod(mesh.shape[a] for a in AXES if a not in manual)
+
+
+def _sum_over_unsplit_axes(x, spec: P, outer_manual):
+  """x summed over the mesh axes that neither spec splits nor a shard_map outside the kernel's has
+  made manual (its groups' sums meet later, accumulate.py)."""
   split = {axis for entry in spec if entry for axis in (entry if isinstance(entry, tuple) else (entry,))}
-  unsplit = tuple(axis for axis in AXES if axis not in split)
+  unsplit = tuple(axis for axis in AXES if axis not in split and axis not in outer_manual)
   return jax.lax.psum(x, unsplit) if unsplit else x
 
 

@@ -5,6 +5,7 @@ Runs on the 8 CPU devices that `make test` forces (--xla_force_host_platform_dev
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -84,6 +85,50 @@ def test_every_mesh_trains_like_one_device(case):
     assert t.mesh.devices.shape == mesh
     np.testing.assert_allclose(_losses(t, host_state, batches), expected, rtol=2e-5, atol=2e-5,
                                err_msg=f"{case} on mesh {mesh}")
+
+
+@pytest.mark.parametrize("case", ["mamba", "gpt", "retnet"])
+def test_microbatches_on_a_mesh_train_like_one_device(case):
+  """Two microbatches on data-parallel meshes, where each data group sums its own microbatches'
+  gradients in a shard_map and the groups' sums meet once (accumulate.py), and on (2, 2, 2), where
+  XLA's partitioning alone runs the loop: the losses of the whole batch on one device."""
+  reference = trainer.Trainer(_config(case, batch_size=16), "unused")
+  host_state = jax.device_get(reference.init_state())
+  batches = _batches(reference.config)
+  expected = _losses(reference, host_state, batches)
+  for mesh in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
+    t = trainer.Trainer(_config(case, mesh, batch_size=16, microbatches=2), "unused")
+    # Tighter than the test above: a gradient summed over too few devices (the scan's A and D,
+    # whole on every device) moved the fifth loss by 2e-5.
+    np.testing.assert_allclose(_losses(t, host_state, batches), expected, rtol=0, atol=5e-6,
+                               err_msg=f"{case} on mesh {mesh}")
+
+
+def _all_reduces(t, batch):
+  """(all-reduces in while-loop bodies, all-reduces elsewhere) in the compiled train step."""
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(t.mesh)),
+                          batch)
+  hlo = t.train_step.lower(t.abstract_state, abstract).compile().as_text()
+  bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo))
+  counts, computation = [0, 0], None
+  for line in hlo.splitlines():
+    header = re.match(r"(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if header:
+      computation = header.group(1)
+    elif re.search(r" all-reduce(-start)?\(", line):
+      counts[computation not in bodies] += 1
+  return tuple(counts)
+
+
+def test_accumulated_gradients_are_all_reduced_once_a_step():
+  """On a data-parallel mesh the gradients of 4 microbatches are all-reduced after the loop, as one
+  microbatch's are, not inside it once a microbatch."""
+  single = trainer.Trainer(_config("gpt", (8, 1, 1), batch_size=32), "unused")
+  batch = _batches(single.config)[0]
+  in_loop, outside = _all_reduces(single, batch)
+  assert in_loop == 0 and outside > 0
+  accumulated = trainer.Trainer(_config("gpt", (8, 1, 1), batch_size=32, microbatches=4), "unused")
+  assert _all_reduces(accumulated, batch) == (0, outside)
 
 
 def test_parameters_and_optimizer_state_follow_the_rules():
