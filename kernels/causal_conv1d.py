@@ -114,9 +114,10 @@ def backward(xz, halo, x_after, kernel, bias, dy_parts, dy_after_parts, dz, *, i
   x_proj) and dz (of z, xz's second half, passed through).
 
   x_after is right_halo of x, and dy_after_parts those of the parts. Returns the gradient of xz
-  (batch, length, 2 channels) in xz's dtype; per-block float32 partial sums of dkernel and dbias (batch, segments,
-  width + 1, channels); and the gradient of each segment's left halo from that segment's outputs
-  (batch, segments, width - 1, channels) float32, whose first segment's is the conv state's.
+  (batch, length, 2 channels) in xz's dtype; per-block float32 partial sums of dkernel and dbias
+  (batch, segments, width + 1, channels); and the gradient of each segment's left halo from that
+  segment's outputs (batch, segments, width - 1, channels) float32, whose first segment's is the
+  conv state's.
   """
   batch, length, _ = xz.shape
   width, channels = kernel.shape
