@@ -446,10 +446,9 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
   `forward` takes it.
 
   Returns dx, ddt, dz (None without z; (batch, padded length, d) however wide z is) in the inputs'
-  dtypes; dB and dC as partial sums over
-  channels, (batch, partials, padded length, n) float32 (one partial a group on the GPU, one a
-  block under the interpreter); and float32 per-batch dA (batch, d, n), dD and ddt_bias
-  (batch, d), dh0 (batch, d, n).
+  dtypes; dB and dC as partial sums over channels, (batch, partials, padded length, n) float32
+  (one partial a group on the GPU, one a block under the interpreter); and float32 per-batch dA
+  (batch, d, n), dD and ddt_bias (batch, d), dh0 (batch, d, n).
 
   Blocks of BACKWARD_CHANNELS channels and one warpgroup, laid out as the forward's: lane
   p * channels + c holds channel c's states i * subsets + p. Per chunk, last step first:
