@@ -29,6 +29,7 @@ block would be 100 MB at Mamba's sizes); the blocks' order of addition is not fi
 gradients of B and C may differ in their last bits between runs of the same inputs.
 """
 
+import functools
 import math
 
 import jax
@@ -41,12 +42,13 @@ from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import arith, gpu, memref, nvvm, vector
 
 CHANNELS = 128  # threads a warpgroup; the kernels take whole groups of this many channels
-# Channels per forward block, of one warpgroup: each thread holds n * channels / 128 of a channel's
-# states, the 128 / channels lanes of a channel in different warps. Mamba's batch 8 x d 1536 are
-# 12,288 (batch, channel) rows: blocks must be quarters of 128 rows to load 132 SMs evenly (3 an
-# SM at most). Forward kernel times on an H100 (kernels/NOTES.md, v5): 32: 0.233 ms (0.218 with
-# the later cuts), 64: 0.279, 16: 0.374; the 128-channel forward of two warpgroups before it 0.278.
-FORWARD_CHANNELS = 32
+# Channels per forward block, of one warpgroup (0: chosen by `_block_channels`): each thread holds
+# n * channels / 128 of a channel's states, the 128 / channels lanes of a channel in different
+# warps. Mamba's batch 8 x d 1536 are 12,288 (batch, channel) rows: blocks must be quarters of 128
+# rows to load 132 SMs evenly (3 an SM at most). Forward kernel times on an H100 (kernels/NOTES.md,
+# v5): 32: 0.233 ms (0.218 with the later cuts), 64: 0.279, 16: 0.374; the 128-channel forward of
+# two warpgroups before it 0.278.
+FORWARD_CHANNELS = 0
 # Input buffers of the forward: the copies of chunk k + FORWARD_SLOTS - 1 start while chunk k
 # computes. Forward kernel times on an H100: 2: 0.218 ms, 3: 0.230 ms.
 FORWARD_SLOTS = 2
@@ -55,16 +57,36 @@ FORWARD_SLOTS = 2
 # (kernels/NOTES.md, v6): 1: 0.221 ms, 2: 0.208 ms, 4: 0.363 ms (115 KB of shared memory a
 # block: one block an SM).
 FORWARD_CHUNKS = 2
-# Channels per backward block, of one warpgroup, laid out as the forward's: each thread holds
-# n * channels / 128 of a channel's states. 32 gives 384 blocks at Mamba's batch 8 x d 1536, 3 an
-# SM at most. Backward kernel times on an H100 (kernels/NOTES.md, v6): 32: 0.735 ms, 64: 0.906;
-# the blocks of 128 channels and two warpgroups of 8 states before it (96 on 132 SMs): 1.04 ms.
-BACKWARD_CHANNELS = 32
+# Channels per backward block, of one warpgroup, laid out as the forward's (0: chosen by
+# `_block_channels`): each thread holds n * channels / 128 of a channel's states. 32 gives 384
+# blocks at Mamba's batch 8 x d 1536, 3 an SM at most. Backward kernel times on an H100
+# (kernels/NOTES.md, v6): 32: 0.735 ms, 64: 0.906; the blocks of 128 channels and two warpgroups of
+# 8 states before it (96 on 132 SMs): 1.04 ms.
+BACKWARD_CHANNELS = 0
+# Blocks of 32 and of 64 channels an SM holds at once, in either kernel (their registers bound it).
+BLOCKS_PER_SM = {32: 3, 64: 2}
 # Steps the backward recomputes and holds in registers at once (a divisor of the 128 / 2n steps
 # whose dB, dC terms fill the reduction tile): the states before and after each step and its
 # decays, ((span + 1) m + span m registers for a thread's m states). Backward kernel times on an
 # H100 (kernels/NOTES.md, v6): 2: 0.776 ms, 4: 0.737 ms.
 BACKWARD_SPAN = 4
+
+
+def _block_channels(rows):
+  """Channels per block for `rows` (batch element, channel) rows: the size whose blocks fill the
+  fewest waves of the device's SMs, the smaller on a tie. At batch 8 x d 2048 (Mamba-370m) blocks
+  of 64 fill an H100 once where blocks of 32 need a second wave, a quarter full: the backward
+  0.93 against 1.13 ms, the forward 0.275 against 0.297 (kernels/NOTES.md, session 9). Where both
+  take one wave (d 1536) or two (768 blocks of 32), 32 is faster."""
+  sms = _multiprocessor_count()
+  return min(BLOCKS_PER_SM, key=lambda c: (-(-rows // (c * sms * BLOCKS_PER_SM[c])), c))
+
+
+@functools.cache
+def _multiprocessor_count():
+  """The GPU's SM count; an H100 SXM's 132 where there is none (the interpreter on CPU)."""
+  device = jax.devices()[0]
+  return (device.platform == "gpu" and getattr(device, "core_count", 0)) or 132
 
 
 def supported(d, groups, n, chunk):
@@ -270,7 +292,7 @@ def forward(x, dt, A, B, C, D, dt_bias, z, h0, *, length, softplus, chunk, save_
   window. The copies of window k + FORWARD_SLOTS start once pass (1) of window k is done."""
   batch, padded_length, d = x.shape
   groups, n = B.shape[2:]
-  channels = FORWARD_CHANNELS
+  channels = FORWARD_CHANNELS or _block_channels(batch * d)
   subsets = CHANNELS // channels
   m = n // subsets  # states per thread
   lanes = (subsets, channels)  # the shape of every per-thread array
@@ -462,7 +484,7 @@ def backward(x, dt, A, B, C, D, dt_bias, z, chunks, dy, dh_last, *, length, soft
   """
   batch, padded_length, d = x.shape
   groups, n = B.shape[2:]
-  channels = BACKWARD_CHANNELS
+  channels = BACKWARD_CHANNELS or _block_channels(batch * d)
   subsets = CHANNELS // channels
   m = n // subsets  # states per thread
   lanes = (subsets, channels)  # the shape of every per-thread array but the row sums'

@@ -35,13 +35,13 @@ def _on_device(inputs, dtype):
 
 @pytest.mark.parametrize("groups, dtype, channels, slots, window",
                          [(2, jnp.float32, 32, 2, 3), (1, jnp.bfloat16, 16, 3, 2),
-                          (1, jnp.bfloat16, 128, 2, 1)])
+                          (1, jnp.bfloat16, 128, 2, 1), (1, jnp.float32, 64, 2, 2)])
 def test_mosaic_gpu_forward_matches_oracle(groups, dtype, channels, slots, window, monkeypatch):
   """Two groups of channels (or one), an odd length (padding steps must leave the state alone),
   h0, D, z, dt_bias and softplus; the saved chunk states are the oracle's states at the chunk
-  boundaries. Blocks of 32, 16 or 128 channels: 4, 8 or 1 blocks a group of 128, whose 8 states
-  a channel split over 4, 8 or 1 lanes (2, 1 or 8 states each); the lanes' partial sums of y meet
-  in shared memory. Inputs 1 or 2 windows ahead (2 or 3 buffers). Windows of 3 chunks (the
+  boundaries. Blocks of 32, 16, 128 or 64 channels: 4, 8, 1 or 2 blocks a group of 128, whose 8
+  states a channel split over 4, 8, 1 or 2 lanes (2, 1, 8 or 4 states each); the lanes' partial
+  sums of y meet in shared memory. Inputs 1 or 2 windows ahead (2 or 3 buffers). Windows of 3 chunks (the
   whole sequence, two of its chunks' start states saved mid-window) or of 1 (FORWARD_CHUNKS 2
   does not divide the 3 chunks, nor 1).
 
@@ -79,15 +79,16 @@ def test_mosaic_gpu_forward_matches_oracle(groups, dtype, channels, slots, windo
 
 @pytest.mark.parametrize("n, groups, dtype, reverse, gated, channels",
                          [(16, 2, jnp.float32, True, True, 32),
-                          (8, 1, jnp.bfloat16, False, False, 16)])
+                          (8, 1, jnp.bfloat16, False, False, 16),
+                          (16, 1, jnp.float32, False, True, 64)])
 def test_mosaic_gpu_backward_matches_float64_autodiff(n, groups, dtype, reverse, gated,
                                                       channels, monkeypatch):
   """Forward and backward through selective_scan_pallas's custom_vjp in the GPU interpreter, with
   h0, D, dt_bias, softplus and the final state's cotangent, at an odd length (two chunks of
   8); with the z gate or without it (DenseMamba's readout scan). n = 16 sums dB_t and dC_t over 4
   steps at a time, two reduction tiles a chunk, each one span of 4 steps recomputed; n = 8 over
-  8, one tile of two spans. Blocks of 32 or 16 channels (4 or 8 a group of 128), whose n states
-  a channel split over 4 or 8 lanes (4 or 1 states each): the lanes' partial sums for dx, ddt and
+  8, one tile of two spans. Blocks of 32, 16 or 64 channels (4, 8 or 2 a group of 128), whose n
+  states a channel split over 4, 8 or 2 lanes (4, 1 or 8 states each): the lanes' partial sums for dx, ddt and
   dz meet in shared memory, and the row sums of dB_t, dC_t leave as one partial a block (the GPU
   adds them by reducing copies, which the interpreter lacks). The reference is
   autodiff of impl="reference" in float64 on the same (rounded) values."""
@@ -126,6 +127,17 @@ def test_mosaic_gpu_backward_matches_float64_autodiff(n, groups, dtype, reverse,
     tolerance = 2e-2 if dtype == jnp.bfloat16 and name in SEQUENCE_INPUTS else 1e-4
     np.testing.assert_allclose(np.asarray(got[name], np.float64), want[name], rtol=tolerance,
                                atol=tolerance, err_msg=name)
+
+
+@pytest.mark.parametrize("batch, d, sms, want", [(8, 1536, 132, 32), (8, 2048, 132, 64),
+                                                 (16, 1536, 132, 32), (8, 3072, 132, 32),
+                                                 (8, 2048, 256, 32), (1, 128, 132, 32)])
+def test_block_channels_fill_the_fewest_waves(batch, d, sms, want, monkeypatch):
+  """The block sizes measured on an H100 (kernels/NOTES.md, session 9): 64 channels only where
+  they take one wave of the SMs and 32 channels two (Mamba-370m's batch 8 x d 2048); a device with
+  more SMs holds 512 blocks of 32 at once."""
+  monkeypatch.setattr(selective_scan_gpu, "_multiprocessor_count", lambda: sms)
+  assert selective_scan_gpu._block_channels(batch * d) == want
 
 
 def test_mosaic_gpu_kernels_read_the_gate_in_place():
