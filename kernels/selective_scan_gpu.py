@@ -63,7 +63,8 @@ FORWARD_CHUNKS = 2
 # (kernels/NOTES.md, v6): 32: 0.735 ms, 64: 0.906; the blocks of 128 channels and two warpgroups of
 # 8 states before it (96 on 132 SMs): 1.04 ms.
 BACKWARD_CHANNELS = 0
-# Blocks of 32 and of 64 channels an SM holds at once, in either kernel (their registers bound it).
+# Blocks of 32 and of 64 channels an SM holds at once, in either kernel: 3 of 32, as shared memory
+# and registers allow (kernels/NOTES.md, v6); 2 of 64, as session 9's timings at three shapes fit.
 BLOCKS_PER_SM = {32: 3, 64: 2}
 # Steps the backward recomputes and holds in registers at once (a divisor of the 128 / 2n steps
 # whose dB, dC terms fill the reduction tile): the states before and after each step and its
