@@ -26,10 +26,11 @@ import os
 import re
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from seqmodels import profiling  # noqa: E402
+
 # A kernel's family: its name without the numbering XLA appends (fusion_12) or PTX names carry.
 NUMBERING = re.compile(r"(_\d+)+$|(?<=[a-z])\d+$")
-COMPUTATION = re.compile(r"^(ENTRY )?%?([\w.\-]+) \(.*\{$")
-INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$")
 ARRAY_TYPE = re.compile(r"\b([a-z]+\d*[a-z\d]*)\[([\d,]*)\]")
 
 
@@ -103,17 +104,10 @@ def split_type(rest):
 def parse_hlo(text):
   """{computation: [(name, type, opcode, tail)]}, the entry's name, and while bodies with trip
   counts."""
-  computations, entry, current = {}, None, None
-  for line in text.splitlines():
-    header = COMPUTATION.match(line)
-    if header:
-      current = header.group(2)
-      computations[current] = []
-      entry = current if header.group(1) else entry
-      continue
-    match = INSTRUCTION.match(line)
-    if match and current is not None:
-      computations[current].append((match.group(1), *split_type(match.group(2))))
+  computations, entry = {}, None
+  for computation, is_entry, name, rest in profiling.hlo_instructions(text):
+    computations.setdefault(computation, []).append((name, *split_type(rest)))
+    entry = computation if is_entry else entry
   loops = {}
   for instructions in computations.values():
     for _, _, opcode, tail in instructions:

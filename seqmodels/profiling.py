@@ -65,25 +65,32 @@ def trace(run, directory, *, hlo_text, steps):
   return summarize(ops, steps)
 
 
+def hlo_instructions(hlo_text):
+  """(computation, whether it is the entry, instruction name, the text after its ' = ') for every
+  instruction of an HLO module's text, in order."""
+  computation, entry = None, False
+  for line in hlo_text.splitlines():
+    header = re.match(r"(ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if header:
+      computation, entry = header.group(2), bool(header.group(1))
+      continue
+    match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (.*)", line)
+    if match:
+      yield computation, entry, match.group(1), match.group(2)
+
+
 def op_scopes(hlo_text):
   """HLO instruction name -> the jax name stacks (op_name metadata) of it and of the ops it fuses.
 
   A fusion's own metadata is its root op's, so the ops inside it are read too. Each name is also
   entered as the GPU kernel is named after it ('.' and '-' become '_').
   """
-  computation_ops, instructions, current = {}, [], None
-  for line in hlo_text.splitlines():
-    header = re.match(r"(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
-    if header:
-      current = header.group(1)
-      continue
-    match = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line)
-    if not match:
-      continue
-    op_name = re.search(r'op_name="([^"]*)"', line)
+  computation_ops, instructions = {}, []
+  for computation, _, name, text in hlo_instructions(hlo_text):
+    op_name = re.search(r'op_name="([^"]*)"', text)
     op_name = op_name.group(1) if op_name else ""
-    computation_ops.setdefault(current, []).append(op_name)
-    instructions.append((match.group(1), op_name, re.findall(r"calls=%?([\w.\-]+)", line)))
+    computation_ops.setdefault(computation, []).append(op_name)
+    instructions.append((name, op_name, re.findall(r"calls=%?([\w.\-]+)", text)))
   scopes = {}
   for name, op_name, calls in instructions:
     scope = " ".join([op_name, *(op for called in calls for op in computation_ops.get(called, []))])

@@ -41,9 +41,9 @@ def test_mosaic_gpu_forward_matches_oracle(groups, dtype, channels, slots, windo
   h0, D, z, dt_bias and softplus; the saved chunk states are the oracle's states at the chunk
   boundaries. Blocks of 32, 16, 128 or 64 channels: 4, 8, 1 or 2 blocks a group of 128, whose 8
   states a channel split over 4, 8, 1 or 2 lanes (2, 1, 8 or 4 states each); the lanes' partial
-  sums of y meet in shared memory. Inputs 1 or 2 windows ahead (2 or 3 buffers). Windows of 3 chunks (the
-  whole sequence, two of its chunks' start states saved mid-window) or of 1 (FORWARD_CHUNKS 2
-  does not divide the 3 chunks, nor 1).
+  sums of y meet in shared memory. Inputs 1 or 2 windows ahead (2 or 3 buffers). Windows of 3
+  chunks (the whole sequence, two of its chunks' start states saved mid-window) or of 1
+  (FORWARD_CHUNKS 2 does not divide the 3 chunks, nor 1).
 
   The interpreter runs a warpgroup as one program, so it checks the arithmetic and the copies, not
   the barriers between warps: those only a GPU run checks (scripts/bench_scan.py --check).
@@ -88,9 +88,9 @@ def test_mosaic_gpu_backward_matches_float64_autodiff(n, groups, dtype, reverse,
   8); with the z gate or without it (DenseMamba's readout scan). n = 16 sums dB_t and dC_t over 4
   steps at a time, two reduction tiles a chunk, each one span of 4 steps recomputed; n = 8 over
   8, one tile of two spans. Blocks of 32, 16 or 64 channels (4, 8 or 2 a group of 128), whose n
-  states a channel split over 4, 8 or 2 lanes (4, 1 or 8 states each): the lanes' partial sums for dx, ddt and
-  dz meet in shared memory, and the row sums of dB_t, dC_t leave as one partial a block (the GPU
-  adds them by reducing copies, which the interpreter lacks). The reference is
+  states a channel split over 4, 8 or 2 lanes (4, 1 or 8 states each): the lanes' partial sums
+  for dx, ddt and dz meet in shared memory, and the row sums of dB_t, dC_t leave as one partial a
+  block (the GPU adds them by reducing copies, which the interpreter lacks). The reference is
   autodiff of impl="reference" in float64 on the same (rounded) values."""
   monkeypatch.setattr(selective_scan_gpu, "BACKWARD_CHANNELS", channels)
   d = groups * selective_scan_gpu.CHANNELS
