@@ -134,7 +134,8 @@ def model_defaults() -> ml_collections.ConfigDict:
   model.dtype = "float32"  # Compute dtype; parameters are always float32. "bfloat16" on GPU/TPU.
   # Activation memory (seqmodels/layers.py REMAT_POLICIES): "none" keeps every activation for the
   # backward pass, "block" recomputes each block from its input, "save_dots" keeps only the weight
-  # matmuls' outputs. Same function and checkpoints; a resumed run may change it.
+  # matmuls' outputs, "save_kernels" only the scan kernels' outputs. Same function and
+  # checkpoints; a resumed run may change it.
   model.remat = "none"
   # Run the identical blocks as one lax.scan over stacked parameters: compiles one block instead of
   # n_layer. The stacked parameters are a different checkpoint layout from the unscanned list, so a

@@ -1,6 +1,7 @@
 """Pieces every kernel in this package needs, kept in one place so the kernels agree on them."""
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 
@@ -37,3 +38,14 @@ def on_one_device() -> bool:
   block of them (the fused kernels that sharding.py does not map over a mesh)."""
   mesh = jax.sharding.get_abstract_mesh()
   return mesh.empty or mesh.size == 1
+
+
+# The checkpoint name of the kernel outputs a backward pass reads: the remat policy "save_kernels"
+# (seqmodels/layers.py) keeps them rather than rerunning their kernels.
+KERNEL_OUTPUT = "kernel_output"
+
+
+def kernel_output(*values):
+  """values under the checkpoint name KERNEL_OUTPUT (one value alone, or a tuple of them)."""
+  named = tuple(checkpoint_name(v, KERNEL_OUTPUT) for v in values)
+  return named[0] if len(values) == 1 else named

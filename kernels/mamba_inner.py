@@ -11,7 +11,8 @@ out of xz, and the backward is written out. A layer's residuals are xz, x, x_pro
 and the scan's chunk states; dt (one small matmul) is recomputed. mamba_ssm's mamba_inner_fn
 recomputes x too, to save memory; here x is kept, since under model.remat=block the backward's
 recomputed forward has just made it (a conv pass a layer less; without remat, one activation
-more a layer). The conv backward kernel takes x's two cotangents (from the scan and from x_proj)
+more a layer). Under model.remat=save_kernels the forward's y, x, x_proj's output and
+chunk states are kept (kernels/_common.kernel_output), so the backward reruns neither kernel. The conv backward kernel takes x's two cotangents (from the scan and from x_proj)
 and adds them, and writes the gradient of xz whole, dz included. The scan's Mosaic GPU kernels
 read the gate z in place in xz; the dt/B/C pieces are still slices of x_proj's (small) output.
 
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels import causal_conv1d, selective_scan_pallas
+from kernels import _common, causal_conv1d, selective_scan_pallas
 
 
 def supported(d_inner) -> bool:
@@ -110,6 +111,7 @@ def _inner_fwd(config, xz, conv_state, conv_kernel, conv_bias, x_proj, dt_proj, 
                h0):
   (y, h_last, chunks), x, xdbc = _forward(config, True, xz, conv_state, conv_kernel, conv_bias,
                                           x_proj, dt_proj, dt_bias, A_log, D, h0)
+  y, x, xdbc, chunks = _common.kernel_output(y, x, xdbc, chunks)
   residuals = (xz, conv_state, conv_kernel, conv_bias, x_proj, dt_proj, dt_bias, A_log, D, h0, x,
                xdbc, chunks)
   return (y, h_last), residuals

@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import selective_scan_gpu
-from kernels._common import accumulation_dtype
+from kernels._common import accumulation_dtype, kernel_output
 
 CHUNK = 16  # Steps between saved states: the saved states are 1/16 of the full state's bytes.
 SUBCHUNK = 4  # States the backward keeps in registers at once.
@@ -331,6 +331,7 @@ def _scan(config, x, dt, A, B, C, D, dt_bias, z, h0):
 
 def _scan_fwd(config, x, dt, A, B, C, D, dt_bias, z, h0):
   y, h_last, chunks = forward(config, x, dt, A, B, C, D, dt_bias, z, h0, save_chunks=True)
+  y, chunks = kernel_output(y, chunks)
   return (y, h_last), (x, dt, A, B, C, D, dt_bias, z, h0, chunks)
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kernels import _common
 from seqmodels import sharding
 from seqmodels.errors import UserError
 
@@ -275,10 +276,15 @@ def stack_modules(modules):
 # What the backward pass keeps from each block's forward (model.remat); the rest it recomputes.
 # "block" keeps only the block's input, "save_dots" also the outputs of its weight matmuls (not of
 # attention's batched score matmuls), trading memory for about one extra forward of compute.
+# "save_kernels" keeps the block's input and the outputs its backward reads from the scan kernels
+# (and the fused mixer's conv kernel: kernels/_common.KERNEL_OUTPUT), which cost more to rerun
+# than to keep; in a model without them it is "block". With model.scan_layers XLA stacks what it
+# keeps through copies (NOTES.md, session 10), so it pays without the layer scan.
 REMAT_POLICIES = {
     "none": None,
     "block": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_kernels": jax.checkpoint_policies.save_only_these_names(_common.KERNEL_OUTPUT),
 }
 
 

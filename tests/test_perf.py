@@ -98,6 +98,54 @@ def test_remat_and_layer_scan_keep_loss_and_gradients(arch, options):
     np.testing.assert_allclose(g, e, rtol=2e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
 
 
+def _count_primitive(jaxpr, name):
+  """How many equations of `jaxpr` and the jaxprs nested in its equations apply primitive `name`."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == name
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(sub, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr)):
+          count += _count_primitive(getattr(sub, "jaxpr", sub), name)
+  return count
+
+
+def _grad_jaxpr(model_cfg, tokens):
+  graphdef, params = nnx.split(lm.build(model_cfg, seed=0))
+  loss = lambda params: jnp.mean(losses.cross_entropy(nnx.merge(graphdef, params)(tokens)[:, :-1], tokens[:, 1:]))
+  return jax.make_jaxpr(jax.grad(loss))(params).jaxpr
+
+
+def test_save_kernels_keeps_gradients():
+  """model.remat=save_kernels against model.remat=none, with the Pallas scan (interpreted on CPU)."""
+  model_cfg = tiny_config("mamba", **{"model.d_model": 64, "model.scan_impl": "pallas", "model.scan_layers": True}).model
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 250, (2, 24)))
+  plain_loss, plain_grads = _loss_and_grads(model_cfg, tokens)
+  model_cfg.remat = "save_kernels"
+  loss, grads = _loss_and_grads(model_cfg, tokens)
+  np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
+  for (path, g), e in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(plain_grads), strict=True):
+    np.testing.assert_allclose(g, e, rtol=2e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("fused_inner", [False, True])
+def test_save_kernels_reruns_no_kernel(fused_inner, monkeypatch):
+  """Under model.remat=save_kernels the backward reads the scan's (and with model.fused_inner the
+  conv's) outputs from the forward instead of rerunning their kernels. The step's gradient is
+  traced for a GPU, where the kernels are Mosaic GPU calls (`mpmd_map`): a layer's, forward /
+  block's rerun / backward, are the scan's 1 / 1 / 1, or fused the conv's and the scan's 2 / 2 / 2.
+  (The fused kernels run on CPU only in the Mosaic GPU interpreter, whose callbacks
+  jax.checkpoint refuses; the interpreted portable kernels leave their dead reruns to XLA.)"""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 250, (2, 24)))
+  calls = {}
+  for remat in ("block", "save_kernels"):
+    cfg = tiny_config("mamba", **{"model.d_model": 64, "model.scan_impl": "pallas", "model.scan_layers": True,
+                                  "model.fused_inner": fused_inner, "model.remat": remat}).model
+    calls[remat] = _count_primitive(_grad_jaxpr(cfg, tokens), "mpmd_map")
+  assert calls == ({"block": 6, "save_kernels": 4} if fused_inner else {"block": 3, "save_kernels": 2})
+
+
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_linear_pieces_are_the_split_product_with_its_gradients(use_bias):
   linear = layers.linear(6, 10, axes=("embed", "inner"), dtype=jnp.float32, rngs=nnx.Rngs(0), use_bias=use_bias)
@@ -156,7 +204,7 @@ def test_unscannable_architectures_are_refused(arch):
 def test_unknown_remat_policy_is_refused():
   cfg = tiny_config("mamba").model
   cfg.remat = "everything"
-  with pytest.raises(UserError, match="model.remat must be one of none, block, save_dots"):
+  with pytest.raises(UserError, match="model.remat must be one of none, block, save_dots, save_kernels"):
     lm.check_config(cfg)
 
 
