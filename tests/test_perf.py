@@ -306,5 +306,6 @@ def test_bench_train_times_the_train_step(tmp_path):
   assert [r["config"] for r in rows] == ["configs/gpt.py:tiny", "configs/mamba.py:tiny --config.model.scan_layers=true"]
   for r in rows:
     assert r["tokens_per_sec_per_device"] == pytest.approx(4 * 16 / (r["step_ms"] / 1e3))
+    assert r["pipelined_tokens_per_sec_per_device"] > 0
     assert np.isfinite(r["final_loss"]) and r["peak_gb"] > 0 and r["mfu"] is None  # No CPU peak rate.
-  assert "tok/s/dev" in proc.stdout and "configs/mamba.py:tiny" in proc.stdout
+  assert "tok/s/dev" in proc.stdout and "pipelined" in proc.stdout and "configs/mamba.py:tiny" in proc.stdout
