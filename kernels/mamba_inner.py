@@ -11,10 +11,11 @@ out of xz, and the backward is written out. A layer's residuals are xz, x, x_pro
 and the scan's chunk states; dt (one small matmul) is recomputed. mamba_ssm's mamba_inner_fn
 recomputes x too, to save memory; here x is kept, since under model.remat=block the backward's
 recomputed forward has just made it (a conv pass a layer less; without remat, one activation
-more a layer). Under model.remat=save_kernels the forward's y, x, x_proj's output and
-chunk states are kept (kernels/_common.kernel_output), so the backward reruns neither kernel. The conv backward kernel takes x's two cotangents (from the scan and from x_proj)
-and adds them, and writes the gradient of xz whole, dz included. The scan's Mosaic GPU kernels
-read the gate z in place in xz; the dt/B/C pieces are still slices of x_proj's (small) output.
+more a layer). Under model.remat=save_kernels the forward's y, x, x_proj's output and chunk
+states are kept (kernels/_common.kernel_output), so the backward reruns neither kernel. The conv
+backward kernel takes x's two cotangents (from the scan and from x_proj) and adds them, and
+writes the gradient of xz whole, dz included. The scan's Mosaic GPU kernels read the gate z in
+place in xz; the dt/B/C pieces are still slices of x_proj's (small) output.
 
 Runs on one GPU (Mosaic GPU kernels) and on CPU (the conv in Pallas's Mosaic GPU interpreter, the
 scan's portable Pallas kernels in interpret mode); there is no TPU version of the conv kernel.
