@@ -46,6 +46,5 @@ KERNEL_OUTPUT = "kernel_output"
 
 
 def kernel_output(*values):
-  """values under the checkpoint name KERNEL_OUTPUT (one value alone, or a tuple of them)."""
-  named = tuple(checkpoint_name(v, KERNEL_OUTPUT) for v in values)
-  return named[0] if len(values) == 1 else named
+  """values, each under the checkpoint name KERNEL_OUTPUT."""
+  return tuple(checkpoint_name(v, KERNEL_OUTPUT) for v in values)

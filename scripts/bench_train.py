@@ -166,12 +166,16 @@ def run_worker(args, overrides) -> int:
     state = init()
   state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, trainer.abstract_state))
 
-  def run(n, timed):
+  def dispatch(i):
     nonlocal state
+    state, metrics = step_fn(state, sharding.put_batch(batches[i % len(batches)], trainer.mesh))
+    return metrics
+
+  def run(n, timed):
     times = []
     for i in range(n):
       start = time.perf_counter()
-      state, metrics = step_fn(state, sharding.put_batch(batches[i % len(batches)], trainer.mesh))
+      metrics = dispatch(i)
       jax.block_until_ready((state, metrics))
       times.append(time.perf_counter() - start)
       if timed:
@@ -180,10 +184,9 @@ def run_worker(args, overrides) -> int:
     return times, metrics
 
   def run_pipelined(n):
-    nonlocal state
     start = time.perf_counter()
     for i in range(n):
-      state, metrics = step_fn(state, sharding.put_batch(batches[i % len(batches)], trainer.mesh))
+      metrics = dispatch(i)
     jax.block_until_ready((state, metrics))
     return (time.perf_counter() - start) / n
 

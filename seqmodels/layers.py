@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kernels import _common
+from kernels._common import KERNEL_OUTPUT
 from seqmodels import sharding
 from seqmodels.errors import UserError
 
@@ -284,7 +284,7 @@ REMAT_POLICIES = {
     "none": None,
     "block": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_kernels": jax.checkpoint_policies.save_only_these_names(_common.KERNEL_OUTPUT),
+    "save_kernels": jax.checkpoint_policies.save_only_these_names(KERNEL_OUTPUT),
 }
 
 
