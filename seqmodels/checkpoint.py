@@ -35,7 +35,8 @@ MANIFEST = "seqmodels_manifest.json"
 # Keys that change how a run is watched, saved or laid out on devices, not what it computes: a
 # resume may change them freely. Any other difference needs --override_config.
 RESUMABLE_KEYS = ("log_every", "val_every", "val_batches", "checkpoint_every", "keep_checkpoints", "eval_tasks",
-                  "eval_every", "eval_limit", "eval_data_dir", "mesh", "nonfinite_policy", "max_nonfinite_steps")
+                  "eval_every", "eval_limit", "eval_data_dir", "mesh", "nonfinite_policy", "max_nonfinite_steps",
+                  "command_buffers")
 
 
 class CheckpointWriteError(UserError):

@@ -66,6 +66,16 @@ def describe(config) -> dict:
   return {"params": lm.count_params(model), "flops_per_token": lm.flops_per_token(model, config.seq_len)}
 
 
+def step_compiler_options(config) -> dict:
+  """XLA's options for the train and eval steps: command buffers as configs/base.py's command_buffers says."""
+  setting = config.get("command_buffers", "auto")
+  if setting not in ("auto", "on", "off"):
+    raise UserError(f"command_buffers must be auto, on or off, got '{setting}'; pass --config.command_buffers=auto")
+  if setting == "auto":
+    setting = "on" if config.model.scan_layers else "off"
+  return {} if setting == "on" else {"xla_gpu_enable_command_buffer": ""}
+
+
 class Trainer:
 
   def __init__(self, config, workdir: str):
@@ -81,11 +91,13 @@ class Trainer:
     self.abstract_state = sharding.place(jax.eval_shape(self._init_state), self.mesh)
     state_sharding = jax.tree.map(lambda x: x.sharding, self.abstract_state)
     batch_sharding = sharding.batch_sharding(self.mesh)
+    options = step_compiler_options(config)
     self.init_state = sharding.jit(self.mesh, self._init_state, out_shardings=state_sharding)
     self.train_step = sharding.jit(self.mesh, self._train_step, in_shardings=(state_sharding, batch_sharding),
-                                   out_shardings=(state_sharding, replicated), donate_argnums=0)
+                                   out_shardings=(state_sharding, replicated), donate_argnums=0,
+                                   compiler_options=options)
     self.eval_step = sharding.jit(self.mesh, self._sums, in_shardings=(state_sharding["params"], batch_sharding),
-                                  out_shardings=replicated)
+                                  out_shardings=replicated, compiler_options=options)
 
   def _init_state(self):
     params = nnx.state(build_model(self.config))

@@ -203,6 +203,29 @@ def test_unknown_remat_policy_is_refused():
     lm.check_config(cfg)
 
 
+@pytest.mark.parametrize("setting,scan_layers,graphs", [
+    ("auto", False, False), ("auto", True, True), ("on", False, True), ("off", True, False)])
+def test_command_buffers_setting_picks_the_xla_option(setting, scan_layers, graphs):
+  config = tiny_config("gpt", command_buffers=setting, **{"model.scan_layers": scan_layers})
+  assert trainer.step_compiler_options(config) == ({} if graphs else {"xla_gpu_enable_command_buffer": ""})
+
+
+def test_unknown_command_buffers_setting_is_refused():
+  with pytest.raises(UserError, match="command_buffers must be auto, on or off, got 'sometimes'"):
+    trainer.Trainer(tiny_config("gpt", command_buffers="sometimes"), "unused")
+
+
+def test_step_compiler_options_reach_xla(monkeypatch):
+  config = tiny_config("gpt")
+  state = trainer.Trainer(config, "unused").init_state()
+  monkeypatch.setattr(trainer, "step_compiler_options", lambda config: {"xla_no_such_option": 1})
+  t = trainer.Trainer(config, "unused")
+  with pytest.raises(Exception, match="No such compile option: 'xla_no_such_option'"):
+    t.train_step(state, _batch(config))
+  with pytest.raises(Exception, match="No such compile option: 'xla_no_such_option'"):
+    t.eval_step(state["params"], _batch(config))
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_cross_entropy_matches_a_float64_reference(dtype):
   rng = np.random.default_rng(3)
