@@ -19,11 +19,13 @@ Paper sizes (layers / d_model, GPT-NeoX vocab 50277 padded to 50280, counts from
 They use the GPT-3 recipe with 5x its learning rate, 0.5M-token batches of 2048-token sequences and
 about 20 tokens per parameter, as in the paper's scaling runs.
 
-On one GPU the fastest steps measured (H100, 8 x 2048 a step, README "Session 10") add
-`--config.model.fused_inner=True` and, for 130m, `--config.model.remat=none` (277k tokens/s,
-15.4 GB), for 370m `--config.model.remat=save_kernels` (99k tokens/s, 24.4 GB); both unscanned,
-which compiles in 1 to 3 minutes. `--config.model.scan_layers=True --config.model.remat=block`
-compiles in seconds and needs half the memory or less, at 231k and 90k tokens/s.
+On one GPU the fastest steps measured (H100, 8 x 2048 a step, each step synchronized; README
+"Session 11") add `--config.model.fused_inner=True --config.model.remat=none` and keep the layers
+unscanned, where `command_buffers=auto` turns XLA's CUDA graphs off: 130m 238k-243k tokens/s in
+15.4 GB, 370m 95k-97k in 35.7 GB. Unscanned, the step compiles in 1.5 to 4 minutes (130m) and
+8 minutes (370m) on a fresh machine. `--config.model.scan_layers=True --config.model.remat=block`
+compiles one block instead of all of them and needs less than half the memory, at 225k and 90k
+tokens/s.
 """
 
 from configs import base

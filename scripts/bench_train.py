@@ -13,7 +13,10 @@ follow its name inside the same argument, applied after the shared ones:
 With --compile_jobs N (N > 1) the configs are first compiled N at a time into JAX's persistent
 compilation cache (JAX_COMPILATION_CACHE_DIR, a temporary folder unless set), and then timed one at
 a time, each loading its executable from the cache: the wall time of a many-config run is then
-about that of its slowest compile plus the timed steps. `compile s` is then the load time.
+about that of its slowest compile plus the timed steps. `compile s` is then the load time. Steps
+without model.scan_layers miss that cache on a GPU and compile again (kernels/NOTES.md, "Session
+11"); compile those one at a time: each process preallocates device memory that the others'
+autotuning then lacks.
 
 A config's step is seqmodels.trainer.Trainer.train_step, the function train.py runs (forward,
 backward, clipping, AdamW, the state donated), compiled ahead of time on abstract inputs (`compile
@@ -22,7 +25,8 @@ on random token batches, each step synchronized; the step time is the median. Th
 number of steps runs again back to back, synchronized only after the last, as train.py's loop runs
 them (it reads the metrics at logging intervals): the host dispatches a step while the device
 still runs the one before, so the host's per-step work (several ms for a step of thousands of
-kernels without model.scan_layers) is hidden unless it exceeds the device's. Columns:
+kernels without model.scan_layers, 10 to 30 ms more with XLA's command buffers on there: see
+config.command_buffers) is hidden unless it exceeds the device's. Columns:
 
   tok/s/dev  batch_size x seq_len / median step time / devices on the mesh
   pipelined  batch_size x seq_len x steps / wall time of the back-to-back steps / devices
