@@ -13,10 +13,10 @@ follow its name inside the same argument, applied after the shared ones:
 With --compile_jobs N (N > 1) the configs are first compiled N at a time into JAX's persistent
 compilation cache (JAX_COMPILATION_CACHE_DIR, a temporary folder unless set), and then timed one at
 a time, each loading its executable from the cache: the wall time of a many-config run is then
-about that of its slowest compile plus the timed steps. `compile s` is then the load time. Steps
-without model.scan_layers miss that cache on a GPU and compile again (kernels/NOTES.md, "Session
-11"); compile those one at a time: each process preallocates device memory that the others'
-autotuning then lacks.
+about that of its slowest compile plus the timed steps. `compile s` is then the load time. On a GPU,
+steps without model.scan_layers have so far missed that cache and compiled again (kernels/NOTES.md,
+"Session 11"); time those without --compile_jobs: each process preallocates device memory that the
+others' autotuning then lacks.
 
 A config's step is seqmodels.trainer.Trainer.train_step, the function train.py runs (forward,
 backward, clipping, AdamW, the state donated), compiled ahead of time on abstract inputs (`compile
