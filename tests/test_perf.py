@@ -220,9 +220,9 @@ def test_step_compiler_options_reach_xla(monkeypatch):
   state = trainer.Trainer(config, "unused").init_state()
   monkeypatch.setattr(trainer, "step_compiler_options", lambda config: {"xla_no_such_option": 1})
   t = trainer.Trainer(config, "unused")
-  with pytest.raises(Exception, match="No such compile option: 'xla_no_such_option'"):
+  with pytest.raises(jax.errors.JaxRuntimeError, match="No such compile option: 'xla_no_such_option'"):
     t.train_step(state, _batch(config))
-  with pytest.raises(Exception, match="No such compile option: 'xla_no_such_option'"):
+  with pytest.raises(jax.errors.JaxRuntimeError, match="No such compile option: 'xla_no_such_option'"):
     t.eval_step(state["params"], _batch(config))
 
 
