@@ -48,9 +48,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.nonfinite_policy = "skip"
   config.max_nonfinite_steps = 8
   # XLA's command buffers (CUDA graphs) for the train and eval steps on a GPU: "on", "off", or
-  # "auto": off for a model without model.scan_layers. Its thousands of kernels a step make XLA's
-  # per-step update of the graphs cost the host more than launching them one by one (Mamba-130m
-  # synchronized on an H100: 208k -> 243k tokens/s); a scanned step has few and keeps them.
+  # "auto": off for a model without model.scan_layers. With its thousands of kernels a step the
+  # graphs cost the host more than launching the kernels one by one (Mamba-130m synchronized on an
+  # H100: 208k -> 243k tokens/s without them); a scanned step has few kernels and keeps them.
   config.command_buffers = "auto"
 
   # Zero-shot tasks (seqmodels/zero_shot.py) scored every eval_every steps (0: never) on the first

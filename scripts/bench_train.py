@@ -132,7 +132,8 @@ def print_table(rows):
     mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
     peak = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "-"
     print(f"{r['params'] / 1e6:>7.1f}M {r['batch_size']:>4}x{r['seq_len']:<4} {r['tokens_per_sec_per_device']:>10,.0f} "
-          f"{r['pipelined_tokens_per_sec_per_device']:>10,.0f} {r['step_ms']:>8.1f} {mfu:>6} {peak:>8} {r['compile_s']:>9.1f}  {r['config']}")
+          f"{r['pipelined_tokens_per_sec_per_device']:>10,.0f} {r['step_ms']:>8.1f} {mfu:>6} {peak:>8} "
+          f"{r['compile_s']:>9.1f}  {r['config']}")
 
 
 def run_worker(args, overrides) -> int:

@@ -66,11 +66,15 @@ def describe(config) -> dict:
   return {"params": lm.count_params(model), "flops_per_token": lm.flops_per_token(model, config.seq_len)}
 
 
+COMMAND_BUFFERS = ("auto", "on", "off")  # configs/base.py's command_buffers.
+
+
 def step_compiler_options(config) -> dict:
   """XLA's options for the train and eval steps: command buffers as configs/base.py's command_buffers says."""
   setting = config.get("command_buffers", "auto")
-  if setting not in ("auto", "on", "off"):
-    raise UserError(f"command_buffers must be auto, on or off, got '{setting}'; pass --config.command_buffers=auto")
+  if setting not in COMMAND_BUFFERS:
+    raise UserError(f"command_buffers must be {', '.join(COMMAND_BUFFERS[:-1])} or {COMMAND_BUFFERS[-1]}, got "
+                    f"'{setting}'; pass --config.command_buffers=auto")
   if setting == "auto":
     setting = "on" if config.model.scan_layers else "off"
   return {} if setting == "on" else {"xla_gpu_enable_command_buffer": ""}
