@@ -34,6 +34,9 @@ writes every device op of the 8 steps in time order to ops.tsv there, to read a 
 bench_generate.json, generation_table.md and two plots, generate_throughput.png (tokens/s against
 batch at prompt 2048) and generate_latency.png (per-token latency against prompt length at batch
 64), to --out_dir; --report_from FILE rewrites them from a bench_generate.json without measuring.
+--merge_into FILE adds this run's points to an earlier run's bench_generate.json (read before
+measuring): a point measured again (same model, kind, batch and prompt) replaces the earlier one,
+and the report lists both commands. It fills in a grid over several device calls.
 Results and the command that made them: docs/generation.md.
 """
 
@@ -181,6 +184,9 @@ class Bench:
       n_steps = jnp.int32(new)
       times = []
       for repeat in range(self.args.repeats + 1):
+        # The last run's output is freed before the next input is made: gpt-350m's cache at batch 64,
+        # prompt 8192 (52 GB) fits once in 80 GB, not twice.
+        state = None
         state = random_state(generator, batch, prompt, new, cfg, jax.random.key(repeat))
         jax.block_until_ready(state)
         t = time.perf_counter()
@@ -351,11 +357,52 @@ def largest_batches(results, prompt):
   return out
 
 
-def write_report(path, data, command):
+def load_results(path):
+  """A bench_generate.json, with its commands as a list."""
+  if not os.path.isfile(path):
+    raise SystemExit(f"error: {path} does not exist; pass the bench_generate.json an earlier run wrote")
+  data = json.load(open(path))
+  if "command" in data:  # Files from before several runs could be merged held one command.
+    data["commands"] = [data.pop("command")]
+  # A file from before commands were recorded in it: the run that wrote docs/ used these flags.
+  data.setdefault("commands", [f"python scripts/bench_generate.py --out_dir docs --time_budget "
+                               f"{data['args']['time_budget']:g} --repeats {data['args']['repeats']}"])
+  return data
+
+
+def point_key(row):
+  return row["model"], row["kind"], row["batch"], row["prompt"]
+
+
+def check_mergeable(earlier, args):
+  """Refuses to merge runs whose points mean different things: another device, target or length."""
+  ours = {"device": str(jax.devices()[0].device_kind), "target": args.target, "new_tokens": args.new_tokens}
+  theirs = {"device": earlier["device"], "target": earlier["args"]["target"],
+            "new_tokens": earlier["args"]["new_tokens"]}
+  differing = [k for k in ours if ours[k] != theirs[k]]
+  if differing:
+    raise SystemExit(f"error: --merge_into {args.merge_into} was measured with other "
+                     + ", ".join(f"{k} ({theirs[k]} against {ours[k]})" for k in differing)
+                     + "; measure with the same settings or write to a new --out_dir without --merge_into")
+
+
+def merge(earlier, later):
+  """earlier's results with later's points in place of the same points, and later's new points after."""
+  replacing = {point_key(r): r for r in later["results"]}
+  results = [replacing.pop(point_key(r), r) for r in earlier["results"]]
+  return {**later, "results": results + list(replacing.values()),
+          "commands": earlier["commands"] + later["commands"]}
+
+
+def write_report(path, data, commands):
   results = data["results"]
   ok = [r for r in results if r["status"] == "ok"]
   target_batch, target_prompt = data["args"]["target"]
-  lines = [f"Device: {data['device']} ({data['backend']}). Command: `{command}`", ""]
+  if len(commands) == 1:
+    lines = [f"Device: {data['device']} ({data['backend']}). Command: `{commands[0]}`", ""]
+  else:
+    lines = [f"Device: {data['device']} ({data['backend']}). Commands, each later one's points replacing the same "
+             "earlier points: " + "; then ".join(f"`{c}`" for c in commands), ""]
   lines += ["| model | batch | prompt | decode tokens/s | ms / token | peak memory (GB) |", "|---|---|---|---|---|---|"]
   for r in results:
     if r["kind"] != "decode":
@@ -462,9 +509,14 @@ def main(argv=None):
   parser.add_argument("--no_plots", action="store_true")
   parser.add_argument("--quick", action="store_true", help="tiny models and sizes: a smoke test for a CPU")
   parser.add_argument("--report_from", help="a bench_generate.json: rewrite its table (and plots) without measuring")
+  parser.add_argument("--merge_into", help="an earlier run's bench_generate.json: this run's points replace its "
+                      "points of the same model, kind, batch and prompt, and add to the rest")
   args = parser.parse_args(argv)
-  if args.quick:
-    args.batches, args.prompts, args.target, args.new_tokens, args.repeats = "1,4,8", "16,64", "4,64", 8, 1
+  if args.quick:  # Sizes for a CPU, where not given on the command line.
+    quick = {"batches": "1,4,8", "prompts": "16,64", "target": "4,64", "new_tokens": 8, "repeats": 1}
+    for name, value in quick.items():
+      if getattr(args, name) == parser.get_default(name):
+        setattr(args, name, value)
   args.models = [m for m in args.models.split(",") if m]
   unknown = [m for m in args.models if m not in MODELS]
   if unknown:
@@ -481,20 +533,22 @@ def main(argv=None):
   jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="bench_generate_jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   if args.report_from:
-    data = json.load(open(args.report_from))
-    # A file from before commands were recorded in it: the run that wrote docs/ used these flags.
-    data.setdefault("command", f"python scripts/bench_generate.py --out_dir docs --time_budget "
-                               f"{data['args']['time_budget']:g} --repeats {data['args']['repeats']}")
+    data = load_results(args.report_from)
   else:
+    earlier = load_results(args.merge_into) if args.merge_into else None
+    if earlier:
+      check_mergeable(earlier, args)
     bench = Bench(args)
     bench.run()
     data = json.load(open(os.path.join(args.out_dir, "bench_generate.json")))
     command = "python scripts/bench_generate.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    data["command"] = command.strip()
+    data["commands"] = [command.strip()]
+    if earlier:
+      data = merge(earlier, data)
   data["largest_batch"] = largest_batches(data["results"], data["args"]["target"][1])
   with open(os.path.join(args.out_dir, "bench_generate.json"), "w") as f:
     json.dump(data, f, indent=1)
-  print(write_report(os.path.join(args.out_dir, "generation_table.md"), data, data["command"]))
+  print(write_report(os.path.join(args.out_dir, "generation_table.md"), data, data["commands"]))
   if not args.no_plots:
     plot(args.out_dir, data)
   print(f"wrote {args.out_dir}")

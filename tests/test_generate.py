@@ -229,3 +229,31 @@ def test_bench_check_compares_the_fused_step_and_falls_back_to_xla_when_it_fails
   bench.check("mamba-tiny", model)
   assert bench.results[-1]["status"] == "failed: RuntimeError: triton: no kernel for you"
   assert all(block.mixer.scan_impl == "reference" for block in model.backbone.blocks)
+
+
+def test_bench_merge_into_fills_a_grid_over_several_runs(tmp_path, capsys):
+  """A second run's points replace the first run's same points and add new ones; the table lists both
+  commands, and runs measured with another target are refused."""
+  first, second = tmp_path / "first", tmp_path / "second"
+  bench_generate.main(["--quick", "--models", "mamba-130m", "--end_to_end=", "--no_plots", "--out_dir", str(first)])
+  earlier = json.loads((first / "bench_generate.json").read_text())
+  earlier["results"] = [r for r in earlier["results"] if r["batch"] != 8]  # A point the first run skipped.
+  kept = next(r for r in earlier["results"] if r["batch"] == 1)
+  kept["tokens_per_s"] = 12345.0  # Marks the point the second run does not measure again.
+  (first / "bench_generate.json").write_text(json.dumps(earlier))
+  bench_generate.main(["--quick", "--models", "mamba-130m", "--batches", "8", "--end_to_end=", "--no_plots",
+                       "--out_dir", str(second), "--merge_into", str(first / "bench_generate.json")])
+  merged = json.loads((second / "bench_generate.json").read_text())
+  keys = [bench_generate.point_key(r) for r in merged["results"]]
+  assert len(keys) == len(set(keys)) and ("mamba-130m", "decode", 8, 64) in keys
+  assert next(r for r in merged["results"] if r["batch"] == 1)["tokens_per_s"] == 12345.0
+  assert merged["commands"][0] == earlier["commands"][0] and "--merge_into" in merged["commands"][1]
+  table = (second / "generation_table.md").read_text()
+  assert "| mamba-130m | 8 | 64 |" in table and "; then `python scripts/bench_generate.py --quick" in table
+
+  earlier["args"]["target"] = [64, 2048]
+  (first / "bench_generate.json").write_text(json.dumps(earlier))
+  with pytest.raises(SystemExit, match=r"measured with other target \(\[64, 2048\] against \[4, 64\]\)"):
+    bench_generate.main(["--quick", "--out_dir", str(second), "--merge_into", str(first / "bench_generate.json")])
+  with pytest.raises(SystemExit, match="does not exist"):
+    bench_generate.main(["--quick", "--out_dir", str(second), "--merge_into", str(tmp_path / "none.json")])
