@@ -99,10 +99,10 @@ def decode_step(xz, conv_state, x, x_proj_out, dt_weight, dt_bias, A_log, D, h, 
     dt = sum(jnp.sum(xp_ref[0, pl.ds(start, size)].astype(f32)[:, None]
                      * w_ref[pl.ds(start, size), :].astype(x_ref.dtype).astype(f32), axis=0)
              for start, size in _pieces(rank))
-    # Everything else is loaded here, at once. Loaded where each is first used (the state after
-    # the exps, D last), a program waited on memory three more times: 9.9 against 8.5 us a layer
-    # for mamba-370m at batch 64 on an H100. Loaded before dt_proj, the state's registers lower the
-    # occupancy: 11.6 us. kernels/NOTES.md, "Session 12".
+    # Everything else is loaded here, at once: loaded where each is first used (the state after
+    # the exps, D last), the kernel took 9.9 us a layer against 8.5 (mamba-370m, batch 64, H100),
+    # each late load another wait on memory; loaded before dt_proj, 11.6 us, the state's registers
+    # held through dt_proj lowering the occupancy. kernels/NOTES.md, "Session 12".
     h, A_log, D, bias = h_ref[0], A_log_ref[...], D_ref[0], bias_ref[0]
     B = xp_ref[0, pl.ds(rank, n)].astype(f32)
     C = xp_ref[0, pl.ds(rank + n, n)].astype(f32)

@@ -231,9 +231,9 @@ def test_bench_check_compares_the_fused_step_and_falls_back_to_xla_when_it_fails
   assert all(block.mixer.scan_impl == "reference" for block in model.backbone.blocks)
 
 
-def test_bench_merge_into_fills_a_grid_over_several_runs(tmp_path, capsys):
+def test_bench_merge_into_fills_a_grid_over_several_runs(tmp_path):
   """A second run's points replace the first run's same points and add new ones; the table lists both
-  commands, and runs measured with another target are refused."""
+  commands; a run measured with another target, or a missing file, is refused."""
   first, second = tmp_path / "first", tmp_path / "second"
   bench_generate.main(["--quick", "--models", "mamba-130m", "--end_to_end=", "--no_plots", "--out_dir", str(first)])
   earlier = json.loads((first / "bench_generate.json").read_text())
