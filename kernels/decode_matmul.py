@@ -19,8 +19,9 @@ columns) enough blocks to fill the 132 SMs.
 this kernel for bf16 products of at most MAX_ROWS rows on one GPU when ENABLED and the sizes fit,
 and `lax.dot_general` otherwise, so CPU, prefill and training never see it.
 
-On an H100 at batch 64 (kernels/NOTES.md, "selective_scan_step" v3) it beats XLA's GEMM at every
-projection of mamba-370m and gpt-350m (in_proj 4.2 against 6.5 us, 2.0 TB/s), and mamba-370m
+On an H100 at batch 64 (kernels/NOTES.md, "selective_scan_step" v3 and Session 13) it beats XLA's
+GEMM at every projection of mamba-370m and gpt-350m run back to back as in decoding (in_proj 5.65
+against 8.05 us; dispatched alone 4.2 against 6.5, 2.0 TB/s), and mamba-370m
 decodes 1.604 -> 1.560 ms a token with it. gpt-350m decodes slower with it (5.99 -> 6.59 ms): its
 step then holds six transposes of about 190 us, each the size of one layer's K or V cache, which
 XLA does not emit with its own GEMMs; so Transformers keep XLA's.

@@ -7,11 +7,20 @@
 Shapes are the bf16 projections of a decoding step at --batch rows: mamba-370m's in_proj, x_proj and
 out_proj, gpt-350m's qkv, attention output, SwiGLU gate/up and down. Every variant is first checked
 against a float64 product of fresh random inputs (‖out - ref‖ / ‖ref‖ under 1e-2, bf16 rounding);
-a failing one is reported and not timed. Times are device times per call (CUPTI, the summed
-durations of the call's kernels: the GEMM plus, where there is one, the split-K reduction and the
-row padding), the median over --repeats calls that rotate over enough weights (>= 128 MB) that
-each call reads its weight from memory, not the 50 MB L2, as a decoding step does. The bandwidth
-column is the weight's bytes over that time. Needs a Hopper GPU.
+a failing one is reported and not timed. Times are device times (CUPTI, the summed durations of the
+kernels: the GEMM plus, where there is one, the split-K reduction and the row padding), over
+enough distinct weights (>= 128 MB) that each product reads its weight from memory, not the 50 MB
+L2, as a decoding step does. Two times per variant:
+
+- alone: the median over --repeats calls, each dispatched by itself, cycling through the weights;
+- in a chain: one compiled program runs a product for every weight in turn, each with an x of its
+  own, back to back as a decoding step's kernels run; its device time over the number of products,
+  the median of --chain_repeats runs.
+
+Back to back a kernel runs slower than alone (on an H100, mamba-370m's in_proj through
+decode_matmul: 4.2 us alone, 5.6 in a chain of 48, 6.4 in the decoding loop; kernels/NOTES.md,
+Session 13), so the chain is the one to predict decoding with. The bandwidth columns are the
+weight's bytes over each time. Needs a Hopper GPU.
 """
 
 import argparse
@@ -92,12 +101,29 @@ def device_us(compiled, x, weights, repeats):
   return statistics.median(times)
 
 
+def chain_us(fn, xs, weights, repeats):
+  """Median device time (us) per product of one program running fn(x, w) for each (x, w) in turn.
+
+  Each product has an x of its own: XLA merges dots that share an operand into one over the
+  concatenated weights (copies that a decoding step does not have)."""
+  from jax.experimental.mosaic.gpu import profiler
+
+  measured = profiler.measure(jax.jit(lambda xs, ws: tuple(fn(x, w) for x, w in zip(xs, ws))))
+  times = []
+  for i in range(repeats + 1):
+    _, ms = measured(xs, weights)
+    if i:  # The first call compiles and warms up.
+      times.append(1e3 * ms / len(weights))
+  return statistics.median(times)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names of SHAPES")
   parser.add_argument("--sweep", action="store_true", help="also every tiling of ours")
-  parser.add_argument("--repeats", type=int, default=40)
+  parser.add_argument("--repeats", type=int, default=40, help="calls timed alone")
+  parser.add_argument("--chain_repeats", type=int, default=5, help="runs of the chain over every weight")
   parser.add_argument("--time_budget", type=float, default=1e9, help="seconds; shapes past it are skipped")
   parser.add_argument("--out", default="")
   args = parser.parse_args()
@@ -112,6 +138,7 @@ def main():
     count = min(256, math.ceil(WEIGHT_BYTES / weight_bytes))
     keys = jax.random.split(jax.random.key(len(results)), count + 1)
     x = jax.random.normal(keys[0], (args.batch, k), jnp.bfloat16)
+    xs = list(jax.random.normal(keys[0], (count, args.batch, k), jnp.bfloat16))
     weights = [jax.random.normal(key, (k, n), jnp.bfloat16) * k**-0.5 for key in keys[1:]]
     fns = variants(k, n, args.sweep)
 
@@ -130,6 +157,8 @@ def main():
           if row["status"] == "ok":
             row["us"] = device_us(compiled, x, weights, args.repeats)
             row["TB/s"] = weight_bytes / row["us"] / 1e6
+            row["chain_us"] = chain_us(fns[name], xs, weights, args.chain_repeats)
+            row["chain TB/s"] = weight_bytes / row["chain_us"] / 1e6
         except Exception as e:  # A tiling the kernel or the hardware refuses: reported, not fatal.
           row["status"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         rows.append(row)
@@ -139,16 +168,19 @@ def main():
       with open(args.out, "w") as f:
         json.dump({"device": jax.devices()[0].device_kind, "batch": args.batch, "results": results}, f, indent=1)
 
-  print(f"\nDevice: {jax.devices()[0].device_kind}, batch {args.batch}, device us per call (median of {args.repeats})")
+  print(f"\nDevice: {jax.devices()[0].device_kind}, batch {args.batch}, device us per product: alone (median of "
+        f"{args.repeats} calls) and in a chain over every weight (median of {args.chain_repeats})")
   for shape_name in dict.fromkeys(r["shape"] for r in results):
     rows = [r for r in results if r["shape"] == shape_name]
     timed = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])
-    xla = next((r["us"] for r in rows if r["variant"] == "xla jnp.dot" and "us" in r), float("nan"))
+    xla, xla_chain = next(((r["us"], r["chain_us"]) for r in rows if r["variant"] == "xla jnp.dot" and "us" in r),
+                          (float("nan"), float("nan")))
     print(f"{shape_name} (k {rows[0]['k']}, n {rows[0]['n']}, {2 * rows[0]['k'] * rows[0]['n'] / 1e6:.1f} MB):")
     shown = [r for r in timed if not r["variant"].startswith("ours tile")][:6] + [
         r for r in timed if r["variant"].startswith("ours tile")][:3]
     for r in sorted(shown, key=lambda r: r["us"]):
-      print(f"  {r['us']:7.2f} us  {r['TB/s']:5.2f} TB/s  x{xla / r['us']:4.2f} vs xla  {r['variant']}")
+      print(f"  alone {r['us']:7.2f} us  {r['TB/s']:5.2f} TB/s  x{xla / r['us']:4.2f} vs xla   in a chain "
+            f"{r['chain_us']:7.2f} us  {r['chain TB/s']:5.2f} TB/s  x{xla_chain / r['chain_us']:4.2f} vs xla  {r['variant']}")
     for r in rows:
       if r["status"] != "ok":
         print(f"  {r['status'][:120]}  {r['variant']}")
