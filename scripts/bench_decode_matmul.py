@@ -88,17 +88,14 @@ def variants(k, n, sweep):
   return out
 
 
-def device_us(compiled, x, weights, repeats):
-  """Median device time (us) of compiled(x, w) over repeats calls cycling through weights."""
+def median_device_us(fn, arg_sets, repeats, products=1):
+  """Median device time (us) per product of fn over repeats calls cycling through arg_sets, after
+  one call that warms up; fn runs `products` products a call."""
   from jax.experimental.mosaic.gpu import profiler
 
-  measured = profiler.measure(compiled)
-  times = []
-  for i in range(repeats + 1):
-    _, ms = measured(x, weights[i % len(weights)])
-    if i:  # The first call warms up.
-      times.append(1e3 * ms)
-  return statistics.median(times)
+  measured = profiler.measure(fn)
+  times = [1e3 * measured(*arg_sets[i % len(arg_sets)])[1] / products for i in range(repeats + 1)]
+  return statistics.median(times[1:])
 
 
 def chain_us(fn, xs, weights, repeats):
@@ -106,15 +103,8 @@ def chain_us(fn, xs, weights, repeats):
 
   Each product has an x of its own: XLA merges dots that share an operand into one over the
   concatenated weights (copies that a decoding step does not have)."""
-  from jax.experimental.mosaic.gpu import profiler
-
-  measured = profiler.measure(jax.jit(lambda xs, ws: tuple(fn(x, w) for x, w in zip(xs, ws))))
-  times = []
-  for i in range(repeats + 1):
-    _, ms = measured(xs, weights)
-    if i:  # The first call compiles and warms up.
-      times.append(1e3 * ms / len(weights))
-  return statistics.median(times)
+  chain = jax.jit(lambda xs, ws: tuple(fn(x, w) for x, w in zip(xs, ws)))
+  return median_device_us(chain, [(xs, weights)], repeats, products=len(weights))
 
 
 def main():
@@ -137,8 +127,8 @@ def main():
     weight_bytes = 2 * k * n
     count = min(256, math.ceil(WEIGHT_BYTES / weight_bytes))
     keys = jax.random.split(jax.random.key(len(results)), count + 1)
-    x = jax.random.normal(keys[0], (args.batch, k), jnp.bfloat16)
-    xs = list(jax.random.normal(keys[0], (count, args.batch, k), jnp.bfloat16))
+    xs = list(jax.random.normal(keys[0], (count, args.batch, k), jnp.bfloat16))  # one per product of a chain
+    x = xs[0]
     weights = [jax.random.normal(key, (k, n), jnp.bfloat16) * k**-0.5 for key in keys[1:]]
     fns = variants(k, n, args.sweep)
 
@@ -155,7 +145,7 @@ def main():
           row["error"] = relative_error(compiled(x, weights[1 % count]), x, weights[1 % count])
           row["status"] = "ok" if row["error"] < 1e-2 else "WRONG"
           if row["status"] == "ok":
-            row["us"] = device_us(compiled, x, weights, args.repeats)
+            row["us"] = median_device_us(compiled, [(x, w) for w in weights], args.repeats)
             row["TB/s"] = weight_bytes / row["us"] / 1e6
             row["chain_us"] = chain_us(fns[name], xs, weights, args.chain_repeats)
             row["chain TB/s"] = weight_bytes / row["chain_us"] / 1e6
