@@ -14,6 +14,13 @@ dtype; with several each writes its float32 partial sum and XLA adds the parts (
 reduction, which it can fuse into the consumer): splitting k gives mamba-370m's out_proj (1024
 columns) enough blocks to fill the 132 SMs.
 
+Two variants serve Mamba's decoding step (seqmodels/mamba.py `decode_step`), each removing a
+kernel a layer: `add_product` adds x @ w into a float32 array in place, each block's part by a TMA
+reduction, so that no reduction kernel follows a split k (x_proj into a zero, out_proj into the
+residual stream); `conv_product` is in_proj with the conv and its silu computed by the blocks that
+hold the conv's new input, after they store it. On an H100 they took mamba-370m from 1.46 to 1.35
+ms a token at batch 64 (kernels/NOTES.md, "Session 14").
+
 `dot_general` is the drop-in for `lax.dot_general` that decoding's Linear modules call
 (seqmodels/generate.py `inference_model`, for backbones with `decode_matmul` set: Mamba's): it runs
 this kernel for bf16 products of at most MAX_ROWS rows on one GPU when ENABLED and the sizes fit,
@@ -42,6 +49,11 @@ ENABLED = True
 # Route every backbone's products, not only those that set `decode_matmul` (Mamba's): how
 # gpt-350m was measured with the kernel (kernels/NOTES.md).
 EVERY_MODEL = False
+# `add_linear` adds split-k parts into their destination by TMA reductions instead of XLA adding
+# them in a kernel of its own (mamba-370m's x_proj and out_proj, kernels/NOTES.md "Session 14").
+ADD_IN_PLACE = True
+# Mamba's decoding step runs in_proj and the conv as one kernel (`conv_product`).
+CONV_IN_PROJ = True
 MAX_ROWS = 256  # Four wgmma heights; a float32 accumulator of 256 x 64 is 128 registers a thread.
 TILE_K = 128  # Depth of a block of k: one TMA copy of x and one of w (kernels/NOTES.md: 64 was slower).
 STAGES = 4  # Blocks of k in flight per CUDA block, fewer where shared memory runs out.
@@ -87,12 +99,7 @@ def supported(k: int, n: int) -> bool:
   return k % 64 == 0 and n % 32 == 0
 
 
-def matmul(x, w, *, tile_n=None, tile_k=None, parts=None, stages=None, interpret=None):
-  """x (rows, k) @ w (k, n) in x's dtype, float32 accumulation; rows <= MAX_ROWS, bf16 or f16.
-
-  The tiling defaults come from the module's constants; the benchmark passes others to compare.
-  interpret: pallas's Mosaic GPU interpreter parameters, to run on CPU (the tests).
-  """
+def _tiling(x, w, tile_n, tile_k, parts, stages):
   rows, k = x.shape
   n = w.shape[1]
   tile_n = tile_n or column_tile(n)
@@ -105,28 +112,96 @@ def matmul(x, w, *, tile_n=None, tile_k=None, parts=None, stages=None, interpret
   if n % tile_n or k % (tile_k * parts):
     raise ValueError(f"decode_matmul: n={n} must be a multiple of tile_n={tile_n} and k={k} of "
                      f"tile_k x parts = {tile_k} x {parts}")
-  padded_rows = ROW_TILE * math.ceil(rows / ROW_TILE)
-  partial_sums = _kernel_call(jnp.pad(x, ((0, padded_rows - rows), (0, 0))), w, tile_n=tile_n,
-                              tile_k=tile_k, parts=parts, stages=stages, interpret=interpret)
-  return partial_sums.sum(axis=0).astype(x.dtype)[:rows]
+  return dict(tile_n=tile_n, tile_k=tile_k, parts=parts, stages=stages)
+
+
+def _padded(x):
+  rows = x.shape[0]
+  return jnp.pad(x, ((0, ROW_TILE * math.ceil(rows / ROW_TILE) - rows), (0, 0)))
+
+
+def matmul(x, w, *, tile_n=None, tile_k=None, parts=None, stages=None, interpret=None):
+  """x (rows, k) @ w (k, n) in x's dtype, float32 accumulation; rows <= MAX_ROWS, bf16 or f16.
+
+  The tiling defaults come from the module's constants; the benchmark passes others to compare.
+  interpret: pallas's Mosaic GPU interpreter parameters, to run on CPU (the tests).
+  """
+  tiling = _tiling(x, w, tile_n, tile_k, parts, stages)
+  partial_sums = _kernel_call(_padded(x), w, None, **tiling, interpret=interpret)
+  return partial_sums.sum(axis=0).astype(x.dtype)[:x.shape[0]]
+
+
+def add_product(acc, x, w, *, tile_n=None, tile_k=None, parts=None, stages=None):
+  """acc + x @ w for acc (rows, n) float32, x (rows, k) and w (k, n) as in `matmul`, rows a
+  multiple of 64: each block adds its float32 product into acc's buffer by a TMA reduction, so no
+  reduction kernel follows a split k, and the sum is not rounded to x's dtype. The order of the
+  parts' additions varies from run to run (float32 rounding). The interpreter has no TMA
+  reductions: this runs on a GPU only."""
+  tiling = _tiling(x, w, tile_n, tile_k, parts, stages)
+  if acc.shape != (x.shape[0], w.shape[1]) or acc.dtype != jnp.float32 or x.shape[0] % ROW_TILE:
+    raise ValueError(f"add_product takes acc (rows, n) float32 with rows a multiple of {ROW_TILE}, "
+                     f"got acc {acc.shape} {acc.dtype} for x {x.shape}, w {w.shape}")
+  return _kernel_call(x, w, acc, **tiling, interpret=None)
+
+
+def conv_product(x, w, conv_state, conv_kernel, conv_bias, zero_columns, *, interpret=None):
+  """Mamba's in_proj and conv for one token, as one kernel: xz = x @ w, and for the blocks of
+  columns that hold the conv's new input (the first d of xz's 2d), x = silu(bias + sum_k
+  kernel_k * window_k) over the window (conv_state's rows, then xz[:, :d]) in float32 from bf16
+  inputs, as the conv module rounds them. Also a float32 zero (rows, zero_columns), for x_proj's
+  `add_product`: a zero of XLA's is a memset of its own in the decoding loop (about 1 us).
+
+  x (rows, k), rows a multiple of 64; w (k, 2d) in x's dtype; conv_state (rows, width - 1, d);
+  conv_kernel (width, d) and conv_bias (d,). Returns xz, x and the zero.
+  """
+  rows, d = x.shape[0], conv_state.shape[2]
+  tiling = _tiling(x, w, None, None, 1, None)  # One part: each block holds its columns' whole sum.
+  if (rows % ROW_TILE or w.shape[1] != 2 * d or d % tiling["tile_n"]
+      or conv_state.shape[0] != rows or conv_kernel.shape != (conv_state.shape[1] + 1, d)):
+    raise ValueError(f"conv_product takes x (rows, k) with rows a multiple of {ROW_TILE}, w (k, 2d), "
+                     f"conv_state (rows, width - 1, d) and conv_kernel (width, d), got x {x.shape}, "
+                     f"w {w.shape}, conv_state {conv_state.shape}, conv_kernel {conv_kernel.shape}")
+  conv = (conv_state, conv_kernel.astype(jnp.float32), conv_bias.astype(jnp.float32).reshape(1, d))
+  xz, conv_out, zero = _kernel_call(x, w, None, conv, **tiling, zero_columns=zero_columns, interpret=interpret)
+  return xz[0], conv_out, zero
 
 
 # A jit of its own, so that a decoding step's many calls of one shape lower and compile the kernel
 # once (48 layers x 3 projections of mamba-370m took 64 s to compile, one lowering each).
-@functools.partial(jax.jit, static_argnames=("tile_n", "tile_k", "parts", "stages", "interpret"))
-def _kernel_call(x, w, *, tile_n, tile_k, parts, stages, interpret):
-  """(parts, rows, n) partial products of x (rows a multiple of 64), in x's dtype for one part."""
+@functools.partial(jax.jit, static_argnames=("tile_n", "tile_k", "parts", "stages", "zero_columns", "interpret"))
+def _kernel_call(x, w, acc, conv=None, *, tile_n, tile_k, parts, stages, zero_columns=0, interpret):
+  """(parts, rows, n) partial products of x (rows a multiple of 64), in x's dtype for one part;
+  given acc, acc + x @ w in place; given conv (see `conv_product`), (x @ w, the conv's output, a
+  float32 zero (rows, zero_columns))."""
   rows, k = x.shape
   n = w.shape[1]
   steps = k // tile_k // parts
-  out_dtype = x.dtype if parts == 1 else jnp.float32
+  accumulate = acc is not None
+  out_dtype = x.dtype if parts == 1 and not accumulate else jnp.float32
+  dtype, f32 = x.dtype, jnp.float32
+  if conv is not None:
+    history, channels = conv[0].shape[1:]
+    conv_blocks = channels // tile_n  # The blocks of columns that hold the conv's new input.
 
-  def kernel(x_gmem, w_gmem, out_gmem):
+  def kernel(x_gmem, w_gmem, *refs):
+    if conv is None:
+      (out_gmem,) = refs
+    else:
+      (state_gmem, weight_gmem, bias_gmem, out_gmem, conv_out_gmem, zero_gmem, taps_smem, weights_smem, zero_smem,
+       barrier) = refs
     column = lax.axis_index("columns")
     part = lax.axis_index("parts")
     first_step = part * steps
+    columns = pl.ds(column * tile_n, tile_n)
+    if conv is not None:
+      @pl.when(column < conv_blocks)
+      def _():  # In flight while the weight streams.
+        for tap in range(history):
+          plgpu.copy_gmem_to_smem(state_gmem.at[:, tap, columns], taps_smem.at[tap], barrier)
+        plgpu.copy_gmem_to_smem(weight_gmem.at[:, columns], weights_smem.at[pl.ds(0, history + 1)], barrier)
+        plgpu.copy_gmem_to_smem(bias_gmem.at[:, columns], weights_smem.at[pl.ds(history + 1, 1)], barrier)
 
-    def accumulate(acc_ref):
+    def accumulate_product(acc_ref):
       def step(_, x_smem, w_smem):
         plgpu.wgmma(acc_ref, x_smem, w_smem)
         # The next copy into these buffers is issued when this body returns.
@@ -139,21 +214,57 @@ def _kernel_call(x, w, *, tile_n, tile_k, parts, stages, interpret):
           max_concurrent_steps=stages)(x_gmem, w_gmem)
       return acc_ref[...]
 
-    acc = pl.run_scoped(accumulate, plgpu.ACC((rows, tile_n)))
+    product = pl.run_scoped(accumulate_product, plgpu.ACC((rows, tile_n)))
 
-    def store(out_smem):
-      out_smem[...] = acc.astype(out_smem.dtype)
+    def store(out_smem, conv_smem=None):
+      out_smem[...] = product.astype(out_smem.dtype)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[part, :, pl.ds(column * tile_n, tile_n)])
+      if accumulate:
+        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[:, columns], reduction_op="add")
+      else:
+        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[part, :, columns])
+      if conv is not None:
+        @pl.when(column < conv_blocks)
+        def _():  # While in_proj's output is being stored.
+          def weight(row):  # Rounded to the compute dtype, as the conv module rounds its weights.
+            return weights_smem[row].astype(dtype).astype(f32)[None, :]
+          plgpu.barrier_wait(barrier)
+          # The new input as in_proj's output holds it, rounded to the compute dtype.
+          pre = weight(history + 1) + weight(history) * product.astype(dtype).astype(f32)
+          for tap in range(history):
+            pre = pre + weight(tap) * taps_smem[tap].astype(f32)
+          conv_smem[...] = (pre / (1 + jnp.exp(-pre))).astype(dtype)  # silu
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(conv_smem, conv_out_gmem.at[:, columns])
+
+        @pl.when(column == n // tile_n - 1)  # A block without the conv's work.
+        def _():
+          zero_smem[...] = jnp.zeros((rows, zero_columns), f32)
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(zero_smem, zero_gmem)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    pl.run_scoped(store, plgpu.SMEM((rows, tile_n), out_dtype))
+    if conv is None:
+      pl.run_scoped(store, plgpu.SMEM((rows, tile_n), out_dtype))
+    else:
+      pl.run_scoped(store, plgpu.SMEM((rows, tile_n), out_dtype), plgpu.SMEM((rows, tile_n), dtype))
 
-  return plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct((parts, rows, n), out_dtype),
-      grid=(n // tile_n, parts), grid_names=("columns", "parts"),
-      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      interpret=interpret)(x, w)
+  grid = dict(grid=(n // tile_n, parts), grid_names=("columns", "parts"),
+              compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
+                                                   approx_math=True),  # The conv's silu.
+              interpret=interpret)
+  if conv is not None:
+    out_type = (jax.ShapeDtypeStruct((1, rows, n), dtype), jax.ShapeDtypeStruct((rows, channels), dtype),
+                jax.ShapeDtypeStruct((rows, zero_columns), f32))
+    scratch = [plgpu.SMEM((history, rows, tile_n), dtype), plgpu.SMEM((history + 2, tile_n), f32),
+               plgpu.SMEM((rows, zero_columns), f32), plgpu.Barrier(num_arrivals=history + 2)]
+    return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, **grid)(x, w, *conv)
+  if not accumulate:
+    return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((parts, rows, n), out_dtype), **grid)(x, w)
+  # A mutable array: the kernel adds into acc's buffer, which XLA aliases to the result.
+  acc_ref = jax.new_ref(acc)
+  plgpu.kernel(kernel, **grid)(x, w, acc_ref)
+  return acc_ref[...]
 
 
 def applies(lhs, rhs, dimension_numbers) -> bool:
@@ -175,3 +286,19 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     return out.reshape(*lhs.shape[:-1], rhs.shape[1])
   return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                          preferred_element_type=preferred_element_type, **kwargs)
+
+
+def takes(linear, x) -> bool:
+  """Whether a bias-free nnx.Linear's product with x takes `add_product` or `conv_product`: its
+  products were routed here (`inference_model`) and x's rows are a multiple of 64."""
+  contract = (((x.ndim - 1,), (0,)), ((), ()))
+  return (linear.bias is None and linear.dot_general is dot_general and x.ndim == 2 and x.shape[0] % ROW_TILE == 0
+          and applies(x, linear.kernel[...], contract))
+
+
+def add_linear(acc, linear, x):
+  """acc + linear(x) in acc's float32 for a bias-free nnx.Linear: `add_product` where `takes` and
+  ADD_IN_PLACE; otherwise the Linear's own output, in its dtype, added to acc."""
+  if ADD_IN_PLACE and acc.dtype == jnp.float32 and takes(linear, x):
+    return add_product(acc, x, linear.kernel[...])
+  return acc + linear(x).astype(acc.dtype)

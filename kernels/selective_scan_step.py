@@ -60,7 +60,8 @@ def decode_step(xz, conv_state, x, x_proj_out, dt_weight, dt_bias, A_log, D, h, 
     xz: (batch, 2d) in_proj's output: the conv's new input, then z.
     conv_state: (batch, width - 1, d) the conv's previous inputs; its buffer is reused.
     x: (batch, d) the conv's output after silu.
-    x_proj_out: (batch, rank + 2n) x_proj's output: dt_low, B, C.
+    x_proj_out: (batch, rank + 2n) x_proj's output: dt_low, B, C, rounded to x's dtype here
+      (a float32 x_proj_out is the sum of its parts, kernels/decode_matmul.py `add_linear`).
     dt_weight: (rank, d) dt_proj's kernel, used in x's dtype (as nnx.Linear does).
     dt_bias, D: (d,) float32.
     A_log: (d, n) float32.
@@ -96,7 +97,7 @@ def decode_step(xz, conv_state, x, x_proj_out, dt_weight, dt_bias, A_log, D, h, 
     z = xz_ref[0].astype(f32)
     # dt_proj as products and a sum over the rank; each product of two bf16 values is exact in
     # float32, and the sum is rounded to x's dtype as the XLA matmul's output is.
-    dt = sum(jnp.sum(xp_ref[0, pl.ds(start, size)].astype(f32)[:, None]
+    dt = sum(jnp.sum(xp_ref[0, pl.ds(start, size)].astype(x_ref.dtype).astype(f32)[:, None]
                      * w_ref[pl.ds(start, size), :].astype(x_ref.dtype).astype(f32), axis=0)
              for start, size in _pieces(rank))
     # Everything else is loaded here, at once: loaded where each is first used (the state after
@@ -104,8 +105,8 @@ def decode_step(xz, conv_state, x, x_proj_out, dt_weight, dt_bias, A_log, D, h, 
     # each late load another wait on memory; loaded before dt_proj, 11.6 us, the state's registers
     # held through dt_proj lowering the occupancy. kernels/NOTES.md, "Session 12".
     h, A_log, D, bias = h_ref[0], A_log_ref[...], D_ref[0], bias_ref[0]
-    B = xp_ref[0, pl.ds(rank, n)].astype(f32)
-    C = xp_ref[0, pl.ds(rank + n, n)].astype(f32)
+    B = xp_ref[0, pl.ds(rank, n)].astype(x_ref.dtype).astype(f32)
+    C = xp_ref[0, pl.ds(rank + n, n)].astype(x_ref.dtype).astype(f32)
     dt = dt.astype(x_ref.dtype).astype(f32) + bias
     dt = jnp.maximum(dt, 0) + jnp.log1p(jnp.exp(-jnp.abs(dt)))  # softplus
     A = -jnp.exp(A_log)

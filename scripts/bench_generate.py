@@ -106,25 +106,27 @@ def random_state(generator, batch: int, prompt: int, new_tokens: int, cfg, key):
       keys=jax.random.split(key, batch), position=jnp.int32(prompt), done=jnp.zeros(batch, bool))
 
 
-def check_fused_step(mixer, batch, seed=0):
-  """‖fused - XLA‖ / ‖XLA‖ for one decoding step of a Mamba mixer from a random state: its output
-  and new SSM state, kernels/selective_scan_step.py against XLA's ops (scan_impl "reference")."""
+def check_fused_step(block, batch, seed=0):
+  """‖fused - XLA‖ / ‖XLA‖ for one decoding step of a Mamba block from a random state: what it adds
+  to the residual stream and its new SSM and conv states, the fused step (kernels/selective_scan_step.py,
+  decode_matmul's in-place adds) against XLA's ops (scan_impl "reference")."""
+  mixer = block.mixer
   keys = jax.random.split(jax.random.key(seed), 3)
-  u = jax.random.normal(keys[0], (batch, 1, mixer.in_proj.in_features), mixer.dtype)
+  u = jax.random.normal(keys[0], (batch, 1, mixer.in_proj.in_features), jnp.float32)
   cache = {"conv": jax.random.normal(keys[1], (batch, mixer.d_conv - 1, mixer.d_inner), mixer.dtype),
            "ssm": jax.random.normal(keys[2], (batch, mixer.d_inner, mixer.d_state), jnp.float32)}
   outs = {}
   for impl in ("pallas", "reference"):
-    variant = nnx.clone(mixer)
-    variant.scan_impl = impl
+    variant = nnx.clone(block)
+    variant.mixer.scan_impl = impl
     graphdef, params = nnx.split(variant)
     outs[impl] = jax.jit(lambda params, u, cache: nnx.merge(graphdef, params)(u, cache))(params, u, cache)
 
   def relative(a, b):
     a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
-  (y, state), (y_ref, state_ref) = outs["pallas"], outs["reference"]
-  return {"output": relative(y, y_ref), "ssm_state": relative(state["ssm"], state_ref["ssm"]),
+  (out, state), (out_ref, state_ref) = outs["pallas"], outs["reference"]
+  return {"output": relative(out - u, out_ref - u), "ssm_state": relative(state["ssm"], state_ref["ssm"]),
           "conv_state": relative(state["conv"], state_ref["conv"])}
 
 
@@ -228,7 +230,7 @@ class Bench:
     (recorded in the check's status), so that the run still measures it."""
     batch = self.args.target[0]
     try:
-      errors = check_fused_step(generate.inference_model(model).backbone.blocks[0].mixer, batch)
+      errors = check_fused_step(generate.inference_model(model).backbone.blocks[0], batch)
       close = errors["output"] < 2e-2 and errors["ssm_state"] < 1e-2 and errors["conv_state"] < 1e-2
       status = "ok" if close else "too far from XLA's ops"
     except Exception as e:  # A kernel that does not compile on this device.

@@ -13,10 +13,12 @@ Per block, with E = expand, N = d_state, R = dt_rank = ceil(d / 16):
 The same code runs the parallel forward (training), prefill and one-token decoding: a cache holds
 the last d_conv - 1 conv inputs and the (batch, Ed, N) SSM state, and a decode step is a length-1
 forward that starts from them. On a GPU (scan_impl "auto" or "pallas") a decode step runs
-everything after x_proj (dt_proj through the gate) as one kernel (kernels/selective_scan_step.py):
-a step's time is many small kernels, each far under the memory bandwidth. With model.fused_inner
-the training forward and prefill run the middle, from in_proj's output to the gated scan output,
-as one custom_vjp with a conv kernel (kernels/mamba_inner.py).
+everything after x_proj (dt_proj through the gate) as one kernel (kernels/selective_scan_step.py),
+in_proj with the conv as another, and adds x_proj's and out_proj's parts in place
+(kernels/decode_matmul.py): a step's time is many small kernels, each far under the memory
+bandwidth, so each kernel fewer counts. With model.fused_inner the training forward and prefill
+run the middle, from in_proj's output to the gated scan output, as one custom_vjp with a conv
+kernel (kernels/mamba_inner.py).
 """
 
 import math
@@ -25,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels import mamba_inner, selective_scan_step
+from kernels import decode_matmul, mamba_inner, selective_scan_step
 from kernels._common import on_one_device
 from seqmodels import layers
 from seqmodels.sharding import selective_scan
@@ -116,8 +118,6 @@ class MambaMixer(nnx.Module):
     return x, dt, A, B, C, z, conv_state
 
   def __call__(self, u, cache=None):
-    if cache is not None and u.shape[1] == 1 and self.fused_decoding():
-      return self.decode_step(u[:, 0], cache)
     if self.fused_inner and u.shape[1] > 1:  # A one-token step would pad to a whole conv segment.
       return self.fused_forward(u, cache)
     x, dt, A, B, C, z, conv_state = self.scan_inputs(u, None if cache is None else cache["conv"])
@@ -155,16 +155,26 @@ class MambaMixer(nnx.Module):
       return False
     return on_one_device()
 
-  def decode_step(self, u, cache):
-    """One token, u (batch, d_model): in_proj, the conv, x_proj, then one kernel for the rest of the
-    SSM and the conv state's shift."""
-    xz = self.in_proj(u)
-    x, _ = self.conv1d(xz[:, None, :self.d_inner], cache["conv"])  # The kernel writes the new conv state.
-    x = jax.nn.silu(x[:, 0])
+  def decode_step(self, u, residual, cache):
+    """One token: residual + the mixer's output for u = norm(residual), both (batch, d_model), the
+    residual float32. in_proj and the conv, x_proj, one kernel for the rest of the SSM and the conv
+    state's shift, then out_proj. Where kernels/decode_matmul.py takes the projections (a GPU),
+    in_proj and the conv are one kernel, and x_proj's and out_proj's split-k parts add themselves
+    into a float32 zero and into the residual instead of in reductions of XLA's."""
+    dt_B_C_width = self.rank + 2 * self.d_state
+    if decode_matmul.CONV_IN_PROJ and decode_matmul.takes(self.in_proj, u):
+      xz, x, dt_B_C = decode_matmul.conv_product(u, self.in_proj.kernel[...], cache["conv"], self.conv1d.kernel[...],
+                                                 self.conv1d.bias[...], dt_B_C_width)
+    else:
+      xz = self.in_proj(u)
+      x, _ = self.conv1d(xz[:, None, :self.d_inner], cache["conv"])  # The kernel writes the new conv state.
+      x = jax.nn.silu(x[:, 0])
+      dt_B_C = jnp.zeros((x.shape[0], dt_B_C_width), jnp.float32)
+    dt_B_C = decode_matmul.add_linear(dt_B_C, self.x_proj, x)
     y, ssm_state, conv_state = selective_scan_step.decode_step(
-        xz, cache["conv"], x, self.x_proj(x), self.dt_proj.kernel[...], self.dt_bias[...], self.A_log[...],
+        xz, cache["conv"], x, dt_B_C, self.dt_proj.kernel[...], self.dt_bias[...], self.A_log[...],
         self.D[...], cache["ssm"])
-    return self.out_proj(y)[:, None], {"conv": conv_state, "ssm": ssm_state}
+    return decode_matmul.add_linear(residual, self.out_proj, y), {"conv": conv_state, "ssm": ssm_state}
 
   def extra_flops_per_token(self):
     # The scan itself, beyond the matmuls: about 9 flops per (channel, state) element per token
@@ -202,6 +212,9 @@ class MambaBlock(nnx.Module):
     return self.mixer.init_cache(batch)
 
   def __call__(self, u, cache=None):
+    if cache is not None and u.shape[1] == 1 and self.mixer.fused_decoding():
+      u, cache = self.mixer.decode_step(self.norm(u[:, 0]), u[:, 0], cache)
+      return u[:, None], cache
     y, cache = self.mixer(self.norm(u), cache)
     return u + y.astype(jnp.float32), cache
 

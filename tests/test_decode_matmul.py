@@ -109,3 +109,73 @@ def test_kernel_lowers_for_cuda_at_mamba_370m_decode_shapes():
     w = jax.ShapeDtypeStruct((k, n), jnp.bfloat16)
     text = jax.jit(decode_matmul.matmul).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+def test_conv_product_in_the_interpreter_matches_float64():
+  """in_proj and the conv of one token as one kernel: xz, silu(conv) over the window (the conv
+  state's rows, then xz's first d columns), and the float32 zero for x_proj."""
+  rng = np.random.default_rng(1)
+  rows, k, d, width = 64, 256, 128, 4
+  x = jnp.asarray(rng.normal(size=(rows, k)) / 8, jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(k, 2 * d)) / 4, jnp.bfloat16)
+  state = jnp.asarray(rng.normal(size=(rows, width - 1, d)), jnp.bfloat16)
+  conv_kernel = jnp.asarray(rng.normal(size=(width, d)), jnp.float32)
+  conv_bias = jnp.asarray(rng.normal(size=(d,)), jnp.float32)
+  xz, conv, zero = decode_matmul.conv_product(x, w, state, conv_kernel, conv_bias, 96,
+                                              interpret=plgpu.InterpretGPUParams())
+  assert _relative_error(xz, x, w) < 5e-3
+  f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+  window = np.concatenate([f64(state), f64(xz)[:, None, :d]], axis=1)
+  rounded = lambda a: f64(jnp.asarray(a, jnp.bfloat16))  # noqa: E731  the conv module's bf16 weights
+  pre = rounded(conv_bias) + np.einsum("bkc,kc->bc", window, rounded(conv_kernel))
+  want = pre / (1 + np.exp(-pre))
+  assert conv.shape == (rows, d) and conv.dtype == jnp.bfloat16
+  assert np.linalg.norm(f64(conv) - want) / np.linalg.norm(want) < 5e-3
+  assert zero.shape == (rows, 96) and zero.dtype == jnp.float32 and not np.any(np.asarray(zero))
+  with pytest.raises(ValueError, match="multiple of 64"):
+    decode_matmul.conv_product(x[:8], w, state[:8], conv_kernel, conv_bias, 96)
+
+
+def test_add_product_lowers_for_cuda_in_place_and_refuses_what_it_cannot_add():
+  # The interpreter has no TMA reductions; the H100 checks the sums (scripts/bench_generate.py --check).
+  for rows, k, n in [(64, 2048, 96), (128, 2048, 1024)]:
+    shapes = [jax.ShapeDtypeStruct(s, t) for s, t in
+              [((rows, n), jnp.float32), ((rows, k), jnp.bfloat16), ((k, n), jnp.bfloat16)]]
+    text = jax.jit(decode_matmul.add_product).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text and "output_operand_alias<output_tuple_indices = [], operand_index = 2" in text
+  x, w = jnp.zeros((8, 128), jnp.bfloat16), jnp.zeros((128, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match="multiple of 64"):
+    decode_matmul.add_product(jnp.zeros((8, 64), jnp.float32), x, w)
+
+
+def test_mamba_fused_decoding_step_matches_xla(monkeypatch):
+  """A bf16 Mamba decoding step at 64 rows through the fused path (the step kernel, conv_product,
+  and the in-place adds of x_proj and out_proj, emulated in float32 since the interpreter has no
+  TMA reductions) against XLA's ops (scan_impl reference)."""
+  # dt_rank 64: x_proj's rank + 2N = 96 columns tile as mamba-370m's do.
+  cfg = tiny_config("mamba", **{"model.d_model": 64, "model.dt_rank": 64, "model.dtype": "bfloat16",
+                                "model.scan_impl": "pallas"}).model
+  model = generate.inference_model(lm.build(cfg, seed=0))
+  batch = 64
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, batch), jnp.int32)
+  cache = model.init_cache(batch, 8)
+  cache = jax.tree.map(lambda c: jax.random.normal(jax.random.key(1), c.shape, jnp.float32).astype(c.dtype), cache)
+
+  def step(scan_impl):
+    for block in model.backbone.blocks:
+      block.mixer.scan_impl = scan_impl
+    graphdef, params = nnx.split(model)
+    return jax.jit(lambda p, t, c: nnx.merge(graphdef, p).step(t, c))(params, tokens, cache)
+
+  want, _ = step("reference")
+  calls = []
+  monkeypatch.setattr(decode_matmul, "_on_gpu", lambda: True)
+  monkeypatch.setattr(decode_matmul, "matmul", functools.partial(decode_matmul.matmul, interpret=plgpu.InterpretGPUParams()))
+  conv_product = functools.partial(decode_matmul.conv_product, interpret=plgpu.InterpretGPUParams())
+  monkeypatch.setattr(decode_matmul, "conv_product", lambda *a: calls.append("conv") or conv_product(*a))
+  monkeypatch.setattr(decode_matmul, "add_product",
+                      lambda acc, x, w: calls.append("add") or acc + jnp.dot(x, w, preferred_element_type=jnp.float32))
+  got, _ = step("pallas")
+  assert calls == ["conv", "add", "add"] * cfg.n_layer
+  err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+  assert err < 2e-2, err
