@@ -49,18 +49,16 @@ ENABLED = True
 # Route every backbone's products, not only those that set `decode_matmul` (Mamba's): how
 # gpt-350m was measured with the kernel (kernels/NOTES.md).
 EVERY_MODEL = False
-# `add_linear` adds split-k parts into their destination by TMA reductions instead of XLA adding
-# them in a kernel of its own (mamba-370m's x_proj and out_proj, kernels/NOTES.md "Session 14").
-ADD_IN_PLACE = True
-# Mamba's decoding step runs in_proj and the conv as one kernel (`conv_product`).
-CONV_IN_PROJ = True
+# Mamba's decoding step runs in_proj, the conv and x_proj as one kernel (`conv_product`) and
+# out_proj adding into the residual (`add_product`): `fuses_mamba_step`.
+MAMBA_STEP = True
 MAX_ROWS = 256  # Four wgmma heights; a float32 accumulator of 256 x 64 is 128 registers a thread.
 TILE_K = 128  # Depth of a block of k: one TMA copy of x and one of w (kernels/NOTES.md: 64 was slower).
 STAGES = 4  # Blocks of k in flight per CUDA block, fewer where shared memory runs out.
 MIN_COLUMN_BLOCKS = 32  # With this many blocks of columns k is not split: no partial sums to add.
 MIN_BLOCKS = 128  # Otherwise k is split until columns x parts reaches this (the H100 has 132 SMs).
 ROW_TILE = 64  # wgmma's M.
-SHARED_MEMORY = 200 * 1024  # Bytes a block may take (the H100 gives one up to 227 KB).
+SHARED_MEMORY = 216 * 1024  # Bytes a block may take (the H100 gives one up to 227 KB).
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,11 +86,13 @@ def split_parts(n: int, k: int, tile_n: int, tile_k: int) -> int:
   return parts
 
 
-def _stages_that_fit(rows, tile_n, tile_k, dtype):
-  """STAGES, or fewer where the buffers of 256 rows and the float32 output tile exceed SHARED_MEMORY."""
+def _stages_that_fit(rows, tile_n, tile_k, dtype, reserved=None):
+  """STAGES, or fewer where the buffers of 256 rows and the `reserved` bytes (by default the
+  float32 output tile) exceed SHARED_MEMORY."""
   padded_rows = ROW_TILE * math.ceil(rows / ROW_TILE)
   per_stage = (padded_rows + tile_n) * tile_k * jnp.dtype(dtype).itemsize
-  return max(1, min(STAGES, (SHARED_MEMORY - padded_rows * tile_n * 4) // per_stage))
+  reserved = padded_rows * tile_n * 4 if reserved is None else reserved
+  return max(1, min(STAGES, (SHARED_MEMORY - reserved) // per_stage))
 
 
 def supported(k: int, n: int) -> bool:
@@ -131,64 +131,114 @@ def matmul(x, w, *, tile_n=None, tile_k=None, parts=None, stages=None, interpret
   return partial_sums.sum(axis=0).astype(x.dtype)[:x.shape[0]]
 
 
-def add_product(acc, x, w, *, tile_n=None, tile_k=None, parts=None, stages=None):
+def add_product(acc, x, w, zero=None, *, tile_n=None, tile_k=None, parts=None, stages=None):
   """acc + x @ w for acc (rows, n) float32, x (rows, k) and w (k, n) as in `matmul`, rows a
   multiple of 64: each block adds its float32 product into acc's buffer by a TMA reduction, so no
   reduction kernel follows a split k, and the sum is not rounded to x's dtype. The order of the
   parts' additions varies from run to run (float32 rounding). The interpreter has no TMA
-  reductions: this runs on a GPU only."""
+  reductions: this runs on a GPU only.
+
+  Given zero (rows, m) float32, one block also writes zeros into its buffer, and (acc + x @ w,
+  zero) is returned: Mamba's decoding step clears x_proj's accumulator for the next token so.
+  """
   tiling = _tiling(x, w, tile_n, tile_k, parts, stages)
   if acc.shape != (x.shape[0], w.shape[1]) or acc.dtype != jnp.float32 or x.shape[0] % ROW_TILE:
     raise ValueError(f"add_product takes acc (rows, n) float32 with rows a multiple of {ROW_TILE}, "
                      f"got acc {acc.shape} {acc.dtype} for x {x.shape}, w {w.shape}")
-  return _kernel_call(x, w, acc, **tiling, interpret=None)
+  if zero is None:
+    return _kernel_call(x, w, acc, **tiling, interpret=None)[0]
+  return _kernel_call(x, w, acc, zero=zero, **tiling, interpret=None)
 
 
-def conv_product(x, w, conv_state, conv_kernel, conv_bias, zero_columns, *, interpret=None):
-  """Mamba's in_proj and conv for one token, as one kernel: xz = x @ w, and for the blocks of
-  columns that hold the conv's new input (the first d of xz's 2d), x = silu(bias + sum_k
-  kernel_k * window_k) over the window (conv_state's rows, then xz[:, :d]) in float32 from bf16
-  inputs, as the conv module rounds them. Also a float32 zero (rows, zero_columns), for x_proj's
-  `add_product`: a zero of XLA's is a memset of its own in the decoding loop (about 1 us).
+def conv_product_fits(rows, k, d, width, x_proj_width, dtype) -> bool:
+  """Whether `conv_product` takes these sizes with at least 2 stages of its pipeline in shared memory."""
+  return (rows % ROW_TILE == 0 and rows <= MAX_ROWS and supported(k, 2 * d) and d % column_tile(2 * d) == 0
+          and x_proj_width % 32 == 0
+          and _conv_stages(rows, k, 2 * d, width - 1, x_proj_width, jnp.dtype(dtype)) >= 2)
 
-  x (rows, k), rows a multiple of 64; w (k, 2d) in x's dtype; conv_state (rows, width - 1, d);
-  conv_kernel (width, d) and conv_bias (d,). Returns xz, x and the zero.
+
+def _conv_stages(rows, k, n, history, x_proj_width, dtype):
+  tile_n, tile_k = column_tile(n), depth_tile(k, rows)
+  itemsize = jnp.dtype(dtype).itemsize
+  # xz's and x's output tiles, the conv's window and weights, x_proj's block of w and its sum.
+  reserved = (2 * rows * tile_n * itemsize + history * rows * tile_n * itemsize + (history + 2) * tile_n * 4
+              + tile_n * x_proj_width * itemsize + rows * x_proj_width * 4)
+  return _stages_that_fit(rows, tile_n, tile_k, dtype, reserved)
+
+
+def conv_product(x, w, conv_state, conv_kernel, conv_bias, x_proj_w, x_proj_sum, *, interpret=None):
+  """Mamba's in_proj, conv and x_proj for one token, as one kernel: xz = x @ w; the blocks of
+  columns that hold the conv's new input (the first d of xz's 2d) compute u = silu(bias +
+  sum_k kernel_k * window_k) over the window (conv_state's rows, then xz[:, :d]) in float32 from
+  bf16 inputs, as the conv module rounds them, store it, and add u's product with their rows of
+  x_proj_w into x_proj_sum by a TMA reduction.
+
+  x (rows, k), rows a multiple of 64 (`conv_product_fits`); w (k, 2d) in x's dtype; conv_state
+  (rows, width - 1, d); conv_kernel (width, d) and conv_bias (d,); x_proj_w (d, m) in x's dtype;
+  x_proj_sum (rows, m) float32, zero for x_proj's product alone (`add_product` clears it).
+  Returns xz, u and x_proj_sum + u @ x_proj_w. Interpreted, where there are no TMA reductions,
+  each block writes its part of the product and XLA adds them.
   """
   rows, d = x.shape[0], conv_state.shape[2]
-  tiling = _tiling(x, w, None, None, 1, None)  # One part: each block holds its columns' whole sum.
-  if (rows % ROW_TILE or w.shape[1] != 2 * d or d % tiling["tile_n"]
-      or conv_state.shape[0] != rows or conv_kernel.shape != (conv_state.shape[1] + 1, d)):
-    raise ValueError(f"conv_product takes x (rows, k) with rows a multiple of {ROW_TILE}, w (k, 2d), "
-                     f"conv_state (rows, width - 1, d) and conv_kernel (width, d), got x {x.shape}, "
-                     f"w {w.shape}, conv_state {conv_state.shape}, conv_kernel {conv_kernel.shape}")
-  conv = (conv_state, conv_kernel.astype(jnp.float32), conv_bias.astype(jnp.float32).reshape(1, d))
-  xz, conv_out, zero = _kernel_call(x, w, None, conv, **tiling, zero_columns=zero_columns, interpret=interpret)
-  return xz[0], conv_out, zero
+  history, m = conv_state.shape[1], x_proj_w.shape[1]
+  if (not conv_product_fits(rows, x.shape[1], d, history + 1, m, x.dtype) or w.shape != (x.shape[1], 2 * d)
+      or conv_state.shape[0] != rows or conv_kernel.shape != (history + 1, d) or x_proj_w.shape[0] != d
+      or x_proj_sum.shape != (rows, m)):
+    raise ValueError(f"conv_product takes x (rows, k) with rows a multiple of {ROW_TILE} that fit in shared "
+                     f"memory, w (k, 2d), conv_state (rows, width - 1, d), conv_kernel (width, d), x_proj_w "
+                     f"(d, m), m a multiple of 32, and x_proj_sum (rows, m), got x {x.shape}, w {w.shape}, "
+                     f"conv_state {conv_state.shape}, conv_kernel {conv_kernel.shape}, x_proj_w {x_proj_w.shape}, "
+                     f"x_proj_sum {x_proj_sum.shape}")
+  tiling = _tiling(x, w, None, None, 1, _conv_stages(rows, x.shape[1], 2 * d, history, m, x.dtype))
+  conv = (conv_state, conv_kernel.astype(jnp.float32), conv_bias.astype(jnp.float32).reshape(1, d), x_proj_w)
+  if interpret is not None:
+    xz, u, parts = _kernel_call(x, w, None, conv, **tiling, interpret=interpret)
+    return xz[0], u, x_proj_sum + parts.sum(axis=0)
+  xz, u, x_proj_sum = _kernel_call(x, w, x_proj_sum, conv, **tiling, interpret=None)
+  return xz[0], u, x_proj_sum
 
 
 # A jit of its own, so that a decoding step's many calls of one shape lower and compile the kernel
 # once (48 layers x 3 projections of mamba-370m took 64 s to compile, one lowering each).
-@functools.partial(jax.jit, static_argnames=("tile_n", "tile_k", "parts", "stages", "zero_columns", "interpret"))
-def _kernel_call(x, w, acc, conv=None, *, tile_n, tile_k, parts, stages, zero_columns=0, interpret):
-  """(parts, rows, n) partial products of x (rows a multiple of 64), in x's dtype for one part;
-  given acc, acc + x @ w in place; given conv (see `conv_product`), (x @ w, the conv's output, a
-  float32 zero (rows, zero_columns))."""
+@functools.partial(jax.jit, static_argnames=("tile_n", "tile_k", "parts", "stages", "interpret"))
+def _kernel_call(x, w, acc, conv=None, zero=None, *, tile_n, tile_k, parts, stages, interpret):
+  """The kernel, in one of four forms:
+
+  - x and w: (parts, rows, n) partial products of x (rows a multiple of 64), in x's dtype for
+    one part;
+  - with acc: (acc + x @ w,), added in place; with zero as well, (acc + x @ w, zeros);
+  - with conv (conv_state, conv kernel, conv bias, x_proj's w; see `conv_product`) and acc:
+    ((1, rows, n) x @ w, u, acc + u @ x_proj's w); with conv alone, the last is (blocks, rows, m)
+    parts.
+  """
   rows, k = x.shape
   n = w.shape[1]
   steps = k // tile_k // parts
-  accumulate = acc is not None
-  out_dtype = x.dtype if parts == 1 and not accumulate else jnp.float32
   dtype, f32 = x.dtype, jnp.float32
+  in_place = acc is not None
+  out_dtype = dtype if parts == 1 and (conv is not None or not in_place) else f32
   if conv is not None:
     history, channels = conv[0].shape[1:]
+    m = conv[3].shape[1]
     conv_blocks = channels // tile_n  # The blocks of columns that hold the conv's new input.
+    chunk = column_tile(m)  # x_proj's columns per wgmma: its swizzle's width
 
   def kernel(x_gmem, w_gmem, *refs):
-    if conv is None:
-      (out_gmem,) = refs
-    else:
-      (state_gmem, weight_gmem, bias_gmem, out_gmem, conv_out_gmem, zero_gmem, taps_smem, weights_smem, zero_smem,
-       barrier) = refs
+    refs = list(refs)
+    if conv is not None:
+      state_gmem, weight_gmem, bias_gmem, x_proj_gmem = refs[:4]
+      refs = refs[4:]
+    if in_place:
+      acc_gmem = refs.pop(0)
+    if zero is not None:
+      zero_gmem = refs.pop(0)
+    if conv is not None:
+      out_gmem, u_gmem = refs[:2]
+      if not in_place:
+        acc_gmem = refs[2]
+      taps_smem, weights_smem, x_proj_smem, sum_smem, barrier = refs[-5:]
+    elif not in_place:
+      out_gmem = refs[0]
     column = lax.axis_index("columns")
     part = lax.axis_index("parts")
     first_step = part * steps
@@ -200,6 +250,8 @@ def _kernel_call(x, w, acc, conv=None, *, tile_n, tile_k, parts, stages, zero_co
           plgpu.copy_gmem_to_smem(state_gmem.at[:, tap, columns], taps_smem.at[tap], barrier)
         plgpu.copy_gmem_to_smem(weight_gmem.at[:, columns], weights_smem.at[pl.ds(0, history + 1)], barrier)
         plgpu.copy_gmem_to_smem(bias_gmem.at[:, columns], weights_smem.at[pl.ds(history + 1, 1)], barrier)
+        for j in range(m // chunk):
+          plgpu.copy_gmem_to_smem(x_proj_gmem.at[columns, pl.ds(j * chunk, chunk)], x_proj_smem.at[j], barrier)
 
     def accumulate_product(acc_ref):
       def step(_, x_smem, w_smem):
@@ -216,55 +268,83 @@ def _kernel_call(x, w, acc, conv=None, *, tile_n, tile_k, parts, stages, zero_co
 
     product = pl.run_scoped(accumulate_product, plgpu.ACC((rows, tile_n)))
 
-    def store(out_smem, conv_smem=None):
+    def store(out_smem, *scoped):
       out_smem[...] = product.astype(out_smem.dtype)
       plgpu.commit_smem()
-      if accumulate:
-        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[:, columns], reduction_op="add")
+      if conv is not None:
+        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[0, :, columns])
+        conv_and_x_proj(*scoped)
+      elif in_place:
+        plgpu.copy_smem_to_gmem(out_smem, acc_gmem.at[:, columns], reduction_op="add")
       else:
         plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[part, :, columns])
-      if conv is not None:
-        @pl.when(column < conv_blocks)
-        def _():  # While in_proj's output is being stored.
-          def weight(row):  # Rounded to the compute dtype, as the conv module rounds its weights.
-            return weights_smem[row].astype(dtype).astype(f32)[None, :]
-          plgpu.barrier_wait(barrier)
-          # The new input as in_proj's output holds it, rounded to the compute dtype.
-          pre = weight(history + 1) + weight(history) * product.astype(dtype).astype(f32)
-          for tap in range(history):
-            pre = pre + weight(tap) * taps_smem[tap].astype(f32)
-          conv_smem[...] = (pre / (1 + jnp.exp(-pre))).astype(dtype)  # silu
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(conv_smem, conv_out_gmem.at[:, columns])
-
-        @pl.when(column == n // tile_n - 1)  # A block without the conv's work.
-        def _():
-          zero_smem[...] = jnp.zeros((rows, zero_columns), f32)
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(zero_smem, zero_gmem)
+      if zero is not None:
+        zero_rows(*scoped)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    if conv is None:
-      pl.run_scoped(store, plgpu.SMEM((rows, tile_n), out_dtype))
-    else:
-      pl.run_scoped(store, plgpu.SMEM((rows, tile_n), out_dtype), plgpu.SMEM((rows, tile_n), dtype))
+    def conv_and_x_proj(u_smem):
+      @pl.when(column < conv_blocks)
+      def _():  # While in_proj's output is being stored.
+        def weight(row):  # Rounded to the compute dtype, as the conv module rounds its weights.
+          return weights_smem[row].astype(dtype).astype(f32)[None, :]
+        plgpu.barrier_wait(barrier)
+        # The new input as in_proj's output holds it, rounded to the compute dtype.
+        pre = weight(history + 1) + weight(history) * product.astype(dtype).astype(f32)
+        for tap in range(history):
+          pre = pre + weight(tap) * taps_smem[tap].astype(f32)
+        u_smem[...] = (pre / (1 + jnp.exp(-pre))).astype(dtype)  # silu
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(u_smem, u_gmem.at[:, columns])
+
+        def multiply(*acc_refs):
+          for j, acc_ref in enumerate(acc_refs):
+            plgpu.wgmma(acc_ref, u_smem, x_proj_smem.at[j])
+          plgpu.wgmma_wait(0)
+          return [acc_ref[...] for acc_ref in acc_refs]
+
+        for j, part_sum in enumerate(pl.run_scoped(multiply, *[plgpu.ACC((rows, chunk))] * (m // chunk))):
+          sum_smem[:, pl.ds(j * chunk, chunk)] = part_sum
+        plgpu.commit_smem()
+        if in_place:
+          plgpu.copy_smem_to_gmem(sum_smem, acc_gmem, reduction_op="add")
+        else:
+          plgpu.copy_smem_to_gmem(sum_smem, acc_gmem.at[column])
+
+    def zero_rows(zero_smem):
+      @pl.when((column == 0) & (part == 0))
+      def _():
+        zero_smem[...] = jnp.zeros(zero_smem.shape, f32)
+        plgpu.commit_smem()
+        for r in range(rows // ROW_TILE):
+          plgpu.copy_smem_to_gmem(zero_smem, zero_gmem.at[pl.ds(r * ROW_TILE, ROW_TILE)])
+
+    scoped = [plgpu.SMEM((rows, tile_n), out_dtype)]
+    if conv is not None:
+      scoped.append(plgpu.SMEM((rows, tile_n), dtype))
+    if zero is not None:
+      scoped.append(plgpu.SMEM((ROW_TILE, zero.shape[1]), f32))
+    pl.run_scoped(store, *scoped)
 
   grid = dict(grid=(n // tile_n, parts), grid_names=("columns", "parts"),
               compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
                                                    approx_math=True),  # The conv's silu.
               interpret=interpret)
+  operands, out_type, scratch = [x, w], [], []
   if conv is not None:
-    out_type = (jax.ShapeDtypeStruct((1, rows, n), dtype), jax.ShapeDtypeStruct((rows, channels), dtype),
-                jax.ShapeDtypeStruct((rows, zero_columns), f32))
+    operands += conv
+    out_type = [jax.ShapeDtypeStruct((1, rows, n), dtype), jax.ShapeDtypeStruct((rows, channels), dtype)]
+    if not in_place:
+      out_type.append(jax.ShapeDtypeStruct((conv_blocks, rows, m), f32))
     scratch = [plgpu.SMEM((history, rows, tile_n), dtype), plgpu.SMEM((history + 2, tile_n), f32),
-               plgpu.SMEM((rows, zero_columns), f32), plgpu.Barrier(num_arrivals=history + 2)]
-    return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, **grid)(x, w, *conv)
-  if not accumulate:
-    return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((parts, rows, n), out_dtype), **grid)(x, w)
-  # A mutable array: the kernel adds into acc's buffer, which XLA aliases to the result.
-  acc_ref = jax.new_ref(acc)
-  plgpu.kernel(kernel, **grid)(x, w, acc_ref)
-  return acc_ref[...]
+               plgpu.SMEM((m // chunk, tile_n, chunk), dtype), plgpu.SMEM((rows, m), f32),
+               plgpu.Barrier(num_arrivals=history + 2 + m // chunk)]
+  elif not in_place:
+    out_type = [jax.ShapeDtypeStruct((parts, rows, n), out_dtype)]
+  # Mutable arrays: the kernel adds into acc's buffer and clears zero's, which XLA aliases to the results.
+  refs = [jax.new_ref(a) for a in (acc, zero) if a is not None]
+  outs = plgpu.kernel(kernel, out_type=tuple(out_type), scratch_types=scratch, **grid)(*operands, *refs)
+  outs = list(outs) + [ref[...] for ref in refs]
+  return outs[0] if conv is None and not in_place else tuple(outs)
 
 
 def applies(lhs, rhs, dimension_numbers) -> bool:
@@ -289,16 +369,18 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
 
 
 def takes(linear, x) -> bool:
-  """Whether a bias-free nnx.Linear's product with x takes `add_product` or `conv_product`: its
-  products were routed here (`inference_model`) and x's rows are a multiple of 64."""
-  contract = (((x.ndim - 1,), (0,)), ((), ()))
-  return (linear.bias is None and linear.dot_general is dot_general and x.ndim == 2 and x.shape[0] % ROW_TILE == 0
-          and applies(x, linear.kernel[...], contract))
+  """Whether a bias-free nnx.Linear's product with x (an array or its shape and dtype) may take
+  the kernel's in-place forms: its products were routed here (`inference_model`), and x's rows
+  are a multiple of 64."""
+  contract = (((len(x.shape) - 1,), (0,)), ((), ()))
+  return (linear.bias is None and linear.dot_general is dot_general and len(x.shape) == 2
+          and x.shape[0] % ROW_TILE == 0 and applies(x, linear.kernel[...], contract))
 
 
-def add_linear(acc, linear, x):
-  """acc + linear(x) in acc's float32 for a bias-free nnx.Linear: `add_product` where `takes` and
-  ADD_IN_PLACE; otherwise the Linear's own output, in its dtype, added to acc."""
-  if ADD_IN_PLACE and acc.dtype == jnp.float32 and takes(linear, x):
-    return add_product(acc, x, linear.kernel[...])
-  return acc + linear(x).astype(acc.dtype)
+def fuses_mamba_step(in_proj, x_proj, out_proj, conv_width, u) -> bool:
+  """Whether Mamba's decoding step for u (rows, d_model) runs `conv_product` and `add_product`
+  (seqmodels/mamba.py `decode_step`): MAMBA_STEP, all three projections `takes`, and the sizes
+  fit in shared memory (64 rows for mamba-370m)."""
+  inner = jax.ShapeDtypeStruct((u.shape[0], x_proj.kernel.shape[0]), u.dtype)
+  return (MAMBA_STEP and takes(in_proj, u) and takes(x_proj, inner) and takes(out_proj, inner)
+          and conv_product_fits(u.shape[0], u.shape[1], inner.shape[1], conv_width, x_proj.kernel.shape[1], u.dtype))

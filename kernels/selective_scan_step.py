@@ -61,7 +61,7 @@ def decode_step(xz, conv_state, x, x_proj_out, dt_weight, dt_bias, A_log, D, h, 
     conv_state: (batch, width - 1, d) the conv's previous inputs; its buffer is reused.
     x: (batch, d) the conv's output after silu.
     x_proj_out: (batch, rank + 2n) x_proj's output: dt_low, B, C, rounded to x's dtype here
-      (a float32 x_proj_out is the sum of its parts, kernels/decode_matmul.py `add_linear`).
+      (a float32 x_proj_out is the sum of its parts, kernels/decode_matmul.py `conv_product`).
     dt_weight: (rank, d) dt_proj's kernel, used in x's dtype (as nnx.Linear does).
     dt_bias, D: (d,) float32.
     A_log: (d, n) float32.

@@ -109,11 +109,13 @@ def random_state(generator, batch: int, prompt: int, new_tokens: int, cfg, key):
 def check_fused_step(block, batch, seed=0):
   """‖fused - XLA‖ / ‖XLA‖ for one decoding step of a Mamba block from a random state: what it adds
   to the residual stream and its new SSM and conv states, the fused step (kernels/selective_scan_step.py,
-  decode_matmul's in-place adds) against XLA's ops (scan_impl "reference")."""
+  and at 64 rows decode_matmul's conv_product and add_product) against XLA's ops (scan_impl
+  "reference")."""
   mixer = block.mixer
   keys = jax.random.split(jax.random.key(seed), 3)
   u = jax.random.normal(keys[0], (batch, 1, mixer.in_proj.in_features), jnp.float32)
-  cache = {"conv": jax.random.normal(keys[1], (batch, mixer.d_conv - 1, mixer.d_inner), mixer.dtype),
+  cache = {**mixer.init_cache(batch),
+           "conv": jax.random.normal(keys[1], (batch, mixer.d_conv - 1, mixer.d_inner), mixer.dtype),
            "ssm": jax.random.normal(keys[2], (batch, mixer.d_inner, mixer.d_state), jnp.float32)}
   outs = {}
   for impl in ("pallas", "reference"):

@@ -85,7 +85,7 @@ class DenseMambaMixer(MambaMixer):
                                h0=h0, return_state=True, impl=self.scan_impl)
     y = (y.astype(jnp.float32) + self.dense_term(u, prev, C)) * jax.nn.silu(z.astype(jnp.float32))
     record = ScanRecord(x, dt, A, B, self.dt_bias[...], h0, h_last)
-    new_cache = None if cache is None else {"conv": conv_state, "ssm": h_last}
+    new_cache = None if cache is None else {**cache, "conv": conv_state, "ssm": h_last}
     return self.out_proj(y.astype(self.dtype)), record, new_cache
 
   def dense_term(self, u, prev, C):

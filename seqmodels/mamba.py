@@ -14,7 +14,7 @@ The same code runs the parallel forward (training), prefill and one-token decodi
 the last d_conv - 1 conv inputs and the (batch, Ed, N) SSM state, and a decode step is a length-1
 forward that starts from them. On a GPU (scan_impl "auto" or "pallas") a decode step runs
 everything after x_proj (dt_proj through the gate) as one kernel (kernels/selective_scan_step.py),
-in_proj with the conv as another, and adds x_proj's and out_proj's parts in place
+in_proj, the conv and x_proj as another, and out_proj adds its parts into the residual in place
 (kernels/decode_matmul.py): a step's time is many small kernels, each far under the memory
 bandwidth, so each kernel fewer counts. With model.fused_inner the training forward and prefill
 run the middle, from in_proj's output to the gated scan output, as one custom_vjp with a conv
@@ -100,6 +100,8 @@ class MambaMixer(nnx.Module):
     return {
         "conv": jnp.zeros((batch, self.d_conv - 1, self.d_inner), self.dtype),
         "ssm": jnp.zeros((batch, self.d_inner, self.d_state), jnp.float32),
+        # x_proj's float32 sum on a GPU's decoding step (`decode_step`), zero between tokens.
+        "x_proj_sum": jnp.zeros((batch, self.rank + 2 * self.d_state), jnp.float32),
     }
 
   def scan_inputs(self, u, conv_state=None):
@@ -128,7 +130,7 @@ class MambaMixer(nnx.Module):
     if cache is None:
       return self.out_proj(scan), None
     y, ssm_state = scan
-    return self.out_proj(y), {"conv": conv_state, "ssm": ssm_state}
+    return self.out_proj(y), {**cache, "conv": conv_state, "ssm": ssm_state}
 
   def fused_forward(self, u, cache):
     """The forward with the middle of the mixer in kernels/mamba_inner.py (model.fused_inner)."""
@@ -143,7 +145,8 @@ class MambaMixer(nnx.Module):
           self.dt_proj.kernel[...], self.dt_bias[...], self.A_log[...], self.D[...], start["ssm"])
     if cache is None:
       return self.out_proj(y), None
-    return self.out_proj(y), {"conv": self.conv1d.next_state(xz[..., :self.d_inner], cache["conv"]), "ssm": ssm_state}
+    return self.out_proj(y), {**cache, "conv": self.conv1d.next_state(xz[..., :self.d_inner], cache["conv"]),
+                              "ssm": ssm_state}
 
   def fused_decoding(self) -> bool:
     """Whether a one-token step runs kernels/selective_scan_step.py: with scan_impl "pallas", or
@@ -157,24 +160,29 @@ class MambaMixer(nnx.Module):
 
   def decode_step(self, u, residual, cache):
     """One token: residual + the mixer's output for u = norm(residual), both (batch, d_model), the
-    residual float32. in_proj and the conv, x_proj, one kernel for the rest of the SSM and the conv
-    state's shift, then out_proj. Where kernels/decode_matmul.py takes the projections (a GPU),
-    in_proj and the conv are one kernel, and x_proj's and out_proj's split-k parts add themselves
-    into a float32 zero and into the residual instead of in reductions of XLA's."""
-    dt_B_C_width = self.rank + 2 * self.d_state
-    if decode_matmul.CONV_IN_PROJ and decode_matmul.takes(self.in_proj, u):
-      xz, x, dt_B_C = decode_matmul.conv_product(u, self.in_proj.kernel[...], cache["conv"], self.conv1d.kernel[...],
-                                                 self.conv1d.bias[...], dt_B_C_width)
+    residual float32. in_proj, the conv and x_proj, one kernel for the rest of the SSM and the conv
+    state's shift, then out_proj. Where kernels/decode_matmul.py takes the projections (a GPU, 64
+    rows), in_proj, the conv and x_proj are one kernel adding x_proj's parts into the cache's zero
+    "x_proj_sum", and out_proj adds its parts into the residual and clears x_proj_sum again: no
+    reductions of XLA's."""
+    fused = decode_matmul.fuses_mamba_step(self.in_proj, self.x_proj, self.out_proj, self.d_conv, u)
+    if fused:
+      xz, x, x_proj_out = decode_matmul.conv_product(
+          u, self.in_proj.kernel[...], cache["conv"], self.conv1d.kernel[...], self.conv1d.bias[...],
+          self.x_proj.kernel[...], cache["x_proj_sum"])
     else:
       xz = self.in_proj(u)
       x, _ = self.conv1d(xz[:, None, :self.d_inner], cache["conv"])  # The kernel writes the new conv state.
       x = jax.nn.silu(x[:, 0])
-      dt_B_C = jnp.zeros((x.shape[0], dt_B_C_width), jnp.float32)
-    dt_B_C = decode_matmul.add_linear(dt_B_C, self.x_proj, x)
+      x_proj_out = self.x_proj(x)
     y, ssm_state, conv_state = selective_scan_step.decode_step(
-        xz, cache["conv"], x, dt_B_C, self.dt_proj.kernel[...], self.dt_bias[...], self.A_log[...],
+        xz, cache["conv"], x, x_proj_out, self.dt_proj.kernel[...], self.dt_bias[...], self.A_log[...],
         self.D[...], cache["ssm"])
-    return decode_matmul.add_linear(residual, self.out_proj, y), {"conv": conv_state, "ssm": ssm_state}
+    if fused:
+      residual, x_proj_sum = decode_matmul.add_product(residual, y, self.out_proj.kernel[...], zero=x_proj_out)
+    else:
+      residual, x_proj_sum = residual + self.out_proj(y).astype(jnp.float32), cache["x_proj_sum"]
+    return residual, {"conv": conv_state, "ssm": ssm_state, "x_proj_sum": x_proj_sum}
 
   def extra_flops_per_token(self):
     # The scan itself, beyond the matmuls: about 9 flops per (channel, state) element per token

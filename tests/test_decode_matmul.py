@@ -112,46 +112,54 @@ def test_kernel_lowers_for_cuda_at_mamba_370m_decode_shapes():
 
 
 def test_conv_product_in_the_interpreter_matches_float64():
-  """in_proj and the conv of one token as one kernel: xz, silu(conv) over the window (the conv
-  state's rows, then xz's first d columns), and the float32 zero for x_proj."""
+  """in_proj, the conv and x_proj of one token as one kernel: xz, u = silu(conv) over the window
+  (the conv state's rows, then xz's first d columns), and x_proj_sum + u @ x_proj_w."""
   rng = np.random.default_rng(1)
-  rows, k, d, width = 64, 256, 128, 4
+  rows, k, d, width, m = 64, 256, 128, 4, 96
   x = jnp.asarray(rng.normal(size=(rows, k)) / 8, jnp.bfloat16)
   w = jnp.asarray(rng.normal(size=(k, 2 * d)) / 4, jnp.bfloat16)
   state = jnp.asarray(rng.normal(size=(rows, width - 1, d)), jnp.bfloat16)
   conv_kernel = jnp.asarray(rng.normal(size=(width, d)), jnp.float32)
   conv_bias = jnp.asarray(rng.normal(size=(d,)), jnp.float32)
-  xz, conv, zero = decode_matmul.conv_product(x, w, state, conv_kernel, conv_bias, 96,
-                                              interpret=plgpu.InterpretGPUParams())
+  x_proj_w = jnp.asarray(rng.normal(size=(d, m)) / 8, jnp.bfloat16)
+  x_proj_sum = jnp.asarray(rng.normal(size=(rows, m)), jnp.float32)
+  xz, u, total = decode_matmul.conv_product(x, w, state, conv_kernel, conv_bias, x_proj_w, x_proj_sum,
+                                            interpret=plgpu.InterpretGPUParams())
   assert _relative_error(xz, x, w) < 5e-3
   f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
   window = np.concatenate([f64(state), f64(xz)[:, None, :d]], axis=1)
   rounded = lambda a: f64(jnp.asarray(a, jnp.bfloat16))  # noqa: E731  the conv module's bf16 weights
   pre = rounded(conv_bias) + np.einsum("bkc,kc->bc", window, rounded(conv_kernel))
   want = pre / (1 + np.exp(-pre))
-  assert conv.shape == (rows, d) and conv.dtype == jnp.bfloat16
-  assert np.linalg.norm(f64(conv) - want) / np.linalg.norm(want) < 5e-3
-  assert zero.shape == (rows, 96) and zero.dtype == jnp.float32 and not np.any(np.asarray(zero))
+  assert u.shape == (rows, d) and u.dtype == jnp.bfloat16
+  assert np.linalg.norm(f64(u) - want) / np.linalg.norm(want) < 5e-3
+  want_total = f64(x_proj_sum) + f64(u) @ f64(x_proj_w)  # from u as stored: float32 sums of bf16 products
+  assert total.dtype == jnp.float32 and np.abs(f64(total) - want_total).max() < 1e-4 * np.abs(want_total).max()
+  assert decode_matmul.conv_product_fits(64, 1024, 2048, 4, 96, jnp.bfloat16)  # mamba-370m at batch 64
+  assert not decode_matmul.conv_product_fits(128, 1024, 2048, 4, 96, jnp.bfloat16)  # one stage would fit
   with pytest.raises(ValueError, match="multiple of 64"):
-    decode_matmul.conv_product(x[:8], w, state[:8], conv_kernel, conv_bias, 96)
+    decode_matmul.conv_product(x[:8], w, state[:8], conv_kernel, conv_bias, x_proj_w, x_proj_sum[:8])
 
 
 def test_add_product_lowers_for_cuda_in_place_and_refuses_what_it_cannot_add():
   # The interpreter has no TMA reductions; the H100 checks the sums (scripts/bench_generate.py --check).
-  for rows, k, n in [(64, 2048, 96), (128, 2048, 1024)]:
+  for rows, k, n, zero in [(64, 2048, 96, None), (128, 2048, 1024, None), (64, 2048, 1024, 96)]:
     shapes = [jax.ShapeDtypeStruct(s, t) for s, t in
               [((rows, n), jnp.float32), ((rows, k), jnp.bfloat16), ((k, n), jnp.bfloat16)]]
+    if zero:
+      shapes.append(jax.ShapeDtypeStruct((rows, zero), jnp.float32))
     text = jax.jit(decode_matmul.add_product).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text and "output_operand_alias<output_tuple_indices = [], operand_index = 2" in text
+    assert "mosaic_gpu" in text
+    assert text.count("output_operand_alias<") == (2 if zero else 1)  # acc, and zero, in place
   x, w = jnp.zeros((8, 128), jnp.bfloat16), jnp.zeros((128, 64), jnp.bfloat16)
   with pytest.raises(ValueError, match="multiple of 64"):
     decode_matmul.add_product(jnp.zeros((8, 64), jnp.float32), x, w)
 
 
 def test_mamba_fused_decoding_step_matches_xla(monkeypatch):
-  """A bf16 Mamba decoding step at 64 rows through the fused path (the step kernel, conv_product,
-  and the in-place adds of x_proj and out_proj, emulated in float32 since the interpreter has no
-  TMA reductions) against XLA's ops (scan_impl reference)."""
+  """Two bf16 Mamba decoding steps at 64 rows through the fused path (the step kernel,
+  conv_product interpreted, out_proj's add_product emulated, since the interpreter has no TMA
+  reductions) against XLA's ops (scan_impl reference); x_proj_sum is zero again after each."""
   # dt_rank 64: x_proj's rank + 2N = 96 columns tile as mamba-370m's do.
   cfg = tiny_config("mamba", **{"model.d_model": 64, "model.dt_rank": 64, "model.dtype": "bfloat16",
                                 "model.scan_impl": "pallas"}).model
@@ -159,23 +167,33 @@ def test_mamba_fused_decoding_step_matches_xla(monkeypatch):
   batch = 64
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, batch), jnp.int32)
   cache = model.init_cache(batch, 8)
-  cache = jax.tree.map(lambda c: jax.random.normal(jax.random.key(1), c.shape, jnp.float32).astype(c.dtype), cache)
+  cache = jax.tree_util.tree_map_with_path(  # A random state, x_proj_sum's zero kept.
+      lambda path, c: c if "x_proj_sum" in jax.tree_util.keystr(path) or not c.ndim
+      else jax.random.normal(jax.random.key(c.ndim), c.shape).astype(c.dtype), cache)
 
-  def step(scan_impl):
+  def two_steps(scan_impl):
     for block in model.backbone.blocks:
       block.mixer.scan_impl = scan_impl
     graphdef, params = nnx.split(model)
-    return jax.jit(lambda p, t, c: nnx.merge(graphdef, p).step(t, c))(params, tokens, cache)
+    step = jax.jit(lambda p, t, c: nnx.merge(graphdef, p).step(t, c))
+    first, after = step(params, tokens, cache)
+    return first, *step(params, tokens, after)
 
-  want, _ = step("reference")
+  want = two_steps("reference")
   calls = []
   monkeypatch.setattr(decode_matmul, "_on_gpu", lambda: True)
   monkeypatch.setattr(decode_matmul, "matmul", functools.partial(decode_matmul.matmul, interpret=plgpu.InterpretGPUParams()))
   conv_product = functools.partial(decode_matmul.conv_product, interpret=plgpu.InterpretGPUParams())
   monkeypatch.setattr(decode_matmul, "conv_product", lambda *a: calls.append("conv") or conv_product(*a))
-  monkeypatch.setattr(decode_matmul, "add_product",
-                      lambda acc, x, w: calls.append("add") or acc + jnp.dot(x, w, preferred_element_type=jnp.float32))
-  got, _ = step("pallas")
-  assert calls == ["conv", "add", "add"] * cfg.n_layer
-  err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
-  assert err < 2e-2, err
+
+  def add_product(acc, x, w, zero):
+    calls.append("add")
+    return acc + jnp.dot(x, w, preferred_element_type=jnp.float32), jnp.zeros_like(zero)
+  monkeypatch.setattr(decode_matmul, "add_product", add_product)
+  got = two_steps("pallas")
+  assert calls == ["conv", "add"] * cfg.n_layer  # traced once, run twice
+  for logits, logits_want in [(got[0], want[0]), (got[1], want[1])]:
+    err = float(jnp.linalg.norm(logits - logits_want) / jnp.linalg.norm(logits_want))
+    assert err < 2e-2, err
+  sums = [c for path, c in jax.tree_util.tree_leaves_with_path(got[2]) if "x_proj_sum" in jax.tree_util.keystr(path)]
+  assert len(sums) == cfg.n_layer and not any(np.any(np.asarray(c)) for c in sums)
