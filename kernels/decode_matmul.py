@@ -14,12 +14,13 @@ dtype; with several each writes its float32 partial sum and XLA adds the parts (
 reduction, which it can fuse into the consumer): splitting k gives mamba-370m's out_proj (1024
 columns) enough blocks to fill the 132 SMs.
 
-Two variants serve Mamba's decoding step (seqmodels/mamba.py `decode_step`), each removing a
-kernel a layer: `add_product` adds x @ w into a float32 array in place, each block's part by a TMA
-reduction, so that no reduction kernel follows a split k (x_proj into a zero, out_proj into the
-residual stream); `conv_product` is in_proj with the conv and its silu computed by the blocks that
-hold the conv's new input, after they store it. On an H100 they took mamba-370m from 1.46 to 1.35
-ms a token at batch 64 (kernels/NOTES.md, "Session 14").
+Two more forms serve Mamba's decoding step at 64 rows (seqmodels/mamba.py `decode_step`,
+`fuses_mamba_step`), each removing kernels of XLA's: `add_product` adds x @ w into a float32
+array in place, each block's part by a TMA reduction, so that no reduction kernel follows a split
+k (out_proj into the residual stream); `conv_product` is in_proj whose blocks holding the conv's
+new input go on, after storing it, to the conv, its silu and their slice of x_proj, added into a
+float32 sum by a TMA reduction. On an H100 they took mamba-370m from 372 to 204 kernels a
+token and from 1.52 to 1.34 ms a token at batch 64, side by side (kernels/NOTES.md, "Session 14").
 
 `dot_general` is the drop-in for `lax.dot_general` that decoding's Linear modules call
 (seqmodels/generate.py `inference_model`, for backbones with `decode_matmul` set: Mamba's): it runs
