@@ -74,6 +74,11 @@ class DenseMambaMixer(MambaMixer):
     self.gates = nnx.List([SelectionGate(cfg.d_model, hidden, self.d_inner, dtype=dtype, rngs=rngs)
                            for _ in range(n_prev)])
 
+  def init_cache(self, batch):
+    cache = super().init_cache(batch)
+    del cache["x_proj_sum"]  # Only Mamba's fused decoding step (MambaMixer.decode_step) uses it.
+    return cache
+
   def __call__(self, u, prev, cache=None):
     """u: normalized block input; prev: the records of layers l-1, l-2, ... (nearest first).
 
@@ -85,7 +90,7 @@ class DenseMambaMixer(MambaMixer):
                                h0=h0, return_state=True, impl=self.scan_impl)
     y = (y.astype(jnp.float32) + self.dense_term(u, prev, C)) * jax.nn.silu(z.astype(jnp.float32))
     record = ScanRecord(x, dt, A, B, self.dt_bias[...], h0, h_last)
-    new_cache = None if cache is None else {**cache, "conv": conv_state, "ssm": h_last}
+    new_cache = None if cache is None else {"conv": conv_state, "ssm": h_last}
     return self.out_proj(y.astype(self.dtype)), record, new_cache
 
   def dense_term(self, u, prev, C):
