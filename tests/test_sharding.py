@@ -131,6 +131,25 @@ def test_accumulated_gradients_are_all_reduced_once_a_step():
   assert _all_reduces(accumulated, batch) == (0, outside)
 
 
+@pytest.mark.parametrize("mesh, manual", [((8, 1, 1), {"data", "fsdp", "tensor"}), ((2, 4, 1), {"data", "tensor"})])
+def test_accumulation_makes_the_mesh_axes_of_size_1_manual(mesh, manual, monkeypatch):
+  """Inside accumulation's data-parallel shard_map every axis of size 1 is manual too, so a kernel
+  with no axis left to map runs in a wholly manual region: cuDNN's attention, whose custom
+  partitioner rejects a partly manual sharding, failed gpt-125m's 2-GPU run without it."""
+  seen = []
+  run_local = sharding._run_local
+
+  def recording(*args, **kwargs):
+    seen.append(set(sharding._manual_axes()))
+    return run_local(*args, **kwargs)
+  monkeypatch.setattr(sharding, "_run_local", recording)
+  t = trainer.Trainer(_config("gpt", mesh, batch_size=32, microbatches=4), "unused")
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(t.mesh)),
+                       _batches(t.config)[0])
+  t.train_step.lower(t.abstract_state, batch)
+  assert seen and all(axes == manual for axes in seen)
+
+
 def test_parameters_and_optimizer_state_follow_the_rules():
   t = trainer.Trainer(_config("mamba", (2, 2, 2)), "unused")
   params = t.abstract_state["params"]["backbone"]["blocks"][0]["mixer"]
