@@ -194,9 +194,8 @@ def conv_product(x, w, conv_state, conv_kernel, conv_bias, x_proj_w, x_proj_sum,
   conv = (conv_state, conv_kernel.astype(jnp.float32), conv_bias.astype(jnp.float32).reshape(1, d), x_proj_w)
   if interpret is not None:
     xz, u, parts = _kernel_call(x, w, None, conv, **tiling, interpret=interpret)
-    return xz[0], u, x_proj_sum + parts.sum(axis=0)
-  xz, u, x_proj_sum = _kernel_call(x, w, x_proj_sum, conv, **tiling, interpret=None)
-  return xz[0], u, x_proj_sum
+    return xz, u, x_proj_sum + parts.sum(axis=0)
+  return _kernel_call(x, w, x_proj_sum, conv, **tiling, interpret=None)
 
 
 # A jit of its own, so that a decoding step's many calls of one shape lower and compile the kernel
@@ -209,7 +208,7 @@ def _kernel_call(x, w, acc, conv=None, zero=None, *, tile_n, tile_k, parts, stag
     one part;
   - with acc: (acc + x @ w,), added in place; with zero as well, (acc + x @ w, zeros);
   - with conv (conv_state, conv kernel, conv bias, x_proj's w; see `conv_product`) and acc:
-    ((1, rows, n) x @ w, u, acc + u @ x_proj's w); with conv alone, the last is (blocks, rows, m)
+    (x @ w, u, acc + u @ x_proj's w); with conv alone, the last is (blocks, rows, m)
     parts.
   """
   rows, k = x.shape
@@ -273,7 +272,7 @@ def _kernel_call(x, w, acc, conv=None, zero=None, *, tile_n, tile_k, parts, stag
       out_smem[...] = product.astype(out_smem.dtype)
       plgpu.commit_smem()
       if conv is not None:
-        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[0, :, columns])
+        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[:, columns])
         conv_and_x_proj(*scoped)
       elif in_place:
         plgpu.copy_smem_to_gmem(out_smem, acc_gmem.at[:, columns], reduction_op="add")
@@ -333,7 +332,7 @@ def _kernel_call(x, w, acc, conv=None, zero=None, *, tile_n, tile_k, parts, stag
   operands, out_type, scratch = [x, w], [], []
   if conv is not None:
     operands += conv
-    out_type = [jax.ShapeDtypeStruct((1, rows, n), dtype), jax.ShapeDtypeStruct((rows, channels), dtype)]
+    out_type = [jax.ShapeDtypeStruct((rows, n), dtype), jax.ShapeDtypeStruct((rows, channels), dtype)]
     if not in_place:
       out_type.append(jax.ShapeDtypeStruct((conv_blocks, rows, m), f32))
     scratch = [plgpu.SMEM((history, rows, tile_n), dtype), plgpu.SMEM((history + 2, tile_n), f32),

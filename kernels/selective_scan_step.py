@@ -93,11 +93,14 @@ def decode_step(xz, conv_state, x, x_proj_out, dt_weight, dt_bias, A_log, D, h, 
     for k, row in enumerate(rows):
       conv_out_ref[0, k] = row.astype(conv_out_ref.dtype)
     f32 = jnp.float32
+
+    def x_proj_piece(start, size):  # Rounded to x's dtype, as x_proj's output is.
+      return xp_ref[0, pl.ds(start, size)].astype(x_ref.dtype).astype(f32)
     x_t = x_ref[0].astype(f32)
     z = xz_ref[0].astype(f32)
     # dt_proj as products and a sum over the rank; each product of two bf16 values is exact in
     # float32, and the sum is rounded to x's dtype as the XLA matmul's output is.
-    dt = sum(jnp.sum(xp_ref[0, pl.ds(start, size)].astype(x_ref.dtype).astype(f32)[:, None]
+    dt = sum(jnp.sum(x_proj_piece(start, size)[:, None]
                      * w_ref[pl.ds(start, size), :].astype(x_ref.dtype).astype(f32), axis=0)
              for start, size in _pieces(rank))
     # Everything else is loaded here, at once: loaded where each is first used (the state after
@@ -105,8 +108,8 @@ def decode_step(xz, conv_state, x, x_proj_out, dt_weight, dt_bias, A_log, D, h, 
     # each late load another wait on memory; loaded before dt_proj, 11.6 us, the state's registers
     # held through dt_proj lowering the occupancy. kernels/NOTES.md, "Session 12".
     h, A_log, D, bias = h_ref[0], A_log_ref[...], D_ref[0], bias_ref[0]
-    B = xp_ref[0, pl.ds(rank, n)].astype(x_ref.dtype).astype(f32)
-    C = xp_ref[0, pl.ds(rank + n, n)].astype(x_ref.dtype).astype(f32)
+    B = x_proj_piece(rank, n)
+    C = x_proj_piece(rank + n, n)
     dt = dt.astype(x_ref.dtype).astype(f32) + bias
     dt = jnp.maximum(dt, 0) + jnp.log1p(jnp.exp(-jnp.abs(dt)))  # softplus
     A = -jnp.exp(A_log)
