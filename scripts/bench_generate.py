@@ -169,7 +169,8 @@ class Bench:
     t0 = time.perf_counter()
     state = jax.eval_shape(lambda: random_state(generator, batch, prompt, self.args.new_tokens, cfg,
                                                 jax.random.key(0)))
-    compiled = generator.decode_jit.lower(generator.params, state, jnp.int32(self.args.new_tokens)).compile()
+    (loop, steps), = generator.loops(self.args.new_tokens)
+    compiled = loop.lower(generator.params, state, jnp.int32(steps)).compile()
     return compiled, time.perf_counter() - t0
 
   def decode_point(self, name, generator, cfg, weights, batch, prompt, compiling):
@@ -215,8 +216,10 @@ class Bench:
                 **({"profile": profile} if profile else {}))
     return time.perf_counter() - t0
 
-  def profile(self, name, generator, cfg, compiled, batch, prompt, steps=8):
-    """Traces `steps` decoding steps and prints their device ops per step (seqmodels/profiling.py)."""
+  def profile(self, name, generator, cfg, compiled, batch, prompt):
+    """Traces 8 decoding steps, or one block of --steps_per_check if longer, and prints their device
+    ops per step (seqmodels/profiling.py)."""
+    steps = max(8, generator.steps_per_check) if self.args.new_tokens >= generator.steps_per_check else 8
     state = random_state(generator, batch, prompt, self.args.new_tokens, cfg, jax.random.key(99))
     jax.block_until_ready(state)
     directory = os.path.join(self.args.profile, f"{name}_b{batch}_p{prompt}")
@@ -277,7 +280,7 @@ class Bench:
     if self.args.check and cfg.architecture == "mamba":
       self.check(name, model)
     generator = generate.Generator(model, vocab_size=cfg.vocab_size, length_multiple=self.args.length_multiple,
-                                   prefill_tokens=self.args.prefill_tokens)
+                                   prefill_tokens=self.args.prefill_tokens, steps_per_check=self.args.steps_per_check)
     del model
     weights = nbytes(generator.params)
     target_batch, target_prompt = self.args.target
@@ -496,6 +499,8 @@ def main(argv=None):
   parser.add_argument("--target", default="64,2048", help="batch,prompt of the comparison and the sweeps' fixed value")
   parser.add_argument("--new_tokens", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--steps_per_check", type=int, default=16,
+                      help="Generator's steps_per_check: decoding steps between the loop's checks for its end")
   parser.add_argument("--end_to_end", default="mamba-370m,gpt-350m", help="models also timed with prefill")
   parser.add_argument("--time_budget", type=float, default=3600.0, help="seconds for all points")
   parser.add_argument("--length_multiple", type=int, default=64)
@@ -529,6 +534,9 @@ def main(argv=None):
   args.prompts = [int(p) for p in args.prompts.split(",")]
   args.target = [int(x) for x in args.target.split(",")]
   args.end_to_end = [m for m in args.end_to_end.split(",") if m]
+  if args.steps_per_check < 1 or (args.new_tokens > args.steps_per_check and args.new_tokens % args.steps_per_check):
+    parser.error(f"--new_tokens {args.new_tokens} must be a multiple of --steps_per_check {args.steps_per_check} "
+                 "(or at most it), so that each timed run is one compiled loop")
   os.makedirs(args.out_dir, exist_ok=True)
   kernels.set_tuning(args.set)
 

@@ -69,7 +69,10 @@ def test_inference_model_stores_weights_in_the_compute_dtype_and_leaves_the_mode
 @pytest.mark.parametrize("arch", CAUSAL)
 def test_greedy_batch_of_mixed_lengths_equals_argmax_of_full_forward(arch):
   model, cfg = spread_model(arch)
-  out = generate.Generator(model, vocab_size=cfg.vocab_size).generate(PROMPTS, max_new_tokens=6)
+  generator = generate.Generator(model, vocab_size=cfg.vocab_size, steps_per_check=2)
+  # 9 positions past the shortest prompt: 4 blocks of 2 steps, then 1 step checked alone.
+  assert [steps for _, steps in generator.loops(9)] == [8, 1]
+  out = generator.generate(PROMPTS, max_new_tokens=6)
   expected = argmax_of_full_forward(model, PROMPTS, 6, cfg.vocab_size)
   assert out == expected
   assert len({t for row in out for t in row}) > 4  # The outputs vary, so the comparison can fail.
@@ -78,9 +81,9 @@ def test_greedy_batch_of_mixed_lengths_equals_argmax_of_full_forward(arch):
 @pytest.mark.parametrize("arch", ["mamba", "gpt2"])
 def test_sampled_batch_equals_each_prompt_alone(arch):
   model, cfg = spread_model(arch, seed=3)
-  generator = generate.Generator(model, vocab_size=cfg.vocab_size,
+  generator = generate.Generator(model, vocab_size=cfg.vocab_size, steps_per_check=4,
                                  sampling=generate.Sampling(temperature=1.0, top_k=50, top_p=0.9))
-  batched = generator.generate(PROMPTS, max_new_tokens=7, seed=11)
+  batched = generator.generate(PROMPTS, max_new_tokens=7, seed=11)  # Blocks of 4, then 2 steps.
   alone = [generator.generate([p], max_new_tokens=7, seed=11, indices=[i])[0] for i, p in enumerate(PROMPTS)]
   assert batched == alone
   assert generator.generate(PROMPTS, max_new_tokens=7, seed=11) == batched
@@ -97,7 +100,15 @@ def test_chunked_prefill_and_stop_tokens():
   stopper = generate.Generator(model, vocab_size=cfg.vocab_size, stop_ids=(whole[2],))
   state = stopper.decode(stopper.start([prompt], 5), 5)
   assert stopper.completions(state) == [whole[:whole.index(whole[2])]]
-  assert int(state.position) == len(prompt) + whole.index(whole[2]) + 1  # The loop ended at the stop token.
+  stop_at = len(prompt) + whole.index(whole[2]) + 1
+  assert int(state.position) == stop_at  # The loop ended at the stop token.
+  blocks = generate.Generator(model, vocab_size=cfg.vocab_size, stop_ids=(whole[2],), steps_per_check=4)
+  state = blocks.decode(blocks.start([prompt], 8), 8)
+  assert blocks.completions(state) == [whole[:whole.index(whole[2])]]
+  # Checked between blocks: the loop ends with the block that met the stop token.
+  assert int(state.position) == len(prompt) + 4 * -(-(stop_at - len(prompt)) // 4)
+  with pytest.raises(UserError, match="steps_per_check"):
+    generate.Generator(model, vocab_size=cfg.vocab_size, steps_per_check=0)
 
 
 def _softmax64(logits):
@@ -231,7 +242,7 @@ def test_bench_check_compares_the_fused_step_and_falls_back_to_xla_when_it_fails
   assert all(block.mixer.scan_impl == "reference" for block in model.backbone.blocks)
 
 
-def test_bench_merge_into_fills_a_grid_over_several_runs(tmp_path):
+def test_bench_merge_into_fills_a_grid_over_several_runs(tmp_path, capsys):
   """A second run's points replace the first run's same points and add new ones; the table lists both
   commands; a run measured with another target, or a missing file, is refused."""
   first, second = tmp_path / "first", tmp_path / "second"
@@ -242,6 +253,7 @@ def test_bench_merge_into_fills_a_grid_over_several_runs(tmp_path):
   kept["tokens_per_s"] = 12345.0  # Marks the point the second run does not measure again.
   (first / "bench_generate.json").write_text(json.dumps(earlier))
   bench_generate.main(["--quick", "--models", "mamba-130m", "--batches", "8", "--end_to_end=", "--no_plots",
+                       "--steps_per_check", "4",  # Its 8 new tokens as 2 blocks.
                        "--out_dir", str(second), "--merge_into", str(first / "bench_generate.json")])
   merged = json.loads((second / "bench_generate.json").read_text())
   keys = [bench_generate.point_key(r) for r in merged["results"]]
@@ -257,3 +269,6 @@ def test_bench_merge_into_fills_a_grid_over_several_runs(tmp_path):
     bench_generate.main(["--quick", "--out_dir", str(second), "--merge_into", str(first / "bench_generate.json")])
   with pytest.raises(SystemExit, match="does not exist"):
     bench_generate.main(["--quick", "--out_dir", str(second), "--merge_into", str(tmp_path / "none.json")])
+  with pytest.raises(SystemExit):
+    bench_generate.main(["--quick", "--out_dir", str(second), "--new_tokens", "10", "--steps_per_check", "4"])
+  assert "--new_tokens 10 must be a multiple of --steps_per_check 4" in capsys.readouterr().err
