@@ -26,10 +26,12 @@ skipped. Points whose cache alone would not fit in memory are skipped as "oom (e
 that fails to allocate as "oom".
 
 --check first compares each Mamba model's fused decoding step (kernels/selective_scan_step.py, what
---scan_impl auto and pallas run on a GPU) with XLA's ops on a random state. --profile DIR traces 8
-decoding steps of every decode point with jax.profiler into DIR/<model>_b<batch>_p<prompt>/ and
-prints the device time and kernels per step and the costliest ops (seqmodels/profiling.py); it
-writes every device op of the 8 steps in time order to ops.tsv there, to read a step kernel by kernel.
+--scan_impl auto and pallas run on a GPU) with XLA's ops on a random state. --steps_per_check sets
+how many steps the loop runs between its checks for the end (Generator's; --new_tokens must be a
+multiple). --profile DIR traces 8 decoding steps (one block, if longer) of every decode point
+with jax.profiler into DIR/<model>_b<batch>_p<prompt>/ and prints the device time and kernels per
+step and the costliest ops (seqmodels/profiling.py); it writes every device op of those steps in
+time order to ops.tsv there, to read a step kernel by kernel.
 --scan_impl reference decodes Mamba with XLA's ops instead of that kernel. Writes
 bench_generate.json, generation_table.md and two plots, generate_throughput.png (tokens/s against
 batch at prompt 2048) and generate_latency.png (per-token latency against prompt length at batch
