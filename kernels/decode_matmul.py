@@ -53,6 +53,9 @@ EVERY_MODEL = False
 # Mamba's decoding step runs in_proj, the conv and x_proj as one kernel (`conv_product`) and
 # out_proj adding into the residual (`add_product`): `fuses_mamba_step`.
 MAMBA_STEP = True
+# conv_product's blocks of z's columns prefetch the SSM state into L2 once their product is done,
+# while the conv's blocks finish and the memory would idle, for the step kernel that reads it next.
+PREFETCH_STATE = True
 MAX_ROWS = 256  # Four wgmma heights; a float32 accumulator of 256 x 64 is 128 registers a thread.
 TILE_K = 128  # Depth of a block of k: one TMA copy of x and one of w (kernels/NOTES.md: 64 was slower).
 STAGES = 4  # Blocks of k in flight per CUDA block, fewer where shared memory runs out.
@@ -167,7 +170,8 @@ def _conv_stages(rows, k, n, history, x_proj_width, dtype):
   return _stages_that_fit(rows, tile_n, tile_k, dtype, reserved)
 
 
-def conv_product(x, w, conv_state, conv_kernel, conv_bias, x_proj_w, x_proj_sum, *, interpret=None):
+def conv_product(x, w, conv_state, conv_kernel, conv_bias, x_proj_w, x_proj_sum, ssm_state=None, *,
+                 interpret=None):
   """Mamba's in_proj, conv and x_proj for one token, as one kernel: xz = x @ w; the blocks of
   columns that hold the conv's new input (the first d of xz's 2d) compute u = silu(bias +
   sum_k kernel_k * window_k) over the window (conv_state's rows, then xz[:, :d]) in float32 from
@@ -179,6 +183,11 @@ def conv_product(x, w, conv_state, conv_kernel, conv_bias, x_proj_w, x_proj_sum,
   x_proj_sum (rows, m) float32, zero for x_proj's product alone (`add_product` clears it).
   Returns xz, u and x_proj_sum + u @ x_proj_w. Interpreted, where there are no TMA reductions,
   each block writes its part of the product and XLA adds them.
+
+  Given ssm_state (rows, d, n), the blocks of z's columns prefetch its channels (those of their
+  columns) into L2 after their product (PREFETCH_STATE; compiled only): its reads from memory then
+  overlap the conv's blocks' epilogue instead of the step kernel (mamba-370m at batch 64 on an
+  H100: 1.33 -> 1.28 ms a token; the state and out_proj's weight: 1.30; kernels/NOTES.md).
   """
   rows, d = x.shape[0], conv_state.shape[2]
   history, m = conv_state.shape[1], x_proj_w.shape[1]
@@ -195,13 +204,16 @@ def conv_product(x, w, conv_state, conv_kernel, conv_bias, x_proj_w, x_proj_sum,
   if interpret is not None:
     xz, u, parts = _kernel_call(x, w, None, conv, **tiling, interpret=interpret)
     return xz, u, x_proj_sum + parts.sum(axis=0)
-  return _kernel_call(x, w, x_proj_sum, conv, **tiling, interpret=None)
+  if not (PREFETCH_STATE and ssm_state is not None and ssm_state.shape[:2] == (rows, d)
+          and math.prod(ssm_state.shape[2:]) <= 256):
+    ssm_state = None
+  return _kernel_call(x, w, x_proj_sum, conv, prefetch=ssm_state, **tiling, interpret=None)
 
 
 # A jit of its own, so that a decoding step's many calls of one shape lower and compile the kernel
 # once (48 layers x 3 projections of mamba-370m took 64 s to compile, one lowering each).
 @functools.partial(jax.jit, static_argnames=("tile_n", "tile_k", "parts", "stages", "interpret"))
-def _kernel_call(x, w, acc, conv=None, zero=None, *, tile_n, tile_k, parts, stages, interpret):
+def _kernel_call(x, w, acc, conv=None, zero=None, prefetch=None, *, tile_n, tile_k, parts, stages, interpret):
   """The kernel, in one of four forms:
 
   - x and w: (parts, rows, n) partial products of x (rows a multiple of 64), in x's dtype for
@@ -209,7 +221,8 @@ def _kernel_call(x, w, acc, conv=None, zero=None, *, tile_n, tile_k, parts, stag
   - with acc: (acc + x @ w,), added in place; with zero as well, (acc + x @ w, zeros);
   - with conv (conv_state, conv kernel, conv bias, x_proj's w; see `conv_product`) and acc:
     (x @ w, u, acc + u @ x_proj's w); with conv alone, the last is (blocks, rows, m)
-    parts.
+    parts. With prefetch (rows, channels, ...) as well, the blocks past the conv's prefetch its
+    channels into L2, each those of its own columns.
   """
   rows, k = x.shape
   n = w.shape[1]
@@ -228,6 +241,8 @@ def _kernel_call(x, w, acc, conv=None, zero=None, *, tile_n, tile_k, parts, stag
     if conv is not None:
       state_gmem, weight_gmem, bias_gmem, x_proj_gmem = refs[:4]
       refs = refs[4:]
+    if prefetch is not None:
+      prefetch_gmem = refs.pop(0)
     if in_place:
       acc_gmem = refs.pop(0)
     if zero is not None:
@@ -267,6 +282,16 @@ def _kernel_call(x, w, acc, conv=None, zero=None, *, tile_n, tile_k, parts, stag
       return acc_ref[...]
 
     product = pl.run_scoped(accumulate_product, plgpu.ACC((rows, tile_n)))
+    if prefetch is not None:
+      # A TMA box holds at most 256 elements a dimension, and full trailing dimensions merge into
+      # one (cuTensorMapEncodeTiled refused 64 channels of 16 states): a few channels a box.
+      box = max(1, 256 // math.prod(prefetch.shape[2:]))
+
+      @pl.when(column >= conv_blocks)
+      def _():
+        for start in range(0, tile_n, box):
+          channels = pl.ds((column - conv_blocks) * tile_n + start, min(box, tile_n - start))
+          plgpu.async_prefetch(prefetch_gmem.at[:, channels])
 
     def store(out_smem, *scoped):
       out_smem[...] = product.astype(out_smem.dtype)
@@ -340,6 +365,8 @@ def _kernel_call(x, w, acc, conv=None, zero=None, *, tile_n, tile_k, parts, stag
                plgpu.Barrier(num_arrivals=history + 2 + m // chunk)]
   elif not in_place:
     out_type = [jax.ShapeDtypeStruct((parts, rows, n), out_dtype)]
+  if prefetch is not None:
+    operands.append(prefetch)
   # Mutable arrays: the kernel adds into acc's buffer and clears zero's, which XLA aliases to the results.
   refs = [jax.new_ref(a) for a in (acc, zero) if a is not None]
   outs = plgpu.kernel(kernel, out_type=tuple(out_type), scratch_types=scratch, **grid)(*operands, *refs)
