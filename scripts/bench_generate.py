@@ -28,7 +28,7 @@ that fails to allocate as "oom".
 --check first compares each Mamba model's fused decoding step (kernels/selective_scan_step.py, what
 --scan_impl auto and pallas run on a GPU) with XLA's ops on a random state. --steps_per_check sets
 how many steps the loop runs between its checks for the end (Generator's; --new_tokens must be a
-multiple). --profile DIR traces 8 decoding steps (one block, if longer) of every decode point
+multiple). --profile DIR traces 8 decoding steps (whole blocks: 16) of every decode point
 with jax.profiler into DIR/<model>_b<batch>_p<prompt>/ and prints the device time and kernels per
 step and the costliest ops (seqmodels/profiling.py); it writes every device op of those steps in
 time order to ops.tsv there, to read a step kernel by kernel.
@@ -219,9 +219,10 @@ class Bench:
     return time.perf_counter() - t0
 
   def profile(self, name, generator, cfg, compiled, batch, prompt):
-    """Traces 8 decoding steps, or one block of --steps_per_check if longer, and prints their device
-    ops per step (seqmodels/profiling.py)."""
-    steps = max(8, generator.steps_per_check) if self.args.new_tokens >= generator.steps_per_check else 8
+    """Traces 8 decoding steps, or the whole blocks of --steps_per_check that hold them, and prints
+    their device ops per step (seqmodels/profiling.py)."""
+    check = generator.steps_per_check
+    steps = check * -(-8 // check) if self.args.new_tokens >= check else 8  # whole blocks
     state = random_state(generator, batch, prompt, self.args.new_tokens, cfg, jax.random.key(99))
     jax.block_until_ready(state)
     directory = os.path.join(self.args.profile, f"{name}_b{batch}_p{prompt}")
@@ -536,7 +537,9 @@ def main(argv=None):
   args.prompts = [int(p) for p in args.prompts.split(",")]
   args.target = [int(x) for x in args.target.split(",")]
   args.end_to_end = [m for m in args.end_to_end.split(",") if m]
-  if args.steps_per_check < 1 or (args.new_tokens > args.steps_per_check and args.new_tokens % args.steps_per_check):
+  if args.steps_per_check < 1:
+    parser.error(f"--steps_per_check must be at least 1, got {args.steps_per_check}")
+  if args.new_tokens > args.steps_per_check and args.new_tokens % args.steps_per_check:
     parser.error(f"--new_tokens {args.new_tokens} must be a multiple of --steps_per_check {args.steps_per_check} "
                  "(or at most it), so that each timed run is one compiled loop")
   os.makedirs(args.out_dir, exist_ok=True)

@@ -163,8 +163,8 @@ class MambaMixer(nnx.Module):
     residual float32. in_proj, the conv and x_proj, one kernel for the rest of the SSM and the conv
     state's shift, then out_proj. Where kernels/decode_matmul.py takes the projections (a GPU, 64
     rows), in_proj, the conv and x_proj are one kernel adding x_proj's parts into the cache's zero
-    "x_proj_sum" (and prefetching the SSM state into L2 for the step kernel), and out_proj adds its parts into the residual and clears x_proj_sum again: no
-    reductions of XLA's."""
+    "x_proj_sum" (and prefetching the SSM state into L2 for the step kernel), and out_proj adds its
+    parts into the residual and clears x_proj_sum again: no reductions of XLA's."""
     fused = decode_matmul.fuses_mamba_step(self.in_proj, self.x_proj, self.out_proj, self.d_conv, u)
     if fused:
       xz, x, x_proj_out = decode_matmul.conv_product(
