@@ -149,9 +149,8 @@ def add_product(acc, x, w, zero=None, *, tile_n=None, tile_k=None, parts=None, s
   if acc.shape != (x.shape[0], w.shape[1]) or acc.dtype != jnp.float32 or x.shape[0] % ROW_TILE:
     raise ValueError(f"add_product takes acc (rows, n) float32 with rows a multiple of {ROW_TILE}, "
                      f"got acc {acc.shape} {acc.dtype} for x {x.shape}, w {w.shape}")
-  if zero is None:
-    return _kernel_call(x, w, acc, **tiling, interpret=None)[0]
-  return _kernel_call(x, w, acc, zero=zero, **tiling, interpret=None)
+  outs = _kernel_call(x, w, acc, zero=zero, **tiling, interpret=None)
+  return outs[0] if zero is None else outs
 
 
 def conv_product_fits(rows, k, d, width, x_proj_width, dtype) -> bool:

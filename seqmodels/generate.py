@@ -138,8 +138,6 @@ def decode_loop(graphdef, params, state: DecodeState, n_steps, *, sampling: Samp
     logits, cache = model.step(chosen, s.cache)
     return s._replace(cache=cache, logits=logits, tokens=tokens, position=s.position + 1, done=done)
 
-  if steps_per_check == 1:
-    return jax.lax.while_loop(running, iteration, state)
   block = lambda s: jax.lax.fori_loop(0, steps_per_check, lambda _, s: iteration(s), s)  # noqa: E731
   return jax.lax.while_loop(running, block, state)
 
